@@ -1,0 +1,1 @@
+"""Data: multi-way corpora, WebDataset shards, streamed batches."""
