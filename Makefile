@@ -1,0 +1,23 @@
+# The README's two commands: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-unit test-distributed test-cluster
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-distributed: setup
+	$(PY) -m pytest -q tests/distributed
+
+test-cluster: setup
+	$(PY) -m pytest -q tests/cluster

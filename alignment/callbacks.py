@@ -1,0 +1,182 @@
+"""Lightning callbacks: crash-safe checkpoints, throughput, export at the end of fit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from weakref import proxy
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+PARTIAL_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"
+
+
+def replace_path(src: str | Path, dst: str | Path) -> None:
+    """Move ``src`` onto ``dst`` so that ``dst`` is never a half-written checkpoint.
+
+    A file is replaced with one atomic ``os.replace``. A directory (a DeepSpeed
+    ZeRO checkpoint) cannot be swapped atomically, so the old one is first
+    renamed to ``dst.old`` and only deleted once the new one is in place: a
+    kill in between leaves ``dst.old`` complete, and :func:`recover_partial`
+    puts it back.
+    """
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        old = dst.with_name(dst.name + OLD_SUFFIX)
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(src, dst)
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(src, dst)
+
+
+def recover_partial(dirpath: str | Path) -> list[str]:
+    """Clean a checkpoint folder after a kill during a save; returns what it did.
+
+    ``*.partial`` leftovers are deleted; a ``X.old`` whose ``X`` is missing (a
+    kill between the two renames of :func:`replace_path`) is renamed back.
+    """
+    actions = []
+    dirpath = Path(dirpath)
+    if not dirpath.is_dir():
+        return actions
+    for path in sorted(dirpath.iterdir()):
+        if path.name.endswith(PARTIAL_SUFFIX):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            actions.append(f"removed {path.name}")
+        elif path.name.endswith(OLD_SUFFIX):
+            final = path.with_name(path.name[: -len(OLD_SUFFIX)])
+            if final.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                actions.append(f"removed {path.name}")
+            else:
+                os.replace(path, final)
+                actions.append(f"restored {final.name} from {path.name}")
+    return actions
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose files (and ZeRO folders) appear complete or not at all.
+
+    Every rank writes into ``<name>.partial`` (a DeepSpeed save is collective);
+    after a barrier rank 0 moves it onto the final name with
+    :func:`replace_path`. Lightning's ``ckpt_path="last"`` lookup only matches
+    ``last*.ckpt``, so a ``last.ckpt.partial`` left by a kill is never resumed.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath:
+            for action in recover_partial(self.dirpath):
+                rank_zero_info(f"[checkpoint] {action} in {self.dirpath}")
+        trainer.strategy.barrier("atomic_ckpt_setup")
+
+    def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
+        partial = filepath + PARTIAL_SUFFIX
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        trainer.strategy.barrier("atomic_ckpt_written")
+        if trainer.is_global_zero:
+            replace_path(partial, filepath)
+        trainer.strategy.barrier("atomic_ckpt_renamed")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+class ThroughputLogger(Callback):
+    """Logs sentences/s, tokens/s (real, non-pad) and the padding ratio per step.
+
+    Uses wall time between consecutive ``on_train_batch_end`` calls, so it
+    covers data loading, forward, backward and the optimiser step. Reading the
+    token counts is a device-to-host sync; it happens once per logged step.
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self._last: float | None = None
+        self._sentences = 0
+        self._tokens = 0
+        self._padded = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sentences += batch.num_sentences
+        real = batch.real_tokens
+        self._tokens += real
+        self._padded += int(batch.attention_mask.numel()) - real
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        now = time.perf_counter()
+        if self._last is None:
+            self._last, self._sentences, self._tokens, self._padded = now, 0, 0, 0
+            return
+        if (trainer.global_step % every) != 0:
+            return
+        dt = max(now - self._last, 1e-9)
+        world = trainer.world_size
+        total = self._tokens + self._padded
+        pl_module.log_dict(
+            {
+                "throughput/sentences_per_s": self._sentences * world / dt,
+                "throughput/tokens_per_s": self._tokens * world / dt,
+                "throughput/padding_ratio": self._padded / total if total else 0.0,
+            },
+            on_step=True,
+            on_epoch=False,
+            rank_zero_only=True,
+        )
+        self._last, self._sentences, self._tokens, self._padded = now, 0, 0, 0
+
+
+class ExportOnFitEnd(Callback):
+    """At the end of ``fit``, export the trained encoder (HF + sentence-transformers) to ``dir``."""
+
+    def __init__(self, dir: str | None = None, max_seq_length: int = 128) -> None:
+        self.dir = dir
+        self.max_seq_length = max_seq_length
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.dir:
+            return
+        from alignment.export import export_encoder
+
+        datamodule = getattr(trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        prefix = getattr(getattr(datamodule, "config", None), "text_prefix", "")
+        if trainer.is_global_zero:
+            # Under ZeRO-3 the weights are partitioned: gather them on every rank first.
+            export_encoder(pl_module.encoder, self.dir, tokenizer=tokenizer, max_seq_length=self.max_seq_length,
+                           prompts={"query": prefix, "document": prefix} if prefix else None)
+            rank_zero_info(f"[export] encoder written to {self.dir}")
+        trainer.strategy.barrier("export")
+
+
+class RunMetadata(Callback):
+    """Records the git revision, the command line and the world size with the run (all loggers)."""
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        import subprocess
+        import sys
+
+        try:
+            rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            rev = "unknown"
+        meta = {"git_revision": rev, "command": " ".join(sys.argv), "world_size": trainer.world_size,
+                "num_nodes": trainer.num_nodes}
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"run": meta})

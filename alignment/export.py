@@ -1,0 +1,191 @@
+"""Export a trained encoder as a Hugging Face + sentence-transformers folder.
+
+The folder holds:
+
+* the backbone in Hugging Face format (``config.json``, ``model.safetensors``)
+  and the tokenizer, so ``AutoModel`` / ``AutoTokenizer`` load it;
+* ``alignment_encoder.json`` (+ ``projection.safetensors``): pooling,
+  projection and normalisation, so ``DualEncoder.from_pretrained`` restores it;
+* sentence-transformers' files in the long-standing ``sentence_transformers.models``
+  layout (``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/``,
+  ``2_Dense/`` when projected, ``3_Normalize/``), which every version from 2.x
+  to 6.x loads, so ``SentenceTransformer(folder).encode(...)`` and MTEB give the
+  training model's embeddings.
+
+Checkpoints: a Lightning ``.ckpt`` file, or a DeepSpeed ZeRO checkpoint folder
+(consolidated to fp32 with Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignment.model import PIVOT_SUBDIR, DualEncoder
+
+CKPT_HF_CONFIG = "alignment_hf_config"
+CKPT_TOKENIZER = "alignment_tokenizer"
+CKPT_PREFIXES = "alignment_prompts"
+_POOLING_FLAGS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "last": "pooling_mode_lasttoken"}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_sentence_transformers_files(
+    encoder: DualEncoder, directory: Path, *, max_seq_length: int = 128, prompts: dict[str, str] | None = None
+) -> None:
+    """Add sentence-transformers' module files next to a saved backbone."""
+    if encoder.pivot_backbone is not None:
+        raise ValueError(
+            "a model with a separate pivot tower (--model.encoder.share_encoder=false) has no single "
+            "sentence-transformers pipeline; export it with DualEncoder.save_pretrained only"
+        )
+    hidden = encoder.backbone.config.hidden_size
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    pooling = {flag: False for flag in (*_POOLING_FLAGS.values(), "pooling_mode_max_tokens",
+                                        "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")}
+    pooling[_POOLING_FLAGS[encoder.pooling]] = True
+    _write_json(directory / "1_Pooling" / "config.json", {"word_embedding_dimension": hidden, **pooling, "include_prompt": True})
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    if encoder.projection is not None:
+        from safetensors.torch import save_file
+
+        proj = encoder.projection
+        _write_json(directory / "2_Dense" / "config.json", {
+            "in_features": proj.in_features, "out_features": proj.out_features, "bias": False,
+            "activation_function": "torch.nn.modules.linear.Identity",
+        })
+        save_file({"linear.weight": proj.weight.detach().cpu().contiguous()}, str(directory / "2_Dense" / "model.safetensors"))
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    if encoder.normalize:
+        (directory / "3_Normalize").mkdir(exist_ok=True)
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": "3_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    _write_json(directory / "modules.json", modules)
+    _write_json(directory / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+    _write_json(directory / "config_sentence_transformers.json", {
+        "prompts": dict(prompts or {}), "default_prompt_name": None,
+        "similarity_fn_name": "cosine" if encoder.normalize else "dot",
+    })
+
+
+def export_encoder(
+    encoder: DualEncoder,
+    directory: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    max_seq_length: int = 128,
+    prompts: dict[str, str] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``encoder`` (and ``tokenizer``) to ``directory``, complete or not at all.
+
+    The folder is written under a temporary sibling name and renamed into
+    place, so an interrupted export never leaves a half folder under the
+    final name; an existing export is replaced only after the new one is complete.
+    """
+    final = Path(directory)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        was_training = encoder.training
+        encoder.eval()
+        encoder.save_pretrained(tmp)
+        encoder.train(was_training)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        write_sentence_transformers_files(encoder, tmp, max_seq_length=max_seq_length, prompts=prompts) \
+            if encoder.pivot_backbone is None else None
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict:
+    """A Lightning checkpoint as a dict; a DeepSpeed ZeRO folder is consolidated to fp32 first."""
+    path = Path(path)
+    if path.is_dir():
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "consolidated.ckpt"
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
+            return torch.load(out, map_location="cpu", weights_only=False)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[DualEncoder, Any, dict]:
+    """Rebuild the trained ``DualEncoder`` from a checkpoint, without the hub.
+
+    Returns ``(encoder, tokenizer or None, info)``; the backbone architecture
+    comes from the Hugging Face config stored in the checkpoint, the weights
+    from its state dict, the tokenizer from the path recorded at training time
+    when it still loads.
+    """
+    from transformers import AutoConfig
+
+    ckpt = load_checkpoint_file(path)
+    hparams = ckpt.get("hyper_parameters", {})
+    if CKPT_HF_CONFIG not in ckpt or "encoder" not in hparams:
+        raise ValueError(f"{path} is not a multiway-align training checkpoint (no encoder config stored in it)")
+    hf = dict(ckpt[CKPT_HF_CONFIG])
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    enc = hparams["encoder"]
+    knobs = {k: enc[k] for k in ("pooling", "projection_dim", "normalize", "share_encoder")}
+    encoder = DualEncoder.from_config(config, **knobs)
+    state = {k[len("encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("backbone.pooler", f"{PIVOT_SUBDIR}.pooler"))]
+    if missing or unexpected:
+        raise ValueError(f"{path}: encoder weights do not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    tokenizer = None
+    if ckpt.get(CKPT_TOKENIZER):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(ckpt[CKPT_TOKENIZER])
+        except (OSError, ValueError):
+            tokenizer = None
+    info = {"global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), "tokenizer": ckpt.get(CKPT_TOKENIZER),
+            "prompts": ckpt.get(CKPT_PREFIXES) or {}}
+    return encoder.eval(), tokenizer, info
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | None = None,
+                      max_seq_length: int = 128, overwrite: bool = False) -> Path:
+    """``align export CKPT OUT``: a checkpoint to an HF + sentence-transformers folder."""
+    encoder, tok, info = encoder_from_checkpoint(path)
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    if tok is None:
+        raise ValueError(
+            f"the tokenizer recorded in {path} ({info['tokenizer']!r}) does not load here: pass --tokenizer NAME_OR_PATH"
+        )
+    return export_encoder(encoder, out, tokenizer=tok, max_seq_length=max_seq_length, prompts=info["prompts"],
+                          overwrite=overwrite)

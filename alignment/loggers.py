@@ -1,0 +1,51 @@
+"""Loggers: wandb (offline unless configured) with a run id that survives resumes and requeues."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def wandb_mode() -> str:
+    """``online`` only when the user configured it (WANDB_MODE=online or an API key), else ``offline``."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("online", "offline", "disabled"):
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def persistent_run_id(save_dir: str | os.PathLike) -> str:
+    """The run id stored in ``save_dir`` (created once): a requeued or resumed job logs to the same run."""
+    path = Path(save_dir) / RUN_ID_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        try:
+            with open(path, "x") as fh:  # exclusive create: the first process wins
+                fh.write(uuid.uuid4().hex[:12] + "\n")
+        except FileExistsError:
+            pass
+    return path.read_text().strip()
+
+
+class ResumableWandbLogger(WandbLogger):
+    """``WandbLogger`` whose run id is kept in ``save_dir`` and reused with ``resume="allow"``.
+
+    Lightning only creates the experiment on rank 0, so only rank 0 talks to wandb.
+    """
+
+    def __init__(self, save_dir: str = "runs/default", project: str = "multiway-align", name: str | None = None,
+                 id: str | None = None, **kwargs) -> None:
+        run_id = id or persistent_run_id(save_dir)
+        # Lightning's own ``offline=True`` sets WANDB_MODE=dryrun, which wandb 0.31 no
+        # longer honours (it then asks for a login): pass the mode to wandb.init instead.
+        # (jsonargparse passes every wandb.init argument, None when unset.)
+        if kwargs.get("mode") is None:
+            kwargs["mode"] = wandb_mode()
+        if kwargs.get("resume") is None:
+            kwargs["resume"] = "allow"
+        super().__init__(save_dir=save_dir, project=project, name=name, id=run_id, **kwargs)

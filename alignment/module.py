@@ -1,0 +1,305 @@
+"""``AlignmentModule``: one training step of multi-way alignment, as a LightningModule.
+
+The step (``../shared/docs/architecture.md``)::
+
+    training_step(batch)                         this file
+      -> DualEncoder(batch)          (n, D)      alignment/model.py, every language in one forward
+      -> gather_candidates(...)      (M, D)      alignment/distributed.py, with gradients
+      -> MultiWayContrastiveLoss     dict        alignment/losses.py, + drift_loss
+      -> sum of *_loss terms, logged with every metric
+
+With ``--model.gradcache.chunk_size > 0`` the step runs GradCache under
+manual optimisation (``alignment/gradcache.py``). The module knows no ranks:
+collectives live in ``alignment.distributed`` and Lightning's strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor
+
+from alignment import distributed
+from alignment.data.stream import Batch
+from alignment.gradcache import GradCache, GradCacheConfig
+from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
+from alignment.model import DualEncoder, ModelConfig, transformer_layers
+from alignment.optim import OptimConfig, build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN or infinite loss."""
+
+
+@dataclass
+class StepConfig:
+    """Guards and evaluation of the training step (``--model.step.*``)."""
+
+    max_nonfinite_steps: int = 10
+    """Consecutive NaN/inf-loss steps (skipped and counted) before the run stops with a checkpoint."""
+    log_grad_norm: bool = True
+    """Log the total gradient 2-norm before each optimiser step (one reduction over all gradients)."""
+    eval_max_sentences: int = 20000
+    """Cap on held-out sentences kept for the evaluation hook per validation pass (memory: N x D floats)."""
+
+    def __post_init__(self) -> None:
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"--model.step.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if self.eval_max_sentences < 2:
+            raise ValueError(f"--model.step.eval_max_sentences must be >= 2, got {self.eval_max_sentences}")
+
+
+class AlignmentModule(LightningModule):
+    """Contrastive multi-way alignment of a multilingual encoder.
+
+    Args:
+        encoder: which backbone and how to embed (``--model.encoder.*``).
+        loss: objective, temperature, margin, drift (``--model.loss.*``).
+        optim: AdamW + schedule (``--model.optim.*``).
+        gradcache: chunked encoding for global batches beyond memory (``--model.gradcache.*``).
+        step: NaN guard and evaluation settings (``--model.step.*``).
+
+    The encoder is built here, in ``__init__``, with its pretrained weights, so
+    DeepSpeed ZeRO-3 partitions already-loaded tensors at ``deepspeed.initialize``
+    (building it inside ``configure_model``'s ``zero.Init`` would let
+    ``from_pretrained`` copy weights into size-0 partitions). The cost is one
+    full copy of the weights per rank during start-up.
+    """
+
+    def __init__(
+        self,
+        encoder: ModelConfig,
+        loss: LossConfig = LossConfig(),
+        optim: OptimConfig = OptimConfig(),
+        gradcache: GradCacheConfig = GradCacheConfig(),
+        step: StepConfig = StepConfig(),
+    ) -> None:
+        super().__init__()
+        self.encoder_config, self.loss_config, self.optim_config = encoder, loss, optim
+        self.gradcache_config, self.step_config = gradcache, step
+        self.save_hyperparameters(
+            {"encoder": asdict(encoder), "loss": asdict(loss), "optim": asdict(optim),
+             "gradcache": asdict(gradcache), "step": asdict(step)}
+        )
+        self.encoder = DualEncoder.from_model_config(encoder)
+        self.loss_fn = MultiWayContrastiveLoss(loss)
+        # The drift reference is deliberately not a registered submodule: it is
+        # never trained, never checkpointed and never handed to DDP/DeepSpeed.
+        object.__setattr__(self, "_reference", self.encoder.frozen_copy() if loss.drift_weight > 0 else None)
+        self.automatic_optimization = not gradcache.enabled
+        self._gradcache = GradCache(self._encode, self._loss_terms, gradcache.chunk_size) if gradcache.enabled else None
+        self.nonfinite_steps = 0
+        self.nonfinite_total = 0
+        self._val_parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._val_rows = 0
+        self._val_languages: tuple[str, ...] = ()
+        self._val_pivot = "en"
+
+    # ------------------------------------------------------------------ the step
+
+    def _encode(self, batch: Batch) -> Tensor:
+        """``(n, D)`` embeddings; an empty local batch still touches every parameter.
+
+        A rank whose batch is empty (the last batches of a finite epoch, after
+        corrupt samples were skipped) must still produce gradients for every
+        parameter, or DDP's all-reduce would wait for it forever: it encodes one
+        padding sentence and keeps zero rows of it.
+        """
+        if batch.num_sentences > 0:
+            return self.encoder(batch)
+        pad = torch.zeros(1, 2, dtype=batch.input_ids.dtype, device=batch.input_ids.device)
+        return self.encoder.encode(pad, torch.ones_like(pad))[:0]  # (0, D), connected to the graph
+
+    def _loss_terms(self, emb: Tensor, batch: Batch) -> dict[str, Tensor]:
+        candidates = distributed.gather_candidates(emb, batch.row_ids, batch.lang_ids)  # (M, D) global
+        out = self.loss_fn(emb, candidates, pivot_lang_id=batch.pivot_lang_id)
+        if self._reference is not None:
+            with torch.no_grad():
+                ref = self._reference(batch) if batch.num_sentences else emb.detach()  # (n, D)
+            out.update(drift_loss(emb, ref, self.loss_config.drift_weight, self.loss_config.drift_kind, candidates))
+        return out
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        if self._gradcache is not None:
+            return self._gradcache_step(batch)
+        out = self._loss_terms(self._encode(batch), batch)
+        loss = total_loss(out)
+        if not self._all_finite(loss, batch):
+            return None  # Lightning skips backward and the optimiser step on every rank
+        self._log_terms(out, loss, batch)
+        return loss
+
+    def _gradcache_step(self, batch: Batch) -> None:
+        """Manual optimisation: GradCache fills the gradients, then one optimiser step.
+
+        DDP's own gradient sync is switched off for this path (see
+        :meth:`on_train_start`): GradCache runs several backward passes per
+        step, which DDP's reducer does not allow, so gradients are averaged
+        here in one flat all-reduce instead.
+        """
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        optimizer.zero_grad(set_to_none=True)
+        out = self._gradcache.step(batch)
+        distributed.average_gradients_([p for p in self.encoder.parameters() if p.requires_grad])
+        loss = total_loss(out)
+        if not self._all_finite(loss, batch):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        if self.optim_config.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim_config.max_grad_norm, gradient_clip_algorithm="norm")
+        self._log_grad_norm()
+        optimizer.step()
+        scheduler.step()
+        self._log_terms(out, loss, batch)
+        return None
+
+    def _all_finite(self, loss: Tensor, batch: Batch) -> bool:
+        """Agree across ranks whether this step's loss is finite; count and stop on a streak.
+
+        One boolean all-reduce and a device-to-host sync per step: every rank
+        must skip the same steps, or the next collective would pair up
+        different steps.
+        """
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss.detach())), all=True)
+        if finite:
+            self.nonfinite_steps = 0
+            return True
+        self.nonfinite_steps += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, rank_zero_only=True)
+        if self.nonfinite_steps >= self.step_config.max_nonfinite_steps:
+            self._stop_on_nonfinite(batch)
+        return False
+
+    def _stop_on_nonfinite(self, batch: Batch) -> None:
+        path = None
+        if self.trainer.default_root_dir:
+            path = f"{self.trainer.default_root_dir}/nonfinite-step{self.global_step}.ckpt"
+            self.trainer.save_checkpoint(path)
+        raise NonFiniteLossError(
+            f"{self.nonfinite_steps} consecutive steps had a NaN or infinite loss (global step {self.global_step}, "
+            f"rows {list(batch.row_keys[:4])}...); checkpoint written to {path}. Lower --model.optim.lr, raise "
+            "--model.loss.temperature, or check the data; --model.step.max_nonfinite_steps sets the limit."
+        )
+
+    def _log_terms(self, out: dict[str, Tensor], loss: Tensor, batch: Batch) -> None:
+        logged = {f"train/{k}": v.detach().float() for k, v in out.items() if v.numel() == 1}
+        logged["train/loss"] = loss.detach().float()
+        logged["train/rows"] = float(batch.num_rows)
+        self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=False, batch_size=max(batch.num_rows, 1))
+        self.log("loss", loss.detach().float(), prog_bar=True, logger=False, batch_size=max(batch.num_rows, 1))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "skip_counts"):
+            for reason, n in datamodule.skip_counts("train").items():
+                self.log(f"data/skipped/{reason}", float(n), on_step=True, reduce_fx="sum", sync_dist=False)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.automatic_optimization:
+            self._log_grad_norm()
+
+    def _log_grad_norm(self) -> None:
+        if self.step_config.log_grad_norm:
+            norms = grad_norm(self.encoder, norm_type=2)
+            if "grad_2.0_norm_total" in norms:
+                self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None) if datamodule is not None else None
+        vocab = self.encoder.backbone.get_input_embeddings().num_embeddings
+        if tokenizer is not None and len(tokenizer) > vocab:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the encoder's embedding table has {vocab} rows: "
+                "--data.tokenizer must be the model's tokenizer (or set --model.encoder.vocab_size)"
+            )
+        if self._reference is not None:
+            self._reference.to(self.device)
+
+    def on_train_start(self) -> None:
+        if self._gradcache is not None:
+            wrapped = self.trainer.strategy.model
+            if hasattr(wrapped, "require_backward_grad_sync"):  # DistributedDataParallel
+                wrapped.require_backward_grad_sync = False
+
+    def configure_optimizers(self):
+        layers = len(transformer_layers(self.encoder.backbone))
+        optimizer = build_optimizer(self, self.optim_config, layers)
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1
+        if not total or total == float("inf"):
+            raise ValueError("set --trainer.max_steps (the schedule needs the total number of steps)")
+        scheduler = build_scheduler(optimizer, self.optim_config, int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation: the evaluation hook
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_parts, self._val_rows = [], 0
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        if batch.num_sentences == 0:
+            return
+        self._val_languages, self._val_pivot = batch.languages, batch.languages[batch.pivot_lang_id]
+        kept = sum(p[0].shape[0] for p in self._val_parts)
+        if kept >= self.step_config.eval_max_sentences:
+            return
+        emb = self.encoder(batch).float()  # (n, D)
+        # batch-local row ids -> ids unique over this rank's whole validation pass
+        self._val_parts.append((emb, batch.row_ids + self._val_rows, batch.lang_ids))
+        self._val_rows += batch.num_rows
+
+    def on_validation_epoch_end(self) -> None:
+        from alignment.evaluate.report import validation_metrics
+
+        if self.trainer.sanity_checking:
+            return
+        device = self.device
+        if self._val_rows == 0 and not self.trainer.world_size > 1:
+            return
+        if self._val_parts:
+            emb = torch.cat([p[0] for p in self._val_parts])  # (n, D)
+            rows = torch.cat([p[1] for p in self._val_parts])  # (n,)
+            langs = torch.cat([p[2] for p in self._val_parts])  # (n,)
+        else:
+            emb = torch.zeros(0, self.encoder.embedding_dim, device=device)
+            rows = langs = torch.zeros(0, dtype=torch.long, device=device)
+        # one code path for any world size: global row ids, padding masked
+        cands = distributed.gather_candidates(emb, rows, langs)
+        valid = cands.valid
+        metrics = validation_metrics(
+            cands.emb[valid].detach().cpu(),
+            cands.row_ids[valid].cpu(),
+            cands.lang_ids[valid].cpu(),
+            pivot=self._val_pivot,
+            vocabulary=list(self._val_languages),
+        )
+        # every rank computed the same numbers from the same gathered tensors
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_epoch=True, sync_dist=False)
+        self._val_parts = []
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store what export needs to rebuild the encoder without the hub."""
+        from alignment.export import CKPT_HF_CONFIG, CKPT_PREFIXES, CKPT_TOKENIZER
+
+        checkpoint[CKPT_HF_CONFIG] = self.encoder.backbone.config.to_dict()
+        config = getattr(getattr(self.trainer, "datamodule", None), "config", None)
+        checkpoint[CKPT_TOKENIZER] = getattr(config, "tokenizer", None)
+        prefix = getattr(config, "text_prefix", "")
+        checkpoint[CKPT_PREFIXES] = {"query": prefix, "document": prefix} if prefix else {}
+        checkpoint["alignment_nonfinite_total"] = self.nonfinite_total
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_total = checkpoint.get("alignment_nonfinite_total", 0)
+
+    def export_encoder(self, directory, tokenizer=None) -> None:
+        """Write the trained encoder (and tokenizer) as a Hugging Face + sentence-transformers folder."""
+        from alignment.export import export_encoder
+
+        export_encoder(self.encoder, directory, tokenizer=tokenizer)
