@@ -52,6 +52,27 @@ class StepConfig:
             raise ValueError(f"--model.step.eval_max_sentences must be >= 2, got {self.eval_max_sentences}")
 
 
+def _build_encoder(cfg: ModelConfig) -> DualEncoder:
+    """The encoder of ``cfg``; a name or folder that does not load is reported with its flag."""
+    try:
+        return DualEncoder.from_model_config(cfg)
+    except OSError as exc:  # transformers: unknown hub name, offline cache miss, folder without config.json
+        raise ValueError(
+            f"--model.encoder.name_or_path {cfg.name_or_path!r} does not load as a Hugging Face model "
+            f"(a hub name available offline, or a local folder with config.json and weights): {exc}"
+        ) from exc
+
+
+def check_global_batch(rows_per_rank: int, world_size: int) -> None:
+    """Refuse a global batch with a single row: every candidate would be a positive, the loss has no negatives."""
+    if rows_per_rank * world_size < 2:
+        raise ValueError(
+            f"--data.config.batch_size {rows_per_rank} x {world_size} rank(s) is a global batch of "
+            f"{rows_per_rank * world_size} row: contrastive training needs other rows as negatives; "
+            "use --data.config.batch_size >= 2"
+        )
+
+
 class AlignmentModule(LightningModule):
     """Contrastive multi-way alignment of a multilingual encoder.
 
@@ -84,7 +105,9 @@ class AlignmentModule(LightningModule):
             {"encoder": asdict(encoder), "loss": asdict(loss), "optim": asdict(optim),
              "gradcache": asdict(gradcache), "step": asdict(step)}
         )
-        self.encoder = DualEncoder.from_model_config(encoder)
+        # from_pretrained returns eval mode and Lightning keeps submodules' modes:
+        # switch dropout on for fine-tuning explicitly.
+        self.encoder = _build_encoder(encoder).train()
         self.loss_fn = MultiWayContrastiveLoss(loss)
         # The drift reference is deliberately not a registered submodule: it is
         # never trained, never checkpointed and never handed to DDP/DeepSpeed.
@@ -127,9 +150,12 @@ class AlignmentModule(LightningModule):
             return self._gradcache_step(batch)
         out = self._loss_terms(self._encode(batch), batch)
         loss = total_loss(out)
-        if not self._all_finite(loss, batch):
-            return None  # Lightning skips backward and the optimiser step on every rank
+        finite = self._all_finite(loss, batch)
+        # Logged either way: Lightning re-logs a key's last value on steps that do not log it,
+        # so a skipped step that logged nothing would show the previous step's loss.
         self._log_terms(out, loss, batch)
+        if not finite:
+            return None  # Lightning skips backward and the optimiser step on every rank
         return loss
 
     def _gradcache_step(self, batch: Batch) -> None:
@@ -146,7 +172,9 @@ class AlignmentModule(LightningModule):
         out = self._gradcache.step(batch)
         distributed.average_gradients_([p for p in self.encoder.parameters() if p.requires_grad])
         loss = total_loss(out)
-        if not self._all_finite(loss, batch):
+        finite = self._all_finite(loss, batch)
+        self._log_terms(out, loss, batch)
+        if not finite:
             optimizer.zero_grad(set_to_none=True)
             return None
         if self.optim_config.max_grad_norm:
@@ -154,7 +182,6 @@ class AlignmentModule(LightningModule):
         self._log_grad_norm()
         optimizer.step()
         scheduler.step()
-        self._log_terms(out, loss, batch)
         return None
 
     def _all_finite(self, loss: Tensor, batch: Batch) -> bool:
@@ -170,7 +197,6 @@ class AlignmentModule(LightningModule):
             return True
         self.nonfinite_steps += 1
         self.nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, rank_zero_only=True)
         if self.nonfinite_steps >= self.step_config.max_nonfinite_steps:
             self._stop_on_nonfinite(batch)
         return False
@@ -190,6 +216,7 @@ class AlignmentModule(LightningModule):
         logged = {f"train/{k}": v.detach().float() for k, v in out.items() if v.numel() == 1}
         logged["train/loss"] = loss.detach().float()
         logged["train/rows"] = float(batch.num_rows)
+        logged["train/nonfinite_steps"] = float(self.nonfinite_total)  # cumulative: skipped steps so far
         self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=False, batch_size=max(batch.num_rows, 1))
         self.log("loss", loss.detach().float(), prog_bar=True, logger=False, batch_size=max(batch.num_rows, 1))
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -211,15 +238,20 @@ class AlignmentModule(LightningModule):
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        tokenizer = getattr(datamodule, "tokenizer", None) if datamodule is not None else None
+        self._check_tokenizer(getattr(datamodule, "tokenizer", None) if datamodule is not None else None)
+        rows = getattr(getattr(datamodule, "config", None), "batch_size", None)
+        if rows is not None:
+            check_global_batch(rows, self.trainer.world_size)
+        if self._reference is not None:
+            self._reference.to(self.device)
+
+    def _check_tokenizer(self, tokenizer) -> None:
         vocab = self.encoder.backbone.get_input_embeddings().num_embeddings
         if tokenizer is not None and len(tokenizer) > vocab:
             raise ValueError(
                 f"the tokenizer has {len(tokenizer)} tokens but the encoder's embedding table has {vocab} rows: "
-                "--data.tokenizer must be the model's tokenizer (or set --model.encoder.vocab_size)"
+                "--data.config.tokenizer must be the model's tokenizer (or set --model.encoder.vocab_size)"
             )
-        if self._reference is not None:
-            self._reference.to(self.device)
 
     def on_train_start(self) -> None:
         if self._gradcache is not None:

@@ -6,6 +6,8 @@ YAML recipes under ``configs/``; ``--print_config`` shows the resolved config.
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.pytorch.cli import LightningCLI
 
 from alignment.callbacks import AtomicModelCheckpoint, ExportOnFitEnd, RunMetadata, ThroughputLogger
@@ -23,15 +25,42 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(RunMetadata, "run_metadata")
 
 
-def run_lightning_cli(argv: list[str]) -> int:
-    AlignCLI(
-        AlignmentModule,
-        AlignmentDataModule,
+class _ParseOnlyCLI(AlignCLI):
+    """Parses and type-checks a configuration without building anything (no hub download, no Trainer)."""
+
+    def instantiate_classes(self) -> None:
+        return None
+
+
+def _cli_kwargs() -> dict[str, Any]:
+    return dict(
         subclass_mode_model=False,
         subclass_mode_data=False,
-        args=argv,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "align"},
         auto_configure_optimizers=False,
     )
+
+
+def _args(argv: list[str]) -> list[str] | None:
+    import sys
+
+    # LightningCLI warns when handed args that merely repeat sys.argv.
+    return None if list(argv) == sys.argv[1:] else list(argv)
+
+
+def parse_config(argv: list[str]):
+    """The resolved ``align fit`` configuration of ``argv`` (``--config`` files then flags), parse only.
+
+    Unknown keys, wrong types and bad ``class_path`` values are rejected exactly as
+    ``align fit`` rejects them (usage and the offending key on stderr, ``SystemExit(2)``);
+    nothing is instantiated, so hub models are not loaded and the dataclasses'
+    value checks (``__post_init__``) do not run. Returns a ``jsonargparse.Namespace``
+    with ``trainer``, ``model``, ``data``, ``checkpoint``, ... groups.
+    """
+    return _ParseOnlyCLI(AlignmentModule, AlignmentDataModule, run=False, args=_args(argv), **_cli_kwargs()).config
+
+
+def run_lightning_cli(argv: list[str]) -> int:
+    AlignCLI(AlignmentModule, AlignmentDataModule, args=_args(argv), **_cli_kwargs())
     return 0

@@ -1,0 +1,304 @@
+"""``align eval``: evaluate an encoder on held-out shards, a TSV or a JSONL; optionally run MTEB.
+
+A thin layer: flags -> :class:`EvalRunConfig` (whose field docstrings are the
+flags' help) -> :func:`~alignment.evaluate.encode.load_encoder`,
+:func:`~alignment.evaluate.datasets.load_eval_data`,
+:func:`~alignment.evaluate.encode.encode_eval_data`,
+:func:`~alignment.evaluate.encode.evaluate_encoded`,
+:func:`~alignment.evaluate.report.write_report` -> a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from alignment.commands.shards import field_docs
+from alignment.data.corpus import DEFAULT_PIVOT, LanguageCodeError, normalize_language
+from alignment.evaluate.datasets import EvalData, EvalDataError, load_eval_data, parse_languages
+from alignment.evaluate.encode import (
+    EncodeConfig,
+    EncoderInfo,
+    ModelLoadError,
+    MtebUnavailableError,
+    encode_eval_data,
+    evaluate_encoded,
+    load_encoder,
+    mteb_problems,
+    quiet_library_bars,
+    resolve_prefix,
+    run_mteb,
+)
+from alignment.evaluate.procrustes import ProcrustesConfig
+from alignment.evaluate.report import EvalConfig, EvalResults, flat_metrics, markdown_table, write_report
+from alignment.model import POOLINGS
+
+EXAMPLES = """\
+examples:
+  # held-out test split of a shard build, seen/unseen languages split in the tables
+  align eval --model runs/demo/export --data data/gettext --split test \\
+      --train-languages en,de,fr,es --out eval/demo
+
+  # a labelled multi-way JSONL (classification transfer) and Procrustes on 500 rows
+  align eval --model runs/demo/export --data xnli-dev.jsonl --pivot en --procrustes-fit-rows 500
+
+  # an STS TSV (columns: en de score), a plain Hugging Face folder with CLS pooling
+  align eval --model ./labse --pooling cls --data sts17-en-de.tsv --out eval/sts
+
+  # MTEB tasks (needs: pip install 'multiway-align[mteb]' and access to the Hugging Face hub)
+  align eval --model runs/demo/export --mteb STS22.v2,Tatoeba --out eval/mteb
+"""
+
+# Errors a user can fix from the message alone; anything else is a bug and keeps its traceback.
+USER_ERRORS = (EvalDataError, ModelLoadError, MtebUnavailableError, NotImplementedError, ValueError, FileNotFoundError)
+
+
+@dataclass
+class EvalRunConfig:
+    """What ``align eval`` does (one field per flag)."""
+
+    model: str
+    """Encoder: an exported or saved encoder folder, a Hugging Face folder or hub name, a Lightning .ckpt
+    or a DeepSpeed checkpoint folder."""
+    data: str | None = None
+    """Evaluation data: a shard folder / manifest.json (held-out split), a .tsv (header of language codes,
+    optional id/score/label columns) or a .jsonl (multi-way rows, optional score/label)."""
+    split: str = "test"
+    """Manifest split to read when --data is a shard build."""
+    languages: str | None = None
+    """Comma-separated languages to evaluate (default: all in the data); each must have rows."""
+    pivot: str = DEFAULT_PIVOT
+    """Pivot language: trains the transfer probe, anchors Procrustes."""
+    train_languages: str | None = None
+    """Comma-separated languages the model was trained on; tables then split seen / unseen / mixed pairs."""
+    out: str = "eval"
+    """Output folder for metrics.json, report.md and figures/."""
+    procrustes_fit_rows: int | None = None
+    """Fit post-hoc Procrustes maps on this many rows having the pivot and report held-out before/after."""
+    max_rows: int | None = None
+    """Evaluate at most this many rows (the first ones; shard builds are shuffled)."""
+    mteb: str | None = None
+    """Comma-separated MTEB task names to run as well (needs the [mteb] extra and the Hugging Face hub)."""
+    pooling: str | None = None
+    """Override the pooling: mean, cls or last (default: the encoder meta's, else mean)."""
+    device: str = "cpu"
+    """Torch device to encode on (cpu, cuda, cuda:1 ...)."""
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    """Batching, truncation, prefix, seed, progress bars."""
+
+    def __post_init__(self) -> None:
+        if not self.data and not self.mteb:
+            raise ValueError("--data is required (or --mteb TASKS to run MTEB only)")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        try:
+            self.pivot = normalize_language(self.pivot)
+        except LanguageCodeError as exc:
+            raise ValueError(f"--pivot: {exc}") from None
+        parse_languages(self.languages, "--languages")
+        parse_languages(self.train_languages, "--train-languages")
+        if self.procrustes_fit_rows is not None and self.procrustes_fit_rows < 1:
+            raise ValueError(f"--procrustes-fit-rows must be >= 1, got {self.procrustes_fit_rows}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"--max-rows must be >= 1, got {self.max_rows}")
+        if self.mteb is not None and not self.mteb_tasks:
+            raise ValueError(f"--mteb must name at least one task, got {self.mteb!r}")
+        if Path(self.out).is_file():
+            raise ValueError(f"--out {self.out} is a file; it must be a folder (created if missing)")
+
+    @property
+    def mteb_tasks(self) -> list[str]:
+        return [t.strip() for t in (self.mteb or "").split(",") if t.strip()]
+
+    def eval_config(self) -> EvalConfig:
+        procrustes = ProcrustesConfig(fit_rows=self.procrustes_fit_rows) if self.procrustes_fit_rows else None
+        return EvalConfig(procrustes=procrustes)
+
+    def command_line(self) -> str:
+        """The run as one explicit ``align eval`` command, every setting spelled out, for the report."""
+        parts = ["align", "eval", "--model", self.model]
+        for name in ("data", "split", "languages", "pivot", "train_languages", "out", "procrustes_fit_rows",
+                     "max_rows", "mteb", "pooling", "device"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                parts += ["--" + name.replace("_", "-"), str(value)]
+        enc = self.encode
+        parts += ["--batch-size", str(enc.batch_size), "--max-length", str(enc.max_length), "--seed", str(enc.seed)]
+        if enc.prefix is not None:
+            parts += ["--prefix", enc.prefix]
+        return shlex.join(parts)
+
+
+# --------------------------------------------------------------------------- shared encoder flags (also `align mine`)
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--pooling``, ``--device`` and the :class:`EncodeConfig` flags."""
+    run, enc = field_docs(EvalRunConfig), field_docs(EncodeConfig)
+    parser.add_argument("--model", required=True, metavar="SPEC", help=run["model"])
+    parser.add_argument("--pooling", choices=POOLINGS, default=None, help=run["pooling"])
+    parser.add_argument("--device", default="cpu", help=run["device"])
+    parser.add_argument("--batch-size", type=int, default=64, help=enc["batch_size"])
+    parser.add_argument("--max-length", type=int, default=128, help=enc["max_length"])
+    parser.add_argument("--prefix", default=None, help=enc["prefix"])
+    parser.add_argument("--seed", type=int, default=0, help=enc["seed"])
+    parser.add_argument("--quiet", action="store_true", help=enc["quiet"])
+
+
+def encode_config(args: argparse.Namespace) -> EncodeConfig:
+    return EncodeConfig(
+        batch_size=args.batch_size, max_length=args.max_length, prefix=args.prefix, seed=args.seed, quiet=args.quiet
+    )
+
+
+def error(command: str, exc: BaseException) -> int:
+    """Print ``align COMMAND: error: ...`` to stderr; exit code 1."""
+    print(f"align {command}: error: {exc}", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _config(args: argparse.Namespace) -> EvalRunConfig:
+    return EvalRunConfig(
+        model=args.model,
+        data=args.data,
+        split=args.split,
+        languages=args.languages,
+        pivot=args.pivot,
+        train_languages=args.train_languages,
+        out=args.out,
+        procrustes_fit_rows=args.procrustes_fit_rows,
+        max_rows=args.max_rows,
+        mteb=args.mteb,
+        pooling=args.pooling,
+        device=args.device,
+        encode=encode_config(args),
+    )
+
+
+def check_data(config: EvalRunConfig, data: EvalData) -> None:
+    """Settings that need the data to be checked: the pivot for transfer, rows for Procrustes."""
+    if data.labels is not None and config.pivot not in data.languages:
+        raise ValueError(
+            f"--pivot {config.pivot}: the classification probe trains on the pivot, but {data.spec} has no "
+            f"{config.pivot} text (languages: {', '.join(data.languages)})"
+        )
+    if config.procrustes_fit_rows is None:
+        return
+    if not data.rows:
+        raise ValueError(f"--procrustes-fit-rows needs translation rows; {data.spec} holds scored pairs only")
+    with_pivot = sum(config.pivot in row.texts for row in data.rows)
+    if config.procrustes_fit_rows >= with_pivot:
+        raise ValueError(
+            f"--procrustes-fit-rows ({config.procrustes_fit_rows}) must be smaller than the {with_pivot} rows of "
+            f"{data.spec} that have the pivot {config.pivot!r}, so that some rows are held out"
+        )
+
+
+def _meta(config: EvalRunConfig, info: EncoderInfo, data: EvalData, prefix: str, speed: str) -> dict:
+    enc = config.encode
+    return {
+        "model": info.describe(),
+        "data": data.describe(),
+        "encoding": f"batch {enc.batch_size}, max_length {enc.max_length}, prefix {prefix!r}, seed {enc.seed}, "
+        f"device {config.device}",
+        "speed": speed,
+        "command": config.command_line(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def evaluate_data(config: EvalRunConfig) -> tuple[EvalResults, Path]:
+    """Load, encode, evaluate, write the report; returns the results and the report folder."""
+    data = load_eval_data(
+        config.data, split=config.split, languages=parse_languages(config.languages), max_rows=config.max_rows
+    )
+    check_data(config, data)
+    model, tokenizer, info = load_encoder(config.model, device=config.device, pooling=config.pooling)
+    prefix = resolve_prefix(info, config.encode.prefix)
+    encoded = encode_eval_data(model, tokenizer, data, config.encode, prefix=prefix, pivot=config.pivot)
+    speed = f"{encoded.num_sentences} sentences in {encoded.seconds:.2f} s ({encoded.sentences_per_second:.0f}/s)"
+    if encoded.num_invalid:
+        per_lang = "; ".join(f"{lang}: {sum(k.values())}" for lang, k in encoded.invalid.items())
+        print(
+            f"align eval: warning: {encoded.num_invalid} embeddings are NaN/inf or zero-norm ({per_lang}); "
+            "they are left out of every metric and listed in report.md",
+            file=sys.stderr,
+        )
+    results, emb = evaluate_encoded(
+        encoded,
+        config.eval_config(),
+        training_languages=parse_languages(config.train_languages, "--train-languages"),
+        meta=_meta(config, info, data, prefix, speed),
+    )
+    paths = write_report(results, config.out, embeddings=emb, title=f"Evaluation of {Path(config.model).name}")
+    return results, paths.markdown.parent
+
+
+def summary_table(results: EvalResults) -> str:
+    """The headline metrics (means and single-number diagnostics) as a Markdown table."""
+    flat = flat_metrics(results)
+
+    def headline(key: str) -> bool:
+        if "/" not in key or key.startswith("sts_spearman/"):
+            return True
+        if key.startswith("procrustes/"):
+            return key.endswith("/mean")
+        return key.count("/") == 1 and key.endswith("mean")  # overall and seen/mixed/unseen means
+
+    return markdown_table(("metric", "value"), [(k, v) for k, v in flat.items() if headline(k)])
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = _config(args)
+        quiet_library_bars(config.encode)
+        if config.mteb:
+            problems = mteb_problems()  # fail before anything is loaded or encoded
+            if problems:
+                raise MtebUnavailableError("cannot run MTEB here:\n  - " + "\n  - ".join(problems))
+        if config.data:
+            results, out = evaluate_data(config)
+            print(summary_table(results))
+            print(f"\nwrote {out / 'metrics.json'}, {out / 'report.md'} and {out / 'figures'}/")
+        if config.mteb:
+            scores = run_mteb(
+                config.model, config.mteb_tasks, Path(config.out) / "mteb",
+                batch_size=config.encode.batch_size, device=config.device, pooling=config.pooling,
+            )  # fmt: skip
+            print(markdown_table(("MTEB task", "main score"), sorted(scores.items())))
+    except USER_ERRORS as exc:
+        return error("eval", exc)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``align eval``."""
+    from alignment.commands.shards import _HelpFormatter
+
+    docs = field_docs(EvalRunConfig)
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate an encoder: bitext retrieval, xSIM, diagnostics, transfer, STS, Procrustes, MTEB",
+        description="Encode evaluation data (batched, no gradients, deterministic) and write metrics.json, "
+        "report.md and figures/ (2-D projection by language, retrieval heatmap, per-language bars).",
+        epilog=EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
+    add_encoder_arguments(p)
+    p.add_argument("--data", default=None, metavar="SPEC", help=docs["data"])
+    p.add_argument("--split", default="test", help=docs["split"])
+    p.add_argument("--languages", default=None, metavar="L1,L2,...", help=docs["languages"])
+    p.add_argument("--pivot", default=DEFAULT_PIVOT, help=docs["pivot"])
+    p.add_argument("--train-languages", default=None, metavar="L1,L2,...", help=docs["train_languages"])
+    p.add_argument("--out", default="eval", metavar="DIR", help=docs["out"])
+    p.add_argument("--procrustes-fit-rows", type=int, default=None, metavar="N", help=docs["procrustes_fit_rows"])
+    p.add_argument("--max-rows", type=int, default=None, metavar="N", help=docs["max_rows"])
+    p.add_argument("--mteb", default=None, metavar="TASKS", help=docs["mteb"])
+    p.set_defaults(func=run)

@@ -1,0 +1,390 @@
+"""``DualEncoder``: a Hugging Face backbone, pooling, projection, normalisation.
+
+Architecture only: no Lightning, no ranks, no loss. One shared encoder embeds
+every language (the LaBSE / multilingual-E5 setup); every sentence of a
+:class:`~alignment.data.stream.Batch` is encoded in one forward pass::
+
+    input_ids (N, T) --backbone--> hidden (N, T, H) --pool--> (N, H)
+        --[projection]--> (N, D) --[L2 normalise]--> (N, D), at least float32
+
+The backbone comes from the hub or a local folder (``AutoModel``), or is built
+from a config with random weights (tests, benchmarks, the tiny debug model).
+``save_pretrained`` writes the backbone in Hugging Face format plus
+``alignment_encoder.json`` (pooling, projection, normalisation) and the
+projection weights, and ``from_pretrained`` on that folder restores all of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alignment.data.stream import Batch
+
+POOLINGS = ("mean", "cls", "last")
+ENCODER_META = "alignment_encoder.json"
+PROJECTION_FILE = "projection.safetensors"
+PIVOT_SUBDIR = "pivot_encoder"
+TINY = "tiny"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone to load and how to turn its hidden states into sentence embeddings."""
+
+    name_or_path: str = TINY
+    """Hub name (``intfloat/multilingual-e5-small``, ``xlm-roberta-base``, ``sentence-transformers/LaBSE``)
+    or a local folder for ``AutoModel``; ``tiny`` is the 2-layer debug BERT with random weights."""
+    random_init: bool = False
+    """Build ``name_or_path``'s architecture from its config with random weights (benchmarks)."""
+    vocab_size: int | None = None
+    """Vocabulary size for ``tiny`` or ``random_init`` (the tokenizer's ``len``); required for ``tiny``."""
+    pooling: str = "mean"
+    """``mean`` (masked mean over tokens: E5, sentence-transformers), ``cls`` (first token: LaBSE)
+    or ``last`` (last real token: decoder models)."""
+    projection_dim: int | None = None
+    """Width of a linear projection head after pooling; None keeps the backbone width."""
+    normalize: bool = True
+    """L2-normalise embeddings, so dot products are cosines (the losses assume it)."""
+    share_encoder: bool = True
+    """One encoder for all languages; False gives the pivot language its own copy of the backbone
+    (twice the parameters; both towers must be used every step under DDP)."""
+    freeze_embeddings: bool = False
+    """Freeze the word-embedding table (for XLM-R/E5 the largest tensor: no gradient, no optimiser state)."""
+    freeze_layers: int = 0
+    """Freeze the first N transformer layers (combine with freeze_embeddings to freeze the bottom)."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in backward (non-reentrant; about +30% compute, far less memory)."""
+    attn_implementation: str | None = None
+    """Attention kernel: ``sdpa``, ``eager``, ``flash_attention_2``...; None = SDPA where the model
+    supports it, else eager."""
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("--model.encoder.name_or_path must be a hub name, a local folder or 'tiny', got ''")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"--model.encoder.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(
+                f"--model.encoder.projection_dim must be >= 1 (or null for none), got {self.projection_dim}"
+            )
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"--model.encoder.vocab_size must be >= 1, got {self.vocab_size}")
+        if self.name_or_path == TINY and self.vocab_size is None:
+            raise ValueError(
+                "--model.encoder.vocab_size is required with --model.encoder.name_or_path=tiny (the tokenizer's length)"
+            )
+        if self.freeze_layers < 0:
+            raise ValueError(f"--model.encoder.freeze_layers must be >= 0, got {self.freeze_layers}")
+        if self.attn_implementation is not None and not self.attn_implementation:
+            raise ValueError("--model.encoder.attn_implementation must be a kernel name or null, got ''")
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def pool(hidden: Tensor, attention_mask: Tensor, how: str) -> Tensor:
+    """Sentence vectors from token states.
+
+    Args:
+        hidden: ``(N, T, H)`` last hidden states.
+        attention_mask: ``(N, T)``, 1 on real tokens; left or right padding.
+        how: ``mean`` (average of real tokens), ``cls`` (first real token) or
+            ``last`` (last real token).
+
+    Returns:
+        ``(N, H)``. Padding never contributes, whatever its token ids.
+    """
+    mask = attention_mask.to(hidden.dtype)  # (N, T)
+    if how == "mean":
+        summed = (hidden * mask.unsqueeze(-1)).sum(dim=1)  # (N, H)
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    positions = torch.arange(1, mask.shape[1] + 1, device=hidden.device, dtype=hidden.dtype)  # (T,)
+    if how == "cls":
+        index = attention_mask.long().argmax(dim=1)  # (N,) first 1 (argmax returns the first maximum)
+    elif how == "last":
+        index = (mask * positions).argmax(dim=1)  # (N,) last 1
+    else:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {how!r}")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (N, H)
+
+
+def transformer_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The backbone's stack of transformer blocks (BERT, XLM-R, DistilBERT, GPT-2, T5, Llama layouts)."""
+    for path in ("encoder.layer", "encoder.layers", "transformer.layer", "layers", "h", "block", "encoder.block"):
+        module = backbone
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the transformer layers of {type(backbone).__name__} to freeze")
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+class DualEncoder(nn.Module):
+    """Shared multilingual sentence encoder (a dual encoder with tied towers).
+
+    Build with :meth:`from_pretrained`, :meth:`from_config` or
+    :meth:`from_model_config`; :meth:`tiny_config` gives the debug backbone.
+
+    The Hugging Face pooler (a dense + tanh head trained for next-sentence
+    prediction) is unused by every pooling here; it is frozen rather than
+    removed so that the saved folder reloads without missing weights, and so
+    that DDP does not see an unused trainable parameter.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        pooling: str = "mean",
+        projection_dim: int | None = None,
+        normalize: bool = True,
+        share_encoder: bool = True,
+        freeze_embeddings: bool = False,
+        freeze_layers: int = 0,
+        gradient_checkpointing: bool = False,
+        pivot_backbone: nn.Module | None = None,
+    ):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"--model.encoder.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.normalize = normalize
+        self.share_encoder = share_encoder
+        hidden = backbone.config.hidden_size
+        self.projection = nn.Linear(hidden, projection_dim, bias=False) if projection_dim else None
+        if self.projection is not None:
+            # Orthogonal rows keep angles of the pretrained space (exactly when D >= H),
+            # where a default init would scramble the starting alignment.
+            nn.init.orthogonal_(self.projection.weight)
+        self.pivot_backbone = None if share_encoder else (pivot_backbone or copy.deepcopy(backbone))
+        self._frozen = False
+        for tower in self._towers():
+            _configure_backbone(tower, freeze_embeddings, freeze_layers, gradient_checkpointing)
+
+    def _towers(self) -> list[nn.Module]:
+        return [self.backbone] + ([self.pivot_backbone] if self.pivot_backbone is not None else [])
+
+    # ---------------------------------------------------------------- builders
+
+    @staticmethod
+    def tiny_config(vocab_size: int, **overrides):
+        """A 2-layer BERT config (hidden 32) for tests, smoke runs and benchmarks."""
+        from transformers import BertConfig
+
+        kwargs = dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
+        kwargs.update(overrides)
+        return BertConfig(**kwargs)
+
+    @classmethod
+    def from_config(cls, config, *, attn_implementation: str | None = None, **knobs) -> "DualEncoder":
+        """Random weights in ``config``'s architecture (a ``transformers.PretrainedConfig``)."""
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_config(config, attn_implementation=attn_implementation)
+        return cls(backbone, **knobs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, attn_implementation: str | None = None,
+                        **knobs) -> "DualEncoder":
+        """Load a hub model or local folder; a folder written by :meth:`save_pretrained`
+        also restores pooling, normalisation, projection and the pivot tower.
+
+        Explicit ``knobs`` override the saved pooling and normalisation; the
+        projection width always comes from the folder when it has one.
+        """
+        from transformers import AutoModel
+
+        path = Path(name_or_path)
+        meta = json.loads((path / ENCODER_META).read_text()) if (path / ENCODER_META).is_file() else {}
+        settings = {k: meta[k] for k in ("pooling", "normalize", "projection_dim", "share_encoder") if k in meta}
+        settings.update(knobs)
+        if meta:
+            settings["projection_dim"] = meta.get("projection_dim")
+        backbone = AutoModel.from_pretrained(str(name_or_path), attn_implementation=attn_implementation)
+        pivot = None
+        if meta and not meta.get("share_encoder", True):
+            pivot = AutoModel.from_pretrained(str(path / PIVOT_SUBDIR), attn_implementation=attn_implementation)
+        model = cls(backbone, pivot_backbone=pivot, **settings)
+        if model.projection is not None and meta:
+            from safetensors.torch import load_file
+
+            model.projection.load_state_dict(load_file(str(path / PROJECTION_FILE)))
+        return model
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig) -> "DualEncoder":
+        """Build from the typed config (what the training module calls)."""
+        knobs = dict(
+            pooling=cfg.pooling,
+            projection_dim=cfg.projection_dim,
+            normalize=cfg.normalize,
+            share_encoder=cfg.share_encoder,
+            freeze_embeddings=cfg.freeze_embeddings,
+            freeze_layers=cfg.freeze_layers,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+        if cfg.name_or_path == TINY:
+            tiny = cls.tiny_config(cfg.vocab_size)
+            return cls.from_config(tiny, attn_implementation=cfg.attn_implementation, **knobs)
+        if cfg.random_init:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(cfg.name_or_path)
+            if cfg.vocab_size is not None:
+                config.vocab_size = cfg.vocab_size
+            return cls.from_config(config, attn_implementation=cfg.attn_implementation, **knobs)
+        _check_saved_settings(cfg)
+        return cls.from_pretrained(cfg.name_or_path, attn_implementation=cfg.attn_implementation, **knobs)
+
+    # ---------------------------------------------------------------- encoding
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.projection.out_features if self.projection is not None else self.backbone.config.hidden_size
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, *, pivot: bool = False) -> Tensor:
+        """Embed ``(N, T)`` token ids: ``(N, D)``, unit norm when ``normalize``.
+
+        ``pivot`` selects the pivot tower when the encoder is not shared.
+        Half-precision outputs (autocast, bf16 weights) are returned in float32:
+        at temperature 0.05 bf16 cosines would lose two digits of the logits.
+        """
+        tower = self.pivot_backbone if (pivot and self.pivot_backbone is not None) else self.backbone
+        hidden = tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+        emb = pool(hidden, attention_mask, self.pooling)  # (N, H)
+        if self.projection is not None:
+            emb = self.projection(emb)  # (N, D)
+        if emb.dtype in (torch.float16, torch.bfloat16):
+            emb = emb.float()
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Embed every sentence of ``batch`` (all languages together): ``(N, D)``."""
+        if self.pivot_backbone is None:
+            return self.encode(batch.input_ids, batch.attention_mask)
+        is_pivot = batch.lang_ids == batch.pivot_lang_id  # (N,)
+        out = None
+        for select, pivot in ((is_pivot, True), (~is_pivot, False)):
+            index = torch.nonzero(select).flatten()  # host sync: sizes of the two sub-batches
+            if index.numel() == 0:
+                continue
+            emb = self.encode(batch.input_ids[index], batch.attention_mask[index], pivot=pivot)  # (n_part, D)
+            out = emb.new_zeros(batch.num_sentences, emb.shape[1]) if out is None else out
+            out = out.index_copy(0, index, emb)  # (N, D), differentiable w.r.t. emb
+        return out
+
+    # ---------------------------------------------------------------- freezing, copies, saving
+
+    def frozen_copy(self) -> "DualEncoder":
+        """A frozen copy of the encoder (eval mode forever, no gradients) for the drift loss.
+
+        Costs one more copy of the weights (no gradients, no optimiser state):
+        about +1/4 of the training memory of the weights under AdamW in fp32
+        (weights + gradients + two moments). Keep it *out* of the training
+        module's registered submodules, or it lands in every checkpoint; it is
+        not sharded under ZeRO-3 (deep-copy before wrapping).
+        """
+        copy_ = copy.deepcopy(self)
+        copy_.requires_grad_(False)
+        copy_._frozen = True
+        return copy_.eval()
+
+    def train(self, mode: bool = True) -> "DualEncoder":
+        """As ``nn.Module.train``, but a :meth:`frozen_copy` stays in eval mode (no dropout)."""
+        return super().train(mode and not self._frozen)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the backbone (HF format), ``alignment_encoder.json`` and the projection weights."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(str(directory))
+        if self.pivot_backbone is not None:
+            self.pivot_backbone.save_pretrained(str(directory / PIVOT_SUBDIR))
+        if self.projection is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.projection.state_dict().items()},
+                      str(directory / PROJECTION_FILE))
+        meta = EncoderMeta(
+            pooling=self.pooling,
+            normalize=self.normalize,
+            projection_dim=self.projection.out_features if self.projection is not None else None,
+            share_encoder=self.pivot_backbone is None,
+            embedding_dim=self.embedding_dim,
+        )
+        (directory / ENCODER_META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+        return directory
+
+
+@dataclass
+class EncoderMeta:
+    """Contents of ``alignment_encoder.json``: what export needs besides the backbone."""
+
+    pooling: str
+    normalize: bool
+    projection_dim: int | None
+    share_encoder: bool
+    embedding_dim: int
+
+
+def _check_saved_settings(cfg: ModelConfig) -> None:
+    """A folder from :meth:`DualEncoder.save_pretrained` must be loaded with the settings it was
+    trained with: a silently different pooling or projection would change every embedding."""
+    meta_file = Path(cfg.name_or_path) / ENCODER_META
+    if not meta_file.is_file():
+        return
+    meta = json.loads(meta_file.read_text())
+    for key in ("pooling", "normalize", "projection_dim", "share_encoder"):
+        if key in meta and meta[key] != getattr(cfg, key):
+            raise ValueError(
+                f"--model.encoder.{key} is {getattr(cfg, key)!r} but {meta_file} was saved with {meta[key]!r}; "
+                f"set --model.encoder.{key} {json.dumps(meta[key])}"
+            )
+
+
+def _configure_backbone(backbone: nn.Module, freeze_embeddings: bool, freeze_layers: int, checkpointing: bool):
+    pooler = getattr(backbone, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
+    if freeze_embeddings:
+        backbone.get_input_embeddings().requires_grad_(False)
+    if freeze_layers:
+        layers = transformer_layers(backbone)
+        if freeze_layers > len(layers):
+            raise ValueError(
+                f"--model.encoder.freeze_layers must be <= the backbone's {len(layers)} layers, got {freeze_layers}"
+            )
+        for layer in layers[:freeze_layers]:
+            layer.requires_grad_(False)
+    if checkpointing:
+        # use_reentrant=False: correct with frozen inputs (frozen embeddings) and
+        # restores the RNG so dropout matches in the recomputation.
+        kwargs = {"use_reentrant": False}
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

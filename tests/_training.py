@@ -1,0 +1,194 @@
+"""Fixtures shared by the training-application tests: a synthetic corpus, tiny modules, short fits.
+
+Everything is built in the caller's ``tmp_path`` from ``alignment.synthetic``;
+nothing comes from the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+LANGUAGES = ("en", "de", "fr", "es")
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_YAML = REPO / "configs" / "debug.yaml"
+
+
+@dataclass
+class Corpus:
+    shards: Path
+    """Folder holding the shards and their manifest (``--data.config.train_shards``)."""
+    tokenizer: Path
+    """Saved tiny tokenizer (``--data.config.tokenizer``)."""
+    vocab_size: int
+    """Rows the tiny encoder's embedding table needs (``--model.encoder.vocab_size``)."""
+
+
+def make_corpus(root: Path, rows: int = 240, rows_per_shard: int = 30, seed: int = 0) -> Corpus:
+    """Write synthetic multi-way rows as shards with ``align shards build``, plus the tiny tokenizer."""
+    from alignment.cli import main
+    from alignment.synthetic import synthetic_rows, tiny_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    jsonl = root / "rows.jsonl"
+    with open(jsonl, "w") as fh:
+        for r in synthetic_rows(rows, LANGUAGES, seed=seed, missing_prob=0.2):
+            fh.write(json.dumps({"id": r.id, "texts": r.texts}) + "\n")
+    shards = root / "shards"
+    rc = main(["shards", "build", "--format", "jsonl", str(jsonl), "--out", str(shards),
+               "--rows-per-shard", str(rows_per_shard)])
+    assert rc == 0, "align shards build failed"
+    tok = tiny_tokenizer(save_dir=root / "tok")
+    return Corpus(shards, root / "tok", len(tok))
+
+
+def datamodule(corpus: Corpus, **data):
+    """An ``AlignmentDataModule`` over the corpus, in-process reading, small batches."""
+    from alignment.data.datamodule import AlignmentDataModule, DataConfig
+
+    cfg = dict(train_shards=str(corpus.shards), tokenizer=str(corpus.tokenizer), batch_size=16, num_workers=0,
+               max_length=32, shuffle_buffer=64, seed=0)
+    cfg.update(data)
+    return AlignmentDataModule(DataConfig(**cfg))
+
+
+def module(corpus: Corpus, *, encoder: dict | None = None, loss: dict | None = None, optim: dict | None = None,
+           gradcache: dict | None = None, step: dict | None = None, seed: int = 0):
+    """A tiny ``AlignmentModule`` (random 2-layer BERT), seeded so two calls build identical weights."""
+    from alignment.gradcache import GradCacheConfig
+    from alignment.losses import LossConfig
+    from alignment.model import ModelConfig
+    from alignment.module import AlignmentModule, StepConfig
+    from alignment.optim import OptimConfig
+
+    torch.manual_seed(seed)
+    return AlignmentModule(
+        ModelConfig(**{"name_or_path": "tiny", "vocab_size": corpus.vocab_size, **(encoder or {})}),
+        LossConfig(**(loss or {})),
+        OptimConfig(**{"lr": 1e-3, "warmup_steps": 1, **(optim or {})}),
+        GradCacheConfig(**(gradcache or {})),
+        StepConfig(**(step or {})),
+    )
+
+
+def trainer(root: Path, max_steps: int = 3, **kwargs):
+    """A real CPU ``Trainer`` with no progress bar, no validation and (unless given) no loggers/checkpoints."""
+    from lightning.pytorch import Trainer
+
+    defaults = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0, default_root_dir=str(root))
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def encode_texts(encoder, tokenizer, texts: list[str], max_length: int = 128) -> torch.Tensor:
+    """The training model's embeddings of ``texts``: ``(len(texts), D)``, as the training step computes them."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        out = encoder.encode(enc["input_ids"], enc["attention_mask"])  # (N, D)
+    encoder.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------- reading logged metrics back
+
+_WANDB_BLOCK = 32 * 1024
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: Path):
+    """The ``wandb_internal_pb2.Record`` messages of an offline run's ``run-<id>.wandb`` file.
+
+    Format (wandb's datastore, a LevelDB-style log): a 7-byte header ``:W&B``
+    + magic + version, then 32 KiB blocks of chunks, each ``crc32 (4) |
+    length (2, little endian) | type (1) | payload``; a record spans chunks
+    FIRST, MIDDLE..., LAST; a block tail shorter than a chunk header is padding.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a wandb datastore file (header {data[:7]!r})")
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = _WANDB_BLOCK - pos % _WANDB_BLOCK
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding up to the block end
+            pos += left
+            continue
+        payload = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == _FULL:
+            yield pb.Record.FromString(payload)
+        elif kind == _FIRST:
+            pending = payload
+        elif kind == _MIDDLE:
+            pending += payload
+        elif kind == _LAST:
+            yield pb.Record.FromString(pending + payload)
+            pending = b""
+
+
+def wandb_history(run_root: Path) -> tuple[str, list[dict]]:
+    """``(run id, history rows)`` of the one offline run under ``run_root/wandb``; values JSON-decoded."""
+    files = sorted(Path(run_root).glob("wandb/offline-run-*/run-*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"no offline wandb run under {run_root}/wandb")
+    rows, run_id = [], None
+    for f in files:
+        for rec in wandb_records(f):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                run_id = rec.run.run_id
+            elif kind == "history":
+                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    return run_id, rows
+
+
+def csv_metrics(path: Path) -> list[dict]:
+    """Rows of a CSVLogger ``metrics.csv`` with empty cells dropped and numbers parsed."""
+    import csv
+
+    with open(path) as fh:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+
+
+# ---------------------------------------------------------------------------- `align fit` in subprocesses
+
+
+class SlowDown(Callback):
+    """Test-only callback (``--trainer.callbacks+=tests._training.SlowDown``): sleep after each step.
+
+    Makes "kill after the first checkpoint, before the end" deterministic for a
+    model whose steps take milliseconds.
+    """
+
+    def __init__(self, seconds: float = 0.5) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+
+def align_env(**extra: str) -> dict[str, str]:
+    """Environment for an ``align`` subprocess: offline, one thread per rank, this repo importable."""
+    import os
+
+    env = dict(os.environ)
+    env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.update(extra)
+    return env
