@@ -11,7 +11,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest -q tests --ignore=tests/distributed/test_deepspeed_cpu.py
+	$(PY) -m pytest -q tests
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit

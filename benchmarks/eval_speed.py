@@ -68,7 +68,7 @@ def machine_info() -> dict:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -245,7 +245,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ("PYTHONPATH", "HF_HUB_OFFLINE") if k in os.environ)
     command = shlex.join(["python", "benchmarks/eval_speed.py", *(sys.argv[1:] if argv is None else argv)])
+    command = f"{env} {command}" if env else command
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
                "model_tag": Path(args.model).name if args.model else "tiny", "machine": machine_info()}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

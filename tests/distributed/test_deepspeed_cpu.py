@@ -70,7 +70,7 @@ def _full_state(encoder, stage: int) -> dict[str, torch.Tensor]:
 class _LoadProbe:
     """At train start (after ``deepspeed.initialize``): shapes and first-forward embeddings of the engine's model."""
 
-    def __init__(self, stage, ids, mask, out):
+    def __init__(self, ids, mask, out):
         from lightning.pytorch import Callback
 
         probe = self
@@ -97,8 +97,6 @@ def worker(spec_path: str) -> None:
     """One rank: for each stage in the spec, fit STEPS steps, save a ZeRO checkpoint, dump the trained weights."""
     from lightning.pytorch import Trainer
 
-    from alignment.model import DualEncoder
-
     spec = json.loads(Path(spec_path).read_text())
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     torch.set_num_threads(1)
@@ -109,7 +107,7 @@ def worker(spec_path: str) -> None:
         out = Path(spec["out"]) / f"zero{stage}-w{world}"
         encoder = {"name_or_path": spec["hf_folder"]} if stage == 3 else None
         module = T.module(corpus, encoder=encoder, seed=0)
-        probe = _LoadProbe(stage, enc["input_ids"], enc["attention_mask"], out / "probe.pt")
+        probe = _LoadProbe(enc["input_ids"], enc["attention_mask"], out / "probe.pt")
         trainer = Trainer(accelerator="cpu", devices=world, strategy=_cpu_deepspeed_strategy(stage, world),
                           precision="32-true", max_steps=STEPS, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -122,7 +120,6 @@ def worker(spec_path: str) -> None:
             torch.save({"state": state, "global_step": trainer.global_step}, out / "trained.pt")
         trainer.strategy.barrier("stage-done")
         del trainer, module
-    _ = DualEncoder  # imported above so a broken import fails the rank, not the consolidation
 
 
 # ---------------------------------------------------------------------------- test side

@@ -156,8 +156,6 @@ def test_single_row_batch_is_refused_before_compute(corpus, tmp_path):
 
 
 def test_tokenizer_larger_than_the_embedding_table_is_refused(corpus, tmp_path):
-    from alignment.module import StepConfig  # noqa: F401  (same module, the public config)
-
     module = AlignmentModule(ModelConfig(name_or_path="tiny", vocab_size=corpus.vocab_size - 100))
     with pytest.raises(ValueError, match="--model.encoder.vocab_size"):
         T.trainer(tmp_path, max_steps=1).fit(module, datamodule=T.datamodule(corpus))
