@@ -318,7 +318,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "mine",
         help="mine translation pairs between two monolingual text files with margin scoring",
-        description=__doc__.split("\n\n", 1)[1].split("Two modes")[0].strip(),
+        description="Embed both files (one sentence per line), margin-score every source against its k nearest "
+        "targets and every target against its k nearest sources (exact search, or FAISS when installed and the "
+        "search is large), and write the pairs scoring at or above --threshold as a TSV sorted by score: "
+        "score, src_line, tgt_line, src_text, tgt_text. --gold and --paired read the files as line-aligned.",
         epilog="examples:\n"
         "  align mine news.de news.en --model runs/demo/export --out mined.de-en.tsv --threshold 1.06\n"
         "  align mine test.de test.en --model runs/demo/export --out check.tsv --gold       # P/R/F1\n"
