@@ -97,3 +97,26 @@ def tiny_tokenizer(
     if save_dir is not None:
         fast.save_pretrained(str(save_dir))
     return fast
+
+
+def rows_to_batch(tokenizer, rows, languages, pivot: str = "en"):
+    """Tokenise ``rows`` into the flat :class:`~alignment.data.stream.Batch` the model consumes.
+
+    Every language of every row in one ``[N, T]`` tensor; row ids are the rows'
+    positions, language ids index ``languages`` (the vocabulary). A direct,
+    worker-free path for tests and benchmarks of the model and losses.
+    """
+    import torch
+
+    from alignment.data.stream import Batch
+
+    languages = tuple(languages)
+    texts, row_ids, lang_ids = [], [], []
+    for r, row in enumerate(rows):
+        for lang in row.languages:
+            texts.append(row.texts[lang])
+            row_ids.append(r)
+            lang_ids.append(languages.index(lang))
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    return Batch(enc["input_ids"], enc["attention_mask"], torch.tensor(row_ids), torch.tensor(lang_ids),
+                 languages, languages.index(pivot), tuple(r.id for r in rows))

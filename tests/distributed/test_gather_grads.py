@@ -39,7 +39,7 @@ from alignment.distributed import gather_candidates
 from alignment.gradcache import GradCache, split_batch
 from alignment.losses import GlobalCandidates, LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
 from alignment.model import DualEncoder
-from alignment.synthetic import synthetic_rows, tiny_tokenizer
+from alignment.synthetic import rows_to_batch, synthetic_rows, tiny_tokenizer
 
 pytestmark = pytest.mark.distributed
 
@@ -117,15 +117,7 @@ class Head(nn.Module):
 
 
 def make_batch(tokenizer, rows) -> Batch:
-    texts, row_ids, lang_ids = [], [], []
-    for r, row in enumerate(rows):
-        for lang in row.languages:
-            texts.append(row.texts[lang])
-            row_ids.append(r)
-            lang_ids.append(LANGUAGES.index(lang))
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
-    return Batch(enc["input_ids"], enc["attention_mask"], torch.tensor(row_ids), torch.tensor(lang_ids),
-                 LANGUAGES, LANGUAGES.index("en"), tuple(r.id for r in rows))
+    return rows_to_batch(tokenizer, rows, LANGUAGES)
 
 
 def rank_batch(tokenizer, world: int, rank: int) -> Batch:

@@ -17,7 +17,7 @@ from alignment.data.stream import Batch
 from alignment.gradcache import GradCache, GradCacheConfig, graph_leaves, split_batch
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
 from alignment.model import DualEncoder
-from alignment.synthetic import synthetic_rows, tiny_tokenizer
+from alignment.synthetic import rows_to_batch, synthetic_rows, tiny_tokenizer
 
 LANGUAGES = ("de", "en", "es", "fr")
 
@@ -31,15 +31,7 @@ def tokenizer():
 def batch(tokenizer) -> Batch:
     """8 rows, some missing languages: about 25 sentences."""
     rows = synthetic_rows(8, LANGUAGES, seed=3, missing_prob=0.3)
-    texts, row_ids, lang_ids = [], [], []
-    for r, row in enumerate(rows):
-        for lang in row.languages:
-            texts.append(row.texts[lang])
-            row_ids.append(r)
-            lang_ids.append(LANGUAGES.index(lang))
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
-    return Batch(enc["input_ids"], enc["attention_mask"], torch.tensor(row_ids), torch.tensor(lang_ids),
-                 LANGUAGES, LANGUAGES.index("en"), tuple(r.id for r in rows))
+    return rows_to_batch(tokenizer, rows, LANGUAGES)
 
 
 def build_encoder(tokenizer, dropout=0.1) -> DualEncoder:

@@ -9,7 +9,7 @@ import torch
 
 from alignment.data.stream import Batch
 from alignment.model import ENCODER_META, DualEncoder, ModelConfig, pool
-from alignment.synthetic import synthetic_rows, tiny_tokenizer
+from alignment.synthetic import rows_to_batch, synthetic_rows, tiny_tokenizer
 
 LANGUAGES = ("de", "en", "es", "fr")  # sorted canonical codes, as the data pipeline emits
 
@@ -22,22 +22,7 @@ def tokenizer():
 def make_batch(tokenizer, n_rows=4, seed=0, missing_prob=0.3) -> Batch:
     """Tokenise synthetic rows into the flat Batch the model consumes."""
     rows = synthetic_rows(n_rows, LANGUAGES, seed=seed, missing_prob=missing_prob)
-    texts, row_ids, lang_ids = [], [], []
-    for r, row in enumerate(rows):
-        for lang in row.languages:
-            texts.append(row.texts[lang])
-            row_ids.append(r)
-            lang_ids.append(LANGUAGES.index(lang))
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
-    return Batch(
-        input_ids=enc["input_ids"],
-        attention_mask=enc["attention_mask"],
-        row_ids=torch.tensor(row_ids),
-        lang_ids=torch.tensor(lang_ids),
-        languages=LANGUAGES,
-        pivot_lang_id=LANGUAGES.index("en"),
-        row_keys=tuple(r.id for r in rows),
-    )
+    return rows_to_batch(tokenizer, rows, LANGUAGES)
 
 
 def tiny(tokenizer, seed=0, **knobs) -> DualEncoder:
