@@ -174,6 +174,10 @@ class DualEncoder(nn.Module):
             nn.init.orthogonal_(self.projection.weight)
         self.pivot_backbone = None if share_encoder else (pivot_backbone or copy.deepcopy(backbone))
         self._frozen = False
+        self.card_extra: dict = {}
+        """Keys of the source folder's ``alignment_encoder.json`` beyond :class:`EncoderMeta` (E5's
+        ``query_prefix``/``passage_prefix``, origin): carried into :meth:`save_pretrained` so a
+        fine-tuned encoder keeps the prefixes it was trained with."""
         for tower in self._towers():
             _configure_backbone(tower, freeze_embeddings, freeze_layers, gradient_checkpointing)
 
@@ -257,8 +261,10 @@ class DualEncoder(nn.Module):
             if cfg.vocab_size is not None:
                 config.vocab_size = cfg.vocab_size
             return cls.from_config(config, attn_implementation=cfg.attn_implementation, **knobs)
-        _check_saved_settings(cfg)
-        return cls.from_pretrained(cfg.name_or_path, attn_implementation=cfg.attn_implementation, **knobs)
+        meta = _check_saved_settings(cfg)
+        model = cls.from_pretrained(cfg.name_or_path, attn_implementation=cfg.attn_implementation, **knobs)
+        model.card_extra = {k: v for k, v in meta.items() if k not in EncoderMeta.__dataclass_fields__}
+        return model
 
     # ---------------------------------------------------------------- encoding
 
@@ -336,7 +342,8 @@ class DualEncoder(nn.Module):
             share_encoder=self.pivot_backbone is None,
             embedding_dim=self.embedding_dim,
         )
-        (directory / ENCODER_META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+        card = {**self.card_extra, **asdict(meta)}
+        (directory / ENCODER_META).write_text(json.dumps(card, indent=2) + "\n")
         return directory
 
 
@@ -351,12 +358,13 @@ class EncoderMeta:
     embedding_dim: int
 
 
-def _check_saved_settings(cfg: ModelConfig) -> None:
+def _check_saved_settings(cfg: ModelConfig) -> dict:
     """A folder from :meth:`DualEncoder.save_pretrained` must be loaded with the settings it was
-    trained with: a silently different pooling or projection would change every embedding."""
+    trained with: a silently different pooling or projection would change every embedding.
+    Returns the folder's ``alignment_encoder.json`` (empty when there is none)."""
     meta_file = Path(cfg.name_or_path) / ENCODER_META
     if not meta_file.is_file():
-        return
+        return {}
     meta = json.loads(meta_file.read_text())
     for key in ("pooling", "normalize", "projection_dim", "share_encoder"):
         if key in meta and meta[key] != getattr(cfg, key):
@@ -364,6 +372,7 @@ def _check_saved_settings(cfg: ModelConfig) -> None:
                 f"--model.encoder.{key} is {getattr(cfg, key)!r} but {meta_file} was saved with {meta[key]!r}; "
                 f"set --model.encoder.{key} {json.dumps(meta[key])}"
             )
+    return meta
 
 
 def _configure_backbone(backbone: nn.Module, freeze_embeddings: bool, freeze_layers: int, checkpointing: bool):

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from alignment import distributed
-from alignment.data.stream import Batch
+from alignment.data.stream import SKIP_REASONS, Batch
 from alignment.gradcache import GradCache, GradCacheConfig
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
 from alignment.model import DualEncoder, ModelConfig, transformer_layers
@@ -220,9 +220,19 @@ class AlignmentModule(LightningModule):
         self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=False, batch_size=max(batch.num_rows, 1))
         self.log("loss", loss.detach().float(), prog_bar=True, logger=False, batch_size=max(batch.num_rows, 1))
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "skip_counts"):
-            for reason, n in datamodule.skip_counts("train").items():
-                self.log(f"data/skipped/{reason}", float(n), on_step=True, reduce_fx="sum", sync_dist=False)
+        if datamodule is not None and hasattr(datamodule, "skip_counts") and self._is_logging_step():
+            # Summed over ranks (one small all-reduce per reason, only on logging steps). Every rank logs
+            # every reason, zeros included: differing key sets across ranks would pair up collectives wrongly.
+            counts = datamodule.skip_counts("train")
+            for reason in SKIP_REASONS:
+                self.log(f"data/skipped/{reason}", float(counts.get(reason, 0)), on_step=True, reduce_fx="sum",
+                         sync_dist=True, batch_size=1)
+
+    def _is_logging_step(self) -> bool:
+        """Whether this step's logs reach the loggers, by Lightning's own rule (``(step + 1) % every``); the
+        same answer on every rank, since global_step is shared."""
+        every = max(int(getattr(self.trainer, "log_every_n_steps", 1) or 1), 1)
+        return (self.global_step + 1) % every == 0
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.automatic_optimization:

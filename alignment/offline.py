@@ -782,9 +782,10 @@ class EncoderCard:
     embedding_dim: int | None = None
     """Width of the final embedding (384 for E5-small without a projection)."""
     query_prefix: str = ""
-    """Prepended to queries (E5: ``"query: "``); empty for encoders trained without one."""
+    """Prepended to queries (E5: ``"query: "``), and on both sides of symmetric tasks such as bitext
+    mining and STS (E5's card); empty for encoders trained without one."""
     passage_prefix: str = ""
-    """Prepended to passages (E5: ``"passage: "``); symmetric tasks such as bitext use it on both sides."""
+    """Prepended to the passage side of asymmetric retrieval (E5: ``"passage: "``)."""
     max_length: int | None = None
     """Longest input in tokens, specials included (the position table); None: the backbone's config."""
     num_layers: int | None = None

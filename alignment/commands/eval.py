@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alignment.commands.shards import field_docs
+from alignment.commands.common import HelpFormatter, field_docs
 from alignment.data.corpus import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 from alignment.evaluate.datasets import EvalData, EvalDataError, load_eval_data, parse_languages
 from alignment.evaluate.encode import (
@@ -280,7 +280,6 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``align eval``."""
-    from alignment.commands.shards import _HelpFormatter
 
     docs = field_docs(EvalRunConfig)
     p = subparsers.add_parser(
@@ -289,7 +288,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Encode evaluation data (batched, no gradients, deterministic) and write metrics.json, "
         "report.md and figures/ (2-D projection by language, retrieval heatmap, per-language bars).",
         epilog=EXAMPLES,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_encoder_arguments(p)
     p.add_argument("--data", default=None, metavar="SPEC", help=docs["data"])

@@ -37,23 +37,20 @@ import torch
 from torch import Tensor
 
 from alignment.commands.eval import USER_ERRORS, add_encoder_arguments, encode_config, error
-from alignment.commands.shards import field_docs
+from alignment.commands.common import HelpFormatter, field_docs
 from alignment.evaluate.datasets import EvalDataError, TextLine, read_text_file
 from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder, quiet_library_bars, resolve_prefix
-from alignment.evaluate.mining import MINING_MODES, MiningConfig, mine
+from alignment.evaluate.mining import MARGIN_UPPER, MINING_MODES, MiningConfig, mine, score_aligned
 from alignment.evaluate.report import markdown_table
 from alignment.evaluate.retrieval import (
     KNN_BACKENDS,
     MARGINS,
-    apply_margin,
     invalid_vectors,
     l2_normalize,
-    margin_search,
     resolve_backend,
 )
 
 TSV_HEADER = ("score", "src_line", "tgt_line", "src_text", "tgt_text")
-_MARGIN_UPPER = {"distance": 2.0, "absolute": 1.0}  # the largest score each margin can reach
 
 
 @dataclass
@@ -103,7 +100,7 @@ class MineRunConfig:
             raise ValueError(f"--k must be >= 1, got {self.k}")
         if self.chunk_size < 1:
             raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
-        upper = _MARGIN_UPPER.get(self.margin)
+        upper = MARGIN_UPPER.get(self.margin)
         if upper is not None and self.threshold > upper:
             raise ValueError(
                 f"--threshold {self.threshold} can never be reached with --margin {self.margin} "
@@ -172,18 +169,6 @@ def valid_rows(vectors: Tensor, lines: list[TextLine], path: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-def score_aligned(x: Tensor, y: Tensor, *, k: int, margin: str, chunk_size: int, backend: str) -> Tensor:
-    """Margin score of each aligned pair ``(x[i], y[i])``: ``(n,)``.
-
-    ``x`` and ``y`` are ``(n, D)`` unit-norm; the neighbourhood means are over
-    all of ``y`` (for ``x[i]``) and all of ``x`` (for ``y[i]``), exactly as in
-    mining, so paired scores and mined scores share one scale.
-    """
-    search = margin_search(x, y, k=k, margin=margin, chunk_size=chunk_size, backend=backend)
-    cos = (x * y).sum(dim=1)  # (n,)
-    return apply_margin(cos, (search.fwd_mean + search.bwd_mean) / 2, margin)  # (n,)
 
 
 @dataclass
@@ -312,7 +297,6 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``align mine``."""
-    from alignment.commands.shards import _HelpFormatter
 
     docs = field_docs(MineRunConfig)
     p = subparsers.add_parser(
@@ -326,7 +310,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "  align mine news.de news.en --model runs/demo/export --out mined.de-en.tsv --threshold 1.06\n"
         "  align mine test.de test.en --model runs/demo/export --out check.tsv --gold       # P/R/F1\n"
         "  align mine crawl.de crawl.en --model runs/demo/export --out clean.tsv --paired   # filter pairs\n",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help=docs["src"])
     p.add_argument("tgt", metavar="TGT", help=docs["tgt"])

@@ -9,17 +9,13 @@ the flags' help), then :func:`~alignment.data.shards.build_shards`.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import re
-import inspect
 import shlex
 import sys
-import textwrap
 import time
 from contextlib import closing
-from functools import lru_cache
 
+from alignment.commands.common import HelpFormatter, field_docs
 from alignment.data.corpus import FORMATS, CleaningConfig, CleaningReport, CorpusError, CorpusSource, read_corpus
 from alignment.data.shards import (
     ManifestError,
@@ -58,42 +54,6 @@ input forms by --format:
 """
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Examples kept as written; a flag's default appended to its help when it has a real one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        if action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
-            help_text += " (default: %(default)s)"
-        return help_text
-
-
-@lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the string literal after it), by field name."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = _plain(nxt.value.value)
-    return docs
-
-
-def _plain(doc: str) -> str:
-    """A field docstring as CLI help: one line, no reST markup, no self-referencing ``(--flag)``."""
-    text = " ".join(doc.split())
-    text = re.sub(r" \(``--[a-z-]+``\)", "", text)
-    text = re.sub(r":\w+:`~?([\w.]+)`", r"\1()", text)
-    return text.replace("``", "").replace("%", "%%")
-
-
 def _defaults(cls: type) -> dict[str, object]:
     """Field defaults of a config dataclass: the CLI's defaults come from the config, never a second copy."""
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
@@ -108,7 +68,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         description="Read a multi-way corpus, clean it (report printed and saved), split it by pivot text, "
         "shuffle it deterministically and write WebDataset tar shards plus manifest.json.",
         epilog=BUILD_EXAMPLES,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "inputs", nargs="*", metavar="INPUT", help="input files or folders; the forms per --format are below"

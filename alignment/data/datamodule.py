@@ -116,15 +116,22 @@ def manifest_languages(spec: Any) -> list[str] | None:
     return sorted(load_manifest(path)["languages"]) or None
 
 
-def resolve_shard_spec(spec: ShardSpec, split: str) -> list[ShardRef]:
+def resolve_shard_spec(spec: ShardSpec, split: str, field: str = "train_shards") -> list[ShardRef]:
     """The shards of a spec (manifest, folder, glob, brace pattern, path or list), via ``resolve_shards``.
 
     Manifests give row counts; other specs leave them unknown and the finite
     stream counts them from the tar headers (see ``count_shard_rows``).
+
+    Raises:
+        FileNotFoundError: nothing matches; the message names the flag (``field``) and the path.
     """
     from alignment.data.shards import resolve_shards
 
-    return [ShardRef(str(info.url), info.rows) for info in resolve_shards(spec, split=split)]
+    try:
+        infos = resolve_shards(spec, split=split)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{flag(field)}: {err}") from err
+    return [ShardRef(str(info.url), info.rows) for info in infos]
 
 
 # --------------------------------------------------------------------------- loader and counters
@@ -253,9 +260,11 @@ class AlignmentDataModule(LightningDataModule):
         fitting = stage in (None, "fit")
         if fitting and cfg.train_shards is None:
             raise ValueError(f"{flag('train_shards')} is required to fit")
+        # Resolve the shards before anything else reads them, so a wrong path is reported as one.
+        train_shards = resolve_shard_spec(cfg.train_shards, TRAIN_SPLIT) if fitting and self.train_stream is None else None
         vocabulary = self._vocabulary()
-        if fitting and self.train_stream is None:
-            shards = resolve_shard_spec(cfg.train_shards, TRAIN_SPLIT)
+        if train_shards is not None:
+            shards = train_shards
             self.train_stream = MultiWayStream(
                 shards, self.tokenizer, cfg, languages=vocabulary, num_workers=cfg.num_workers, shuffle=True
             )
@@ -277,7 +286,7 @@ class AlignmentDataModule(LightningDataModule):
         from alignment import distributed
 
         cfg = self.config.validation_stream_config()
-        shards = resolve_shard_spec(cfg.val_shards, VAL_SPLIT)
+        shards = resolve_shard_spec(cfg.val_shards, VAL_SPLIT, field="val_shards")
         world = distributed.get_world_size()
         if len(shards) < world:
             raise ValueError(

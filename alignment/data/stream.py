@@ -70,8 +70,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from alignment.data.corpus import LanguageCodeError, normalize_language
 
-FLAG_PREFIX = "--data."
-"""How the user spells this config's fields on the command line (``--data.batch_size``)."""
+FLAG_PREFIX = "--data.config."
+"""How the user spells this config's fields on the command line (``--data.config.batch_size``)."""
 
 LanguagePolicy = Literal["all", "k", "pivot_pair"]
 LANGUAGE_POLICIES: tuple[str, ...] = ("all", "k", "pivot_pair")
@@ -171,7 +171,7 @@ class Batch:
 
 
 def flag(name: str) -> str:
-    """A config field as the user types it: ``flag('batch_size') == '--data.batch_size'``."""
+    """A config field as the user types it: ``flag('batch_size') == '--data.config.batch_size'``."""
     return f"{FLAG_PREFIX}{name}"
 
 

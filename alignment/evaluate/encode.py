@@ -114,17 +114,18 @@ class EncoderInfo:
     embedding_dim: int
     """Width D of the embeddings."""
     query_prefix: str = ""
-    """Prefix the encoder was trained with for queries (E5: ``"query: "``): from the encoder meta, else
-    the sentence-transformers prompts of an export or checkpoint."""
+    """Prefix the encoder was trained with for queries and for symmetric tasks such as bitext mining
+    and STS (E5: ``"query: "``): from the encoder meta, else the sentence-transformers prompts of an
+    export or checkpoint."""
     passage_prefix: str = ""
-    """Prefix for passages and for symmetric tasks such as bitext (E5: ``"passage: "``)."""
+    """Prefix for the passage side of asymmetric retrieval (E5: ``"passage: "``)."""
     max_positions: int | None = None
     """Longest input, in tokens with specials, that the position table allows (None: unbounded)."""
     card: dict = field(default_factory=dict, compare=False)
     """The raw ``alignment_encoder.json`` (empty when there is none)."""
 
     def describe(self) -> str:
-        prefix = f", prefix {self.passage_prefix!r}" if self.passage_prefix else ""
+        prefix = f", prefix {self.query_prefix!r}" if self.query_prefix else ""
         norm = "normalised" if self.normalize else "unnormalised"
         return f"{self.spec} ({self.kind}): {self.pooling} pooling, {norm}, dim {self.embedding_dim}{prefix}"
 
@@ -292,8 +293,13 @@ class EncodeConfig:
 
 
 def resolve_prefix(info: EncoderInfo, override: str | None) -> str:
-    """The prefix to apply: ``override`` when given, else the meta's passage prefix (symmetric tasks)."""
-    return info.passage_prefix if override is None else override
+    """The prefix to apply: ``override`` when given, else the query prefix.
+
+    Every task here is symmetric (both sides are sentences of the same kind), and E5's card says to
+    use ``"query: "`` on both sides for symmetric tasks (bitext mining, STS, paraphrase retrieval).
+    It is also what ``configs/demo.yaml`` trains with, so before/after evaluations compare alike.
+    """
+    return info.query_prefix if override is None else override
 
 
 def progress_enabled(quiet: bool, stream: IO | None = None) -> bool:

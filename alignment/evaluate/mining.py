@@ -38,12 +38,13 @@ from alignment.evaluate.retrieval import (
     MarginSearch,
     as_float_matrix,
     check_vectors,
+    apply_margin,
     l2_normalize,
     margin_search,
 )
 
 MINING_MODES = ("forward", "backward", "intersection", "max-score")
-_MARGIN_UPPER = {"distance": 2.0, "absolute": 1.0}  # largest reachable score; ratio is unbounded
+MARGIN_UPPER = {"distance": 2.0, "absolute": 1.0}  # largest reachable score; ratio is unbounded
 
 
 @dataclass
@@ -70,7 +71,7 @@ class MiningConfig:
             raise ValueError(f"--mining.k must be >= 1, got {self.k}")
         if self.margin not in MARGINS:
             raise ValueError(f"--mining.margin must be one of {', '.join(MARGINS)}, got {self.margin!r}")
-        upper = _MARGIN_UPPER.get(self.margin)
+        upper = MARGIN_UPPER.get(self.margin)
         if upper is not None and self.threshold > upper:
             raise ValueError(
                 f"--mining.threshold {self.threshold} can never be reached with --mining.margin {self.margin} "
@@ -177,3 +178,15 @@ def mine(source: ArrayLike, target: ArrayLike, config: MiningConfig | None = Non
     return MinedPairs(
         torch.from_numpy(src[order]).long(), torch.from_numpy(tgt[order]).long(), torch.from_numpy(score[order])
     )
+
+
+def score_aligned(x: Tensor, y: Tensor, *, k: int, margin: str, chunk_size: int, backend: str) -> Tensor:
+    """Margin score of each aligned pair ``(x[i], y[i])``: ``(n,)``.
+
+    ``x`` and ``y`` are ``(n, D)`` unit-norm; the neighbourhood means are over
+    all of ``y`` (for ``x[i]``) and all of ``x`` (for ``y[i]``), exactly as in
+    mining, so paired scores and mined scores share one scale.
+    """
+    search = margin_search(x, y, k=k, margin=margin, chunk_size=chunk_size, backend=backend)
+    cos = (x * y).sum(dim=1)  # (n,)
+    return apply_margin(cos, (search.fwd_mean + search.bwd_mean) / 2, margin)  # (n,)

@@ -32,6 +32,7 @@ from alignment.evaluate.encode import (
     length_order,
     load_encoder,
     mteb_problems,
+    resolve_prefix,
     sentence_transformer_from_spec,
 )
 from alignment.model import ENCODER_META, DualEncoder
@@ -353,10 +354,12 @@ def test_progress_bar_only_on_a_terminal(loaded):
 
 
 def test_prefix_from_meta_and_sentence_transformers_bridge(tmp_path, rows):
-    """The E5 card's passage prefix is applied (``--prefix`` overrides); sentence-transformers embeds identically."""
+    """Symmetric tasks take the E5 card's query prefix (E5's own advice; ``--prefix`` overrides);
+    sentence-transformers embeds identically with the same prompt."""
     folder = save_tiny_encoder(tmp_path / "e5like", card={"query_prefix": "query: ", "passage_prefix": "passage: "})
     model, tokenizer, info = load_encoder(folder)
     assert (info.kind, info.passage_prefix, info.embedding_dim) == ("alignment-folder", "passage: ", 16)
+    assert (resolve_prefix(info, None), resolve_prefix(info, "")) == ("query: ", "")
     texts = [r.texts["en"] for r in rows[:6]]
     ours = encode_texts(model, tokenizer, texts, EncodeConfig(quiet=True), prefix=info.passage_prefix)
     plain = encode_texts(model, tokenizer, texts, EncodeConfig(quiet=True), prefix="")

@@ -7,6 +7,8 @@ published algorithms (LASER's xSIM), or known limits (perfect alignment scores
 
 from __future__ import annotations
 
+import warnings
+
 import math
 
 import numpy as np
@@ -438,6 +440,17 @@ def test_procrustes_pipeline_fixes_a_rotated_language_on_held_out_rows():
     assert torch.allclose(x, y, atol=1e-5)
     with pytest.raises(ValueError, match=r"--procrustes.fit_rows \(120\) must be smaller than the 120 rows"):
         evaluate_procrustes(emb, ProcrustesConfig(fit_rows=120))
+
+
+def test_procrustes_warns_when_fewer_fit_rows_than_dimensions():
+    dim, rows = 16, 60
+    en = torch.randn(rows, dim, generator=_gen(22))
+    emb = multiway({"en": en, "de": en @ rotation(dim, seed=23)})
+    with pytest.warns(UserWarning, match=r"de \(10 rows\) .* fewer rows than the 16 dimensions"):
+        evaluate_procrustes(emb, ProcrustesConfig(fit_rows=10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_procrustes(emb, ProcrustesConfig(fit_rows=16))
 
 
 # --------------------------------------------------------------------------- validation hook

@@ -157,6 +157,19 @@ def test_model_config_must_match_a_saved_folder(tokenizer, tmp_path):
     assert model.pooling == "cls" and model.embedding_dim == 12
 
 
+def test_fine_tuned_folder_keeps_the_source_card_prefixes(tokenizer, tmp_path):
+    """Regression: saving a model loaded from an E5 folder dropped query_prefix/passage_prefix, so the
+    fine-tuned encoder was evaluated without the prefix it was trained with."""
+    tiny(tokenizer).save_pretrained(tmp_path / "src")
+    card = json.loads((tmp_path / "src" / ENCODER_META).read_text())
+    card.update(query_prefix="query: ", passage_prefix="passage: ", source="intfloat/multilingual-e5-small")
+    (tmp_path / "src" / ENCODER_META).write_text(json.dumps(card))
+    model = DualEncoder.from_model_config(ModelConfig(name_or_path=str(tmp_path / "src")))
+    model.save_pretrained(tmp_path / "tuned")
+    saved = json.loads((tmp_path / "tuned" / ENCODER_META).read_text())
+    assert saved == card
+
+
 def test_frozen_copy_is_independent_and_stays_in_eval(tokenizer):
     model = tiny(tokenizer).train()
     ref = model.frozen_copy()

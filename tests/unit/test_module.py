@@ -193,3 +193,36 @@ def test_gradcache_matches_plain_first_step_and_trains(corpus, tmp_path):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
     _, losses = _fit_for_loss(corpus, tmp_path / "gc3", 4, chunk_size=7)
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+
+
+def test_skipped_samples_are_logged_by_reason(corpus, tmp_path):
+    """Every skip reason is logged on logging steps (zeros included, so ranks log the same keys and the
+    summed all-reduce pairs up), with the run's cumulative count."""
+    import json
+
+    import webdataset as wds
+
+    from alignment.data.stream import SKIP_REASONS
+
+    bad = tmp_path / "bad-000000.tar"
+    good = json.dumps({"id": "ok", "texts": {"en": "hello there", "de": "hallo da"}}).encode()
+    with wds.TarWriter(str(bad), encoder=False) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"broken{i}", "json": b"{not json"})
+        sink.write({"__key__": "lonely", "json": json.dumps({"id": "lonely", "texts": {"en": "alone"}}).encode()})
+        sink.write({"__key__": "ok", "json": good})
+    shards = sorted(str(p) for p in (corpus.shards / "train").glob("*.tar")) + [str(bad)]
+    loggers = [CSVLogger(str(tmp_path), name="csv")]
+    dm = T.datamodule(corpus, train_shards=shards, languages=list(T.LANGUAGES), batch_size=40, shuffle_buffer=0)
+    trainer = T.trainer(tmp_path, max_steps=6, logger=loggers, log_every_n_steps=2)
+    trainer.fit(T.module(corpus), datamodule=dm)
+
+    rows = T.csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+    logged = [r for r in rows if "data/skipped/bad_json" in r]
+    assert [int(r["step"]) for r in logged] == [1, 3, 5]
+    assert all(f"data/skipped/{reason}" in r for r in logged for reason in SKIP_REASONS)
+    # 142 usable rows are 4 batches of 40: steps 0-3 are epoch 0, steps 4-5 re-read the bad shard in epoch 1
+    assert dm.skip_counts("train") == {"bad_json": 6, "no_usable_text": 2}
+    assert [(r["data/skipped/bad_json"], r["data/skipped/no_usable_text"]) for r in logged] == [
+        (3.0, 1.0), (3.0, 1.0), (6.0, 2.0)]
+    assert all(r["data/skipped/corrupt_tar"] == 0.0 for r in logged)

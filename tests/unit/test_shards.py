@@ -509,7 +509,7 @@ def test_cli_help_documents_formats_and_examples(capsys):
 def test_every_build_setting_is_documented_where_the_cli_reads_it():
     import dataclasses
 
-    from alignment.commands.shards import field_docs
+    from alignment.commands.common import field_docs
     from alignment.data.corpus import CorpusSource
 
     for cls in (CorpusSource, CleaningConfig, ShardBuildConfig):
