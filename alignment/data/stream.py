@@ -71,7 +71,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from alignment.data.corpus import LanguageCodeError, normalize_language
 
 FLAG_PREFIX = "--data.config."
-"""How the user spells this config's fields on the command line (``--data.config.batch_size``)."""
+"""How the user spells this config's fields on the command line (``--data.config.config.batch_size``)."""
 
 LanguagePolicy = Literal["all", "k", "pivot_pair"]
 LANGUAGE_POLICIES: tuple[str, ...] = ("all", "k", "pivot_pair")
@@ -197,7 +197,7 @@ class StreamConfig:
     """Which languages of a row go into the batch: `all` (multi-way: every language of the row), `k` (`k`
     languages sampled per row) or `pivot_pair` (the pivot plus one sampled language: the En-X baseline)."""
     k: int = 2
-    """Languages sampled per row with `--data.language_policy k` (rows with fewer usable languages keep all)."""
+    """Languages sampled per row with `--data.config.language_policy k` (rows with fewer usable languages keep all)."""
     languages: list[str] | None = None
     """Languages to train on (BCP-47; normalised and sorted). Texts in other languages are dropped. Also the
     language vocabulary (language ids index this sorted list); default: the manifest's languages."""
@@ -212,15 +212,15 @@ class StreamConfig:
     seed: int = 0
     """Seeds the shard permutation (with the epoch: the same on every rank), the buffers and language sampling."""
     resampled: bool = False
-    """Draw shards with replacement forever (for long runs); an epoch is then `--data.steps_per_epoch` batches."""
+    """Draw shards with replacement forever (for long runs); an epoch is then `--data.config.steps_per_epoch` batches."""
     samples_per_epoch: int | None = None
     """Resampled mode: rows per epoch summed over all ranks (rounded up to whole global batches)."""
     steps_per_epoch: int | None = None
-    """Resampled mode: batches per epoch on each rank (alternative to `--data.samples_per_epoch`)."""
+    """Resampled mode: batches per epoch on each rank (alternative to `--data.config.samples_per_epoch`)."""
     bucketing: bool = False
-    """Length bucketing: sort `--data.bucket_buffer` rows by token length, cut batches, shuffle their order."""
+    """Length bucketing: sort `--data.config.bucket_buffer` rows by token length, cut batches, shuffle their order."""
     bucket_buffer: int = 1024
-    """Rows sorted together when `--data.bucketing` is on (at least `--data.batch_size`)."""
+    """Rows sorted together when `--data.config.bucketing` is on (at least `--data.config.batch_size`)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
