@@ -5,12 +5,12 @@
 # build on a GPU box, say), the venv sees it through --system-site-packages;
 # otherwise the CPU wheel torch==2.13.0 is installed first so pip never pulls a
 # multi-GB CUDA build as a dependency.
-#   VENV=.venv  PYTHON=python3  EXTRAS=dev,demo  bash scripts/setup.sh
+#   VENV=.venv  PYTHON=python3  EXTRAS=dev,demo,bench  bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-dev,demo}
+EXTRAS=${EXTRAS:-dev,demo,bench}
 
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
