@@ -97,6 +97,20 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
+    def save_last_now(self, trainer: "pl.Trainer") -> str:
+        """Write ``last.ckpt`` of the current step now and return its path (every rank must call it).
+
+        For a stop between steps (``alignment.preemption``): it is the file
+        ``--ckpt_path last`` resumes, whether or not ``save_last`` is on. Not
+        written again when this step is already saved there.
+        """
+        if self._last_global_step_saved == trainer.global_step and self.last_model_path:
+            return self.last_model_path
+        filepath = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
+        self.last_model_path = filepath  # before saving: it is part of the saved callback state
+        self._save_checkpoint(trainer, filepath)
+        return filepath
+
 
 class ThroughputLogger(Callback):
     """Logs sentences/s, tokens/s (real, non-pad) and the padding ratio per step.

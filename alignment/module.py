@@ -139,6 +139,7 @@ class AlignmentModule(LightningModule):
     def _loss_terms(self, emb: Tensor, batch: Batch) -> dict[str, Tensor]:
         candidates = distributed.gather_candidates(emb, batch.row_ids, batch.lang_ids)  # (M, D) global
         out = self.loss_fn(emb, candidates, pivot_lang_id=batch.pivot_lang_id)
+        out["global_rows"] = emb.new_tensor(float(candidates.num_rows))  # rows of all ranks: the real global batch
         if self._reference is not None:
             with torch.no_grad():
                 ref = self._reference(batch) if batch.num_sentences else emb.detach()  # (n, D)

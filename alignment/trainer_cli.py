@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from alignment.callbacks import AtomicModelCheckpoint, ExportOnFitEnd, RunMetadata, ThroughputLogger
 from alignment.data.datamodule import AlignmentDataModule
 from alignment.module import AlignmentModule
+from alignment.preemption import EXIT_REQUEUE, Preempted, PreemptionCheckpoint, install_handler
 
 
 class AlignCLI(LightningCLI):
@@ -23,6 +24,7 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(ExportOnFitEnd, "export")
         parser.add_lightning_class_args(ThroughputLogger, "throughput")
         parser.add_lightning_class_args(RunMetadata, "run_metadata")
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
 
 class _ParseOnlyCLI(AlignCLI):
@@ -62,5 +64,11 @@ def parse_config(argv: list[str]):
 
 
 def run_lightning_cli(argv: list[str]) -> int:
-    AlignCLI(AlignmentModule, AlignmentDataModule, args=_args(argv), **_cli_kwargs())
+    """Run ``align fit|validate|test``; exit code 75 (``EXIT_REQUEUE``) after a preemption stop."""
+    install_handler()  # before model and data set-up: an unhandled USR1 would kill the process
+    try:
+        AlignCLI(AlignmentModule, AlignmentDataModule, args=_args(argv), **_cli_kwargs())
+    except Preempted as stop:
+        print(f"align: {stop}", flush=True)
+        return EXIT_REQUEUE
     return 0

@@ -183,6 +183,38 @@ class SlowDown(Callback):
         time.sleep(self.seconds)
 
 
+class NoDropout(Callback):
+    """Test-only callback: dropout probability 0 everywhere, so a resumed run can match an uninterrupted one
+    exactly (Lightning does not checkpoint the RNG state that draws dropout masks)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        for module in pl_module.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        backbone = getattr(getattr(pl_module, "encoder", None), "backbone", None)
+        if backbone is not None and hasattr(backbone.config, "attention_probs_dropout_prob"):
+            backbone.config.attention_probs_dropout_prob = 0.0
+
+
+class SendSignal(Callback):
+    """Test-only callback: send ``signum`` (default SIGUSR1) to this process after optimiser step ``step``.
+
+    A real signal through the real handler, at a known step (``alignment.preemption`` tests).
+    """
+
+    def __init__(self, step: int, signum: int = 10) -> None:
+        self.step = step
+        self.signum = signum
+        self.sent = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import os
+
+        if not self.sent and trainer.global_step == self.step:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
 def align_env(**extra: str) -> dict[str, str]:
     """Environment for an ``align`` subprocess: offline, one thread per rank, this repo importable."""
     import os

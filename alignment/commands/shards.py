@@ -18,13 +18,18 @@ from contextlib import closing
 from alignment.commands.common import HelpFormatter, field_docs
 from alignment.data.corpus import FORMATS, CleaningConfig, CleaningReport, CorpusError, CorpusSource, read_corpus
 from alignment.data.shards import (
+    SPLITTABLE_FORMATS,
     ManifestError,
+    PartSpec,
     ShardBuildConfig,
+    build_part,
     build_shards,
     format_cleaning,
     format_manifest,
     load_manifest,
     manifest_file,
+    merge_parts,
+    parts_dir,
     verify_shards,
 )
 
@@ -97,6 +102,14 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help=build["overwrite"])
     p.add_argument("--shuffle-buckets", type=int, default=None, metavar="N", help=build["shuffle_buckets"])
     p.add_argument("--tmp-dir", default=None, help=build["tmp_dir"])
+    p.add_argument(
+        "--part",
+        default=None,
+        metavar="I/N",
+        help="parallel build, task I of N (e.g. $SLURM_ARRAY_TASK_ID/8): read, clean and partition the I-th "
+        "slice of the INPUT files into <out>.parts; `align shards merge OUT` then writes the shards "
+        "(jsonl and tsv only; see slurm/shards.sbatch)",
+    )
     p.set_defaults(func=run_build)
 
 
@@ -149,6 +162,8 @@ def run_build(args: argparse.Namespace) -> int:
     try:
         source, config = _configs(args)
         report = CleaningReport(config.cleaning)
+        if args.part is not None:
+            return _run_part(args, source, config, report, start)
         rows = read_corpus(
             source,
             pivot=config.cleaning.pivot,
@@ -170,6 +185,41 @@ def run_build(args: argparse.Namespace) -> int:
     print()
     print(format_manifest(manifest, manifest_file(config.out)))
     print(f"\nwrote {config.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _run_part(args, source: CorpusSource, config: ShardBuildConfig, report: CleaningReport, start: float) -> int:
+    """``--part I/N``: pass 1 over this task's slice of the inputs (errors raise to run_build's handler)."""
+    part = PartSpec.parse(args.part)
+    if source.format not in SPLITTABLE_FORMATS:
+        raise ValueError(
+            f"--part splits the INPUT files between tasks, but --format {source.format} joins rows across files; "
+            f"build it in one process (parallel builds support --format {', '.join(SPLITTABLE_FORMATS)})"
+        )
+    inputs = part.inputs(source.inputs)
+    if inputs:
+        rows = read_corpus(dataclasses.replace(source, inputs=inputs), pivot=config.cleaning.pivot, report=report)
+    else:
+        rows = iter(())  # more tasks than files: this task writes an empty part
+    path = build_part(rows, config, part, report=report,
+                      source=source.describe() | {"command": _command_line(args)},  # the whole build's command
+                      size_hint=source.input_bytes() or None)  # all inputs: every task picks the same buckets
+    print(report.format_table())
+    print(f"\nwrote part {part.index + 1} of {part.count} ({len(inputs)} input file(s)) to {path} "
+          f"in {time.perf_counter() - start:.1f} s; when every part is there: align shards merge {config.out}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    try:
+        manifest = merge_parts(args.out)
+    except (CorpusError, ManifestError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        return _error("merge", exc)
+    print(format_cleaning(manifest))
+    print()
+    print(format_manifest(manifest, manifest_file(args.out)))
+    print(f"\nmerged {parts_dir(args.out)} into {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -206,7 +256,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="build, inspect and verify WebDataset shards of multi-way corpora",
         description="WebDataset shards of multi-way parallel corpora (see `align shards build --help`).",
     )
-    sub = parser.add_subparsers(dest="shards_command", metavar="{build,inspect,verify}")
+    sub = parser.add_subparsers(dest="shards_command", metavar="{build,inspect,verify,merge}")
     _add_build(sub)
     inspect_p = sub.add_parser(
         "inspect",
@@ -226,4 +276,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     verify_p.add_argument("path", metavar="DIR|manifest.json")
     verify_p.set_defaults(func=run_verify)
+    merge_p = sub.add_parser(
+        "merge",
+        help="finish a parallel build: write the shards and manifest from the parts of `build --part I/N`",
+        description="Pass 2 of a parallel build: read the parts every `align shards build ... --part I/N` task left "
+        "in OUT.parts, drop duplicates across them, split, shuffle and write the shards and manifest.json to OUT "
+        "(the same bytes as one `align shards build` over all inputs), then delete the parts. "
+        "Example: align shards merge data/mw (see slurm/shards.sbatch)",
+    )
+    merge_p.add_argument("out", metavar="OUT", help="the --out of the build tasks")
+    merge_p.set_defaults(func=run_merge)
     parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])

@@ -53,7 +53,7 @@ import uuid
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -508,6 +508,10 @@ def _manifest(
     }
 
 
+def _bucket_count(config: ShardBuildConfig, size_hint: int | None) -> int:
+    return config.shuffle_buckets or (buckets_for(size_hint) if size_hint else 64)
+
+
 def _build_into(
     staging: Path,
     rows: Iterable[MultiWayRow],
@@ -516,20 +520,42 @@ def _build_into(
     source: dict | None,
     size_hint: int | None,
 ) -> dict:
-    n = config.shuffle_buckets or (buckets_for(size_hint) if size_hint else 64)
+    n = _bucket_count(config, size_hint)
     spill = SpillBuckets(staging / ".buckets", n)
     repeated_ids = _repeated(_partition(rows, config, report, spill))
+    manifest = _write_build(staging, [spill], repeated_ids, config, report, source, consume=True)
+    shutil.rmtree(spill.directory, ignore_errors=True)
+    return manifest
+
+
+def _write_build(
+    staging: Path,
+    spills: Sequence[SpillBuckets],
+    repeated_ids: set[int],
+    config: ShardBuildConfig,
+    report: CleaningReport,
+    source: dict | None,
+    *,
+    consume: bool,
+) -> dict:
+    """Pass 2 over the buckets of ``spills`` (read in order, bucket by bucket), then the manifest.
+
+    ``consume`` deletes each bucket file once written (frees disk; only for spills this build owns).
+    """
+    n = spills[0].n
     writers = {
         s: SplitWriter(staging, s, config.prefix, max_rows=config.rows_per_shard, max_bytes=config.bytes_per_shard)  # type: ignore[arg-type]
         for s in SPLITS
     }
     assign, occurrences = _SplitAssigner(config.split), Counter()  # type: ignore[arg-type]
     for bucket in range(n):
-        spilled = _drop_duplicates(_load_bucket(spill, bucket, config.cleaning.pivot), config, report)
+        loaded = [item for spill in spills for item in _load_bucket(spill, bucket, config.cleaning.pivot)]
+        spilled = _drop_duplicates(loaded, config, report)
         _write_bucket(spilled, bucket, config, writers, assign, repeated_ids, occurrences)
-        spill.path(bucket).unlink(missing_ok=True)  # free disk as we go
+        if consume:
+            for spill in spills:
+                spill.path(bucket).unlink(missing_ok=True)  # free disk as we go
     splits = {s: w.close() for s, w in writers.items()}
-    shutil.rmtree(spill.directory, ignore_errors=True)
     if report.rows_kept == 0:
         raise CorpusError(
             "no rows left after cleaning; nothing was written.\n"
@@ -583,6 +609,220 @@ def build_shards(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return manifest
+
+
+# ---------------------------------------------------------------------------
+# Parallel builds: pass 1 in many processes (array job tasks), pass 2 in one
+# ---------------------------------------------------------------------------
+
+PART_FORMAT = "multiway-align/shards-part/v1"
+PART_META = "part.json"
+PART_IDS = "ids.u64"
+PARTS_SUFFIX = ".parts"
+SPLITTABLE_FORMATS = ("jsonl", "tsv")
+"""Formats whose inputs are independent files (``aligned``, ``pairs`` and ``gettext`` join rows across files)."""
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Task ``index`` of ``count`` in a parallel build (``--part I/N``, e.g. ``$SLURM_ARRAY_TASK_ID/N``)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: "str | PartSpec", flag: str = "--part") -> "PartSpec":
+        if isinstance(text, PartSpec):
+            return text
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+            raise ValueError(f"{flag} must be I/N with 0 <= I < N (e.g. $SLURM_ARRAY_TASK_ID/8), got {text!r}")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def inputs(self, inputs: Sequence[str]) -> list[str]:
+        """This task's contiguous slice of the inputs, in order (possibly empty when there are fewer than N)."""
+        n = len(inputs)
+        return list(inputs[self.index * n // self.count : (self.index + 1) * n // self.count])
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}-of-{self.count:05d}"
+
+
+def parts_dir(out: str | os.PathLike) -> Path:
+    """Where the tasks of a parallel build of ``out`` leave their parts: ``<out>.parts``."""
+    out = Path(out)
+    return out.with_name(out.name + PARTS_SUFFIX)
+
+
+def _settings(config: ShardBuildConfig) -> dict:
+    """Everything of a build config but ``out``, as JSON: a part records it, the merge rebuilds it."""
+    cleaning = asdict(config.cleaning)
+    cleaning["languages"] = list(cleaning["languages"]) if cleaning["languages"] else None
+    return {
+        "prefix": config.prefix,
+        "rows_per_shard": config.rows_per_shard,
+        "bytes_per_shard": config.bytes_per_shard,
+        "split": str(config.split),
+        "seed": config.seed,
+        "overwrite": config.overwrite,
+        "shuffle_buckets": config.shuffle_buckets,
+        "cleaning": cleaning,
+    }
+
+
+def build_part(
+    rows: Iterable[MultiWayRow],
+    config: ShardBuildConfig,
+    part: PartSpec,
+    *,
+    report: CleaningReport | None = None,
+    source: dict | None = None,
+    size_hint: int | None = None,
+) -> Path:
+    """Pass 1 of :func:`build_shards` for one task of a parallel build; :func:`merge_parts` does pass 2.
+
+    ``rows`` are this task's rows (its :meth:`PartSpec.inputs`, read in order);
+    ``source`` and ``size_hint`` describe the *whole* build (all inputs), so
+    every task picks the same number of spill buckets. The rows are cleaned
+    (reader and per-row drops go into the part's report) and partitioned into
+    buckets by the seeded hash of their pivot text, exactly as a single
+    process would. Written to ``<out>.parts/part-I-of-N`` under a temporary
+    name and renamed when complete; a rerun of the same task replaces it.
+
+    Returns the part folder.
+    """
+    report = report if report is not None else CleaningReport(config.cleaning)
+    _check_out(config)  # fail in the tasks, not only in the merge
+    root = parts_dir(config.out)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / part.name
+    staging = root / f".{part.name}.building-{uuid.uuid4().hex[:8]}"
+    try:
+        spill = SpillBuckets(staging / "buckets", _bucket_count(config, size_hint))
+        ids = _partition(rows, config, report, spill)
+        (staging / PART_IDS).write_bytes(ids.tobytes())
+        meta = {
+            "format": PART_FORMAT,
+            "part": part.index,
+            "parts": part.count,
+            "buckets": spill.n,
+            "rows": len(ids),
+            "source": source or {"format": "rows", "inputs": [], "command": None},
+            "settings": _settings(config),
+            "report": report.to_dict(),
+        }
+        (staging / PART_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _merged_report(cleaning: CleaningConfig, parts: Sequence[dict]) -> CleaningReport:
+    """One report from the parts' pass-1 reports, as a single process would have counted them.
+
+    Parts are contiguous slices of the inputs, so their examples, concatenated
+    in part order and cut at ``max_examples``, are the single run's examples.
+    """
+    report = CleaningReport(cleaning)
+    for meta in parts:
+        d = meta["report"]
+        for level, key in (("row", "rows"), ("text", "texts"), ("file", "files")):
+            report.dropped[level].update(d[key]["dropped"])
+        for lang, entry in d["languages"].items():
+            report.dropped_by_language[lang].update(entry["dropped"])
+        report.skipped_locales.update(d["skipped_locales"])
+        report.counts.update(d["counts"])
+        for reason, examples in d["examples"].items():
+            kept = report.examples[reason]
+            kept.extend(examples[: max(0, report.max_examples - len(kept))])
+    return report
+
+
+def _load_parts(root: Path) -> list[tuple[Path, dict]]:
+    """The parts under ``root``, checked: one build, every task of it present and complete."""
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{root}: no parts of a parallel build; run `align shards build ... --part I/N` for every I first"
+        )
+    found = []
+    for path in sorted(root.glob("part-*-of-*")):
+        meta_file = path / PART_META
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{meta_file}: unreadable part metadata ({exc}); rerun that task") from exc
+        if meta.get("format") != PART_FORMAT:
+            raise ManifestError(f"{meta_file}: format {meta.get('format')!r}, expected {PART_FORMAT!r}")
+        found.append((path, meta))
+    if not found:
+        raise FileNotFoundError(f"{root}: no part-I-of-N folders; run the build tasks (--part I/N) first")
+    counts = {meta["parts"] for _, meta in found}
+    if len(counts) != 1:
+        raise ManifestError(
+            f"{root}: parts of different builds (of {sorted(counts)} tasks); remove the stale ones and rerun"
+        )
+    count = counts.pop()
+    missing = sorted(set(range(count)) - {meta["part"] for _, meta in found})
+    if missing:
+        raise FileNotFoundError(
+            f"{root}: {len(missing)} of {count} parts missing (tasks {', '.join(map(str, missing[:10]))}"
+            f"{' ...' if len(missing) > 10 else ''}); rerun those tasks, then merge"
+        )
+    reference = found[0][1]
+    for path, meta in found[1:]:
+        for key in ("buckets", "source", "settings"):
+            if meta[key] != reference[key]:
+                raise ManifestError(
+                    f"{path}: its {key} differs from {found[0][0].name}'s: the tasks ran different builds "
+                    f"({meta[key]!r} vs {reference[key]!r}); rerun every task with the same flags"
+                )
+    return found
+
+
+def merge_parts(out: str | os.PathLike) -> dict:
+    """Pass 2 of a parallel build: the parts under ``<out>.parts`` -> shards and manifest in ``out``.
+
+    Reads every part's buckets in task order, bucket by bucket, so duplicates
+    across tasks are dropped and the splits, shuffles, shards and manifest are
+    those of one ``align shards build`` over all inputs with the same flags
+    (byte for byte; the manifest differs only in ``created``). Written beside
+    ``out`` and renamed into place when complete; the parts are deleted only
+    then. Memory: one bucket of every part at a time.
+
+    Raises:
+        FileNotFoundError: no parts, or some task's part is missing.
+        ManifestError: parts of different builds or settings.
+        FileExistsError: ``out`` exists and the build did not ask for ``--overwrite``.
+    """
+    out = Path(out)
+    root = parts_dir(out)
+    found = _load_parts(root)
+    meta = found[0][1]
+    settings = dict(meta["settings"])
+    cleaning = CleaningConfig(**settings.pop("cleaning"))
+    config = ShardBuildConfig(out=out, cleaning=cleaning, **settings)
+    report = _merged_report(cleaning, [m for _, m in found])
+    ids = array("Q")
+    for path, _ in found:
+        ids.frombytes((path / PART_IDS).read_bytes())
+    spills = [SpillBuckets(path / "buckets", meta["buckets"]) for path, _ in found]
+    _check_out(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.building-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        manifest = _write_build(staging, spills, _repeated(ids), config, report, meta["source"], consume=False)
+        _commit(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(root, ignore_errors=True)
     return manifest
 
 

@@ -1,0 +1,469 @@
+"""``align submit``: check a training config against a SLURM allocation, render ``slurm/train.sbatch``, submit it.
+
+What it checks before anything reaches the queue (each problem names the flag to change):
+
+* ``trainer.num_nodes`` equals ``--nodes`` and ``trainer.devices`` equals the tasks per node
+  (Lightning under SLURM runs one process per task and refuses any mismatch, but only once the
+  allocation has started);
+* one task per GPU: ``--tasks-per-node`` equals ``--gpus-per-node`` on a GPU accelerator, and no GPU
+  is requested for a CPU run;
+* the global batch (``--data.config.batch_size`` x nodes x tasks) has negatives (>= 2 rows);
+* a finite epoch has at least one training shard per reader (nodes x tasks x max(1, workers)) and one
+  validation shard per rank;
+* ``--checkpoint.dirpath`` is set, so a requeued job finds ``last.ckpt``;
+* the signal lead time is shorter than the time limit.
+
+Then it renders the template (``--template``, default the repository's ``slurm/train.sbatch``): the
+``#SBATCH`` values of the allocation, absolute config paths, the per-run log folder, and the
+``align fit`` overrides given after ``--``. ``--dry-run`` prints that script; otherwise it is saved
+beside the logs and handed to ``sbatch``.
+
+``launch/submit.py`` runs the same :func:`main` without the ``align`` entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignment.commands.common import HelpFormatter, field_docs
+
+MARKER = "# @align-submit@"
+REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+
+EXAMPLES = """\
+examples:
+  # 2 nodes x 8 GPUs for a day; check and print the script only
+  align submit --config configs/recipes/labse-multiway.yaml --nodes 2 --gpus-per-node 8 \\
+      --time 1-00:00:00 --partition gpu --account myproject --dry-run \
+      -- --trainer.num_nodes 2 --data.config.train_shards data/mw
+
+  # submit it (my.yaml says num_nodes: 2, devices: 8); everything after -- goes to `align fit`
+  align submit --config my.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00 \\
+      --setup "source $PWD/.venv/bin/activate" -- --data.config.train_shards /shared/data/mw
+
+  # CPU nodes (gloo): one task per node, no GPUs
+  align submit --config my-cpu.yaml --nodes 2 --gpus-per-node 0 --tasks-per-node 1 --time 30
+
+every default above can also come from the environment: ALIGN_NODES, ALIGN_GPUS_PER_NODE,
+ALIGN_TASKS_PER_NODE, ALIGN_CPUS_PER_TASK, ALIGN_TIME, ALIGN_PARTITION, ALIGN_ACCOUNT,
+ALIGN_SIGNAL_LEAD, ALIGN_SETUP, ALIGN_CMD, ALIGN_TEMPLATE.
+"""
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+@dataclass
+class Allocation:
+    """What ``align submit`` asks SLURM for (the ``#SBATCH`` values of the rendered script)."""
+
+    nodes: int = 1
+    """Nodes; must equal the config's trainer.num_nodes (``--nodes``)."""
+    gpus_per_node: int = 1
+    """GPUs per node; 0 for CPU nodes (``--gpus-per-node``)."""
+    tasks_per_node: int | None = None
+    """Tasks per node, one per device; must equal trainer.devices. Default: the GPUs per node, 1 without GPUs
+    (``--tasks-per-node``)."""
+    cpus_per_task: int | None = None
+    """CPU cores per task, for DataLoader workers and tokenisation; default: the cluster's (``--cpus-per-task``)."""
+    time: str = "04:00:00"
+    """Time limit per attempt in a SLURM time format: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+    (``--time``)."""
+    partition: str | None = None
+    """Partition; default: the cluster's default partition (``--partition``)."""
+    account: str | None = None
+    """Account to charge; default: the user's default account (``--account``)."""
+    signal_lead: int = 300
+    """Seconds before the time limit at which USR1 asks the run to checkpoint and requeue (``--signal-lead``)."""
+    job_name: str | None = None
+    """Job name; default: align-<first config's file stem> (``--job-name``)."""
+    extra: list[str] = field(default_factory=list)
+    """More sbatch options, one per flag, e.g. ``--sbatch-arg=--constraint=a100 --sbatch-arg=--mem=0``."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"--nodes must be >= 1, got {self.nodes}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
+        if self.tasks_per_node is None:
+            self.tasks_per_node = self.gpus_per_node or 1
+        if self.tasks_per_node < 1:
+            raise ValueError(f"--tasks-per-node must be >= 1, got {self.tasks_per_node}")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise ValueError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
+        if self.signal_lead < 1:
+            raise ValueError(f"--signal-lead must be >= 1 second, got {self.signal_lead}")
+        limit = time_limit_seconds(self.time)
+        if self.signal_lead >= limit:
+            raise ValueError(
+                f"--signal-lead {self.signal_lead} s is not shorter than --time {self.time} ({limit} s): "
+                "the checkpoint signal would come at once; lower --signal-lead or raise --time"
+            )
+        for arg in self.extra:
+            if not arg.startswith("--") or "\n" in arg:
+                raise ValueError(f"--sbatch-arg must be one long sbatch option like --constraint=a100, got {arg!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node  # type: ignore[operator]
+
+
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def time_limit_seconds(text: str) -> int:
+    """Seconds of a SLURM ``--time`` value: ``30`` (minutes), ``30:00``, ``04:00:00``, ``1-12``, ``1-12:30:00``."""
+    match = _TIME.match(str(text).strip())
+    if not match:
+        raise ValueError(f"--time must be a SLURM time like 30, 04:00:00 or 1-12:00:00, got {text!r}")
+    days, a, b, c = match.groups()
+    a, b, c = int(a), b and int(b), c and int(c)
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        seconds = int(days) * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        seconds = a * 3600 + b * 60 + c
+    elif b is not None:  # MM:SS
+        seconds = a * 60 + b
+    else:  # minutes
+        seconds = a * 60
+    if seconds <= 0:
+        raise ValueError(f"--time must be positive, got {text!r}")
+    return seconds
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _devices(value, accelerator: str, gpus_per_node: int) -> int | None:
+    """``trainer.devices`` as a per-node process count; None when it cannot be known before the job runs."""
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            value = int(text)
+        elif "," in text:
+            return len([p for p in text.split(",") if p.strip()])
+        elif text == "auto":
+            value = -1
+        else:
+            return None
+    if value == -1:  # "auto" / -1: every device the task sees
+        return gpus_per_node if accelerator != "cpu" and gpus_per_node else 1
+    return int(value)
+
+
+def _accelerator(config) -> str:
+    acc = config.trainer.accelerator
+    if isinstance(acc, str):
+        return acc
+    return str(getattr(acc, "class_path", acc)).rsplit(".", 1)[-1].replace("Accelerator", "").lower()
+
+
+def check_allocation(config, alloc: Allocation) -> list[str]:
+    """Problems between a parsed ``align fit`` config and the allocation; empty when they agree.
+
+    Shard specs are resolved relative to the current directory (the job's working directory).
+    """
+    from alignment.data.datamodule import resolve_shard_spec
+    from alignment.module import check_global_batch
+
+    problems = []
+    trainer, data = config.trainer, config.data.config
+    accelerator = _accelerator(config)
+    tasks = alloc.tasks_per_node
+    if trainer.num_nodes != alloc.nodes:
+        problems.append(
+            f"--nodes {alloc.nodes} but the config's trainer.num_nodes is {trainer.num_nodes}: "
+            f"add `-- --trainer.num_nodes {alloc.nodes}` (or change --nodes)"
+        )
+    devices = _devices(trainer.devices, accelerator, alloc.gpus_per_node)
+    if devices is None:
+        problems.append(f"trainer.devices {trainer.devices!r} is not a device count: set --trainer.devices {tasks}")
+    elif devices != tasks:
+        problems.append(
+            f"{tasks} task(s) per node but the config's trainer.devices is {trainer.devices!r}: Lightning under "
+            f"SLURM runs one process per task and needs them equal; add `-- --trainer.devices {tasks}` "
+            "(or change --tasks-per-node / --gpus-per-node)"
+        )
+    if alloc.gpus_per_node and accelerator == "cpu":
+        problems.append(
+            f"--gpus-per-node {alloc.gpus_per_node} requests GPUs for a run with trainer.accelerator cpu: "
+            "use --gpus-per-node 0, or set --trainer.accelerator gpu"
+        )
+    if not alloc.gpus_per_node and accelerator in ("gpu", "cuda"):
+        problems.append(
+            f"trainer.accelerator {accelerator} but --gpus-per-node 0: request the GPUs (--gpus-per-node N)"
+        )
+    if alloc.gpus_per_node and tasks != alloc.gpus_per_node:
+        problems.append(
+            f"--tasks-per-node {tasks} with --gpus-per-node {alloc.gpus_per_node}: Lightning needs one task per GPU"
+        )
+    world = alloc.world_size
+    try:
+        check_global_batch(data.batch_size, world)
+    except ValueError as exc:
+        problems.append(str(exc))
+    workers = max(1, data.num_workers)
+    if data.train_shards is None:
+        problems.append("--data.config.train_shards is not set: the job would have nothing to train on")
+    else:
+        try:
+            shards = resolve_shard_spec(data.train_shards, "train")
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(f"--data.config.train_shards: {exc}")
+        else:
+            if not data.resampled and len(shards) < world * workers:
+                problems.append(
+                    f"--data.config.train_shards has {len(shards)} shard(s) but a finite epoch needs one per reader: "
+                    f"{alloc.nodes} node(s) x {tasks} task(s) x {workers} worker(s) = {world * workers}; write more, "
+                    "smaller shards (align shards build --rows-per-shard), lower --data.config.num_workers, "
+                    "or set --data.config.resampled true"
+                )
+    if data.val_shards is not None:
+        try:
+            val = resolve_shard_spec(data.val_shards, "validation")
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(f"--data.config.val_shards: {exc}")
+        else:
+            if len(val) < world:
+                problems.append(
+                    f"--data.config.val_shards has {len(val)} shard(s) for {world} ranks: each rank needs one"
+                )
+    if not config.checkpoint.dirpath:
+        problems.append(
+            "--checkpoint.dirpath is not set: a requeued job could not find last.ckpt to resume from; "
+            "set it to a folder inside the run (e.g. runs/<name>/checkpoints)"
+        )
+    return problems
+
+
+def summary(config, alloc: Allocation) -> str:
+    """A few lines on what the job will be: ranks, global batch, steps, folders."""
+    data, trainer = config.data.config, config.trainer
+    return "\n".join([
+        f"allocation: {alloc.nodes} node(s) x {alloc.tasks_per_node} task(s) = {alloc.world_size} rank(s), "
+        f"{alloc.gpus_per_node} GPU(s)/node, time limit {alloc.time}, USR1 {alloc.signal_lead} s before it",
+        f"global batch: {data.batch_size} rows/rank x {alloc.world_size} = {data.batch_size * alloc.world_size} rows; "
+        f"max_steps {trainer.max_steps}",
+        f"checkpoints: {config.checkpoint.dirpath} (requeued attempts resume from last.ckpt)",
+    ])
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def default_template() -> Path:
+    """``$ALIGN_TEMPLATE``, else the repository's ``slurm/train.sbatch``."""
+    return Path(os.environ.get("ALIGN_TEMPLATE") or REPO_TEMPLATE)
+
+
+def _sbatch_value(line: str) -> tuple[str, str] | None:
+    match = re.match(r"^#SBATCH\s+(--[a-z-]+)(?:[= ](.*))?$", line.strip())
+    return (match.group(1), (match.group(2) or "").strip()) if match else None
+
+
+def render(
+    template: str,
+    alloc: Allocation,
+    *,
+    configs: list[str],
+    fit_args: list[str],
+    log_dir: str,
+    workdir: str,
+    setup: str | None = None,
+    align_cmd: str | None = None,
+    template_name: str = "slurm/train.sbatch",
+) -> str:
+    """The template with this submission's ``#SBATCH`` values and settings filled in.
+
+    ``#SBATCH`` lines the allocation decides are rewritten in place (``--gpus-per-node``
+    is dropped for 0 GPUs); partition, account, cpus per task, ``--chdir`` and the
+    ``--sbatch-arg`` extras, then ``export`` lines for the config, the log folder and
+    (when given) the setup and align command, and the ``align fit`` overrides, go at
+    the ``# @align-submit@`` marker.
+
+    Raises:
+        ValueError: the template lacks the marker or a ``#SBATCH`` line this needs.
+    """
+    lines = template.splitlines()
+    if not any(line.strip().startswith(MARKER) for line in lines):
+        raise ValueError(f"{template_name}: no `{MARKER}` line: not an align training template (see slurm/train.sbatch)")
+    values = {
+        "--job-name": alloc.job_name or "align",
+        "--nodes": str(alloc.nodes),
+        "--ntasks-per-node": str(alloc.tasks_per_node),
+        "--gpus-per-node": str(alloc.gpus_per_node),
+        "--time": alloc.time,
+        "--signal": f"B:USR1@{alloc.signal_lead}",
+        "--output": f"{log_dir}/%x-%j.out",
+    }
+    seen, out = set(), []
+    for line in lines:
+        parsed = _sbatch_value(line)
+        if parsed and parsed[0] in values:
+            key = parsed[0]
+            seen.add(key)
+            if key == "--gpus-per-node" and alloc.gpus_per_node == 0:
+                continue
+            out.append(f"#SBATCH {key}={values[key]}")
+        elif line.strip().startswith(MARKER):
+            out.append(f"# rendered by align submit on {time.strftime('%Y-%m-%d %H:%M:%S')} from {template_name}")
+            extra = [f"--chdir={workdir}"]
+            extra += [f"--partition={alloc.partition}"] if alloc.partition else []
+            extra += [f"--account={alloc.account}"] if alloc.account else []
+            extra += [f"--cpus-per-task={alloc.cpus_per_task}"] if alloc.cpus_per_task else []
+            out += [f"#SBATCH {arg}" for arg in [*extra, *alloc.extra]]
+            out.append(f"export ALIGN_CONFIG={shlex.quote(configs[0])}")
+            out.append(f"export ALIGN_LOG_DIR={shlex.quote(log_dir)}")
+            if setup:
+                out.append(f"export ALIGN_SETUP={shlex.quote(setup)}")
+            if align_cmd:
+                out.append(f"export ALIGN_CMD={shlex.quote(align_cmd)}")
+            args = [a for c in configs[1:] for a in ("--config", c)] + list(fit_args)
+            if args:
+                out.append(f'set -- {shlex.join(args)} "$@"')
+        else:
+            out.append(line)
+    missing = sorted(set(values) - seen)
+    if missing:
+        raise ValueError(f"{template_name}: no #SBATCH line for {', '.join(missing)} to fill in")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    docs = field_docs(Allocation)
+    p.add_argument("--config", action="append", required=True, metavar="YAML",
+                   help="training config(s), as for `align fit --config` (repeat for several)")
+    p.add_argument("--nodes", type=int, default=_env_int("ALIGN_NODES", 1), help=docs["nodes"])
+    p.add_argument("--gpus-per-node", type=int, default=_env_int("ALIGN_GPUS_PER_NODE", 1), help=docs["gpus_per_node"])
+    p.add_argument("--tasks-per-node", type=int, default=_env_int("ALIGN_TASKS_PER_NODE", None),
+                   help=docs["tasks_per_node"])
+    p.add_argument("--cpus-per-task", type=int, default=_env_int("ALIGN_CPUS_PER_TASK", None),
+                   help=docs["cpus_per_task"])
+    p.add_argument("--time", default=os.environ.get("ALIGN_TIME") or "04:00:00", help=docs["time"])
+    p.add_argument("--partition", default=os.environ.get("ALIGN_PARTITION") or None, help=docs["partition"])
+    p.add_argument("--account", default=os.environ.get("ALIGN_ACCOUNT") or None, help=docs["account"])
+    p.add_argument("--signal-lead", type=int, default=_env_int("ALIGN_SIGNAL_LEAD", 300), metavar="SECONDS",
+                   help=docs["signal_lead"])
+    p.add_argument("--job-name", default=None, help=docs["job_name"])
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION", help=docs["extra"])
+    p.add_argument("--setup", default=os.environ.get("ALIGN_SETUP") or None, metavar="SHELL",
+                   help="shell code the job runs first (activate the environment), e.g. 'source /shared/.venv/bin/activate'")
+    p.add_argument("--align-cmd", default=os.environ.get("ALIGN_CMD") or None, metavar="CMD",
+                   help="how the job runs align (default in the template: `align`), e.g. 'python -m alignment.cli'")
+    p.add_argument("--template", type=Path, default=None,
+                   help=f"the sbatch template (default: $ALIGN_TEMPLATE, else {REPO_TEMPLATE})")
+    p.add_argument("--log-dir", default=None,
+                   help="folder for the batch log, per-rank logs and the rendered script (default: <trainer.default_root_dir>/slurm)")
+    p.add_argument("--dry-run", action="store_true", help="check and print the script; submit nothing")
+    p.add_argument("fit_args", nargs=argparse.REMAINDER, metavar="-- FIT_ARGS",
+                   help="`align fit` overrides after --, e.g. -- --trainer.max_steps 5000")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="align submit")
+    p.description = ("Check a training config against a SLURM allocation, render slurm/train.sbatch for it, "
+                     "and submit it with sbatch (--dry-run: print it).")
+    p.epilog = EXAMPLES
+    p.formatter_class = HelpFormatter
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _error(message: str) -> int:
+    print(f"align submit: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    fit_args = list(args.fit_args)
+    if fit_args and fit_args[0] == "--":
+        fit_args = fit_args[1:]
+    template = args.template or default_template()
+    if not template.is_file():
+        return _error(f"sbatch template {template} not found: pass --template PATH (the repository's "
+                      "slurm/train.sbatch) or set ALIGN_TEMPLATE")
+    missing = [c for c in args.config if not Path(c).is_file()]
+    if missing:
+        return _error(f"--config {missing[0]}: no such file")
+    configs = [str(Path(c).resolve()) for c in args.config]
+    try:
+        alloc = Allocation(
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+            cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
+            signal_lead=args.signal_lead, job_name=args.job_name or f"align-{Path(configs[0]).stem}",
+            extra=list(args.sbatch_arg),
+        )
+    except ValueError as exc:
+        return _error(str(exc))
+
+    from alignment.trainer_cli import parse_config
+
+    argv = [a for c in configs for a in ("--config", c)] + fit_args
+    with warnings.catch_warnings():  # LightningCLI warns that these args are not sys.argv: on purpose here
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        config = parse_config(argv)  # a bad key or type exits 2 with the parser's message, as `align fit` would
+    problems = check_allocation(config, alloc)
+    if problems:
+        for problem in problems:
+            print(f"align submit: error: {problem}", file=sys.stderr)
+        print(f"align submit: {len(problems)} problem(s); nothing submitted", file=sys.stderr)
+        return 2
+    log_dir = Path(args.log_dir or Path(config.trainer.default_root_dir or ".") / "slurm").resolve()
+    try:
+        script = render(template.read_text(), alloc, configs=configs, fit_args=fit_args, log_dir=str(log_dir),
+                        workdir=str(Path.cwd()), setup=args.setup, align_cmd=args.align_cmd,
+                        template_name=str(template))
+    except ValueError as exc:
+        return _error(str(exc))
+    print(summary(config, alloc), file=sys.stderr)
+    if args.dry_run:
+        print(script, end="")
+        print(f"# dry run: would write {log_dir}/{alloc.job_name}-<time>.sbatch and run `sbatch` on it", file=sys.stderr)
+        return 0
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        return _error("sbatch not found on PATH: run this on a SLURM login node, or use --dry-run")
+    log_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder: a missing one fails the job
+    path = log_dir / f"{alloc.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    path.write_text(script)
+    result = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return _error(f"sbatch {path} failed (exit {result.returncode}): {result.stderr.strip()}")
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}: {path}")
+    print(f"logs: {log_dir}/{alloc.job_name}-{job_id}.out, ranks: {log_dir}/{alloc.job_name}-{job_id}-restart*-rank*.log")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``align submit``."""
+    build_parser(subparsers.add_parser("submit", help="check a config against a SLURM allocation and sbatch it"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``align submit`` without the ``align`` entry point (``launch/submit.py``)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run(args)
