@@ -24,7 +24,6 @@ the library versions and the exact command in the body.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -39,28 +38,12 @@ from pathlib import Path
 
 import torch
 
+from alignment.hostinfo import cpu_model, package_version
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(module: str) -> str | None:
-    try:
-        return getattr(importlib.import_module(module), "__version__", "unknown")
-    except ImportError:
-        return None
 
 
 def machine_info() -> dict:
@@ -72,8 +55,8 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "faiss": _version("faiss"),
+        "transformers": package_version("transformers"),
+        "faiss": package_version("faiss"),
     }
 
 

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from alignment.hostinfo import cpu_model
+
 DEFAULT_SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384)
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -230,15 +232,10 @@ def _memory_guard(bytes_per_pair: float | None, pairs: int, max_gib: float) -> d
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "os": platform.platform()}
 
 

@@ -89,6 +89,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from alignment.hostinfo import cpu_model, package_version
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # `python benchmarks/train_throughput.py` from a checkout
@@ -621,23 +623,6 @@ def summarise(measurements: list[Measurement], arms: list[str], peak: float | No
 # --------------------------------------------------------------------------- machine and report
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(module: str) -> str | None:
-    try:
-        return getattr(__import__(module), "__version__", "unknown")
-    except ImportError:
-        return None
-
-
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -647,7 +632,7 @@ def machine_info(device: torch.device) -> dict:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
     }
     for name in ("lightning", "transformers", "sentence_transformers", "datasets", "accelerate"):
-        info[name] = _version(name)
+        info[name] = package_version(name)
     return info
 
 
