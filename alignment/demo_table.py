@@ -41,11 +41,11 @@ def plot_before_after(before: dict[str, float], after: dict[str, float], path: P
     """Per-language retrieval accuracy before and after, never-trained languages hatched."""
     import numpy as np
 
-    from alignment.evaluate.report import _new_figure
+    from alignment.evaluate.report import new_figure
 
     langs = _languages(after)
     pos = np.arange(len(langs))
-    fig = _new_figure(max(5.0, 0.7 * len(langs) + 2), 4.0)
+    fig = new_figure(max(5.0, 0.7 * len(langs) + 2), 4.0)
     ax = fig.subplots()
     for offset, metrics, label in ((-0.2, before, "zero-shot"), (0.2, after, "aligned")):
         bars = ax.bar(pos + offset, [metrics.get(f"{BY_LANG}{lang}", float("nan")) for lang in langs], width=0.4,

@@ -264,9 +264,8 @@ class AlignmentDataModule(LightningDataModule):
         train_shards = resolve_shard_spec(cfg.train_shards, TRAIN_SPLIT) if fitting and self.train_stream is None else None
         vocabulary = self._vocabulary()
         if train_shards is not None:
-            shards = train_shards
             self.train_stream = MultiWayStream(
-                shards, self.tokenizer, cfg, languages=vocabulary, num_workers=cfg.num_workers, shuffle=True
+                train_shards, self.tokenizer, cfg, languages=vocabulary, num_workers=cfg.num_workers, shuffle=True
             )
         if stage in (None, "fit", "validate") and cfg.val_shards is not None and self.val_stream is None:
             self.val_stream = self._validation_stream(vocabulary)

@@ -514,7 +514,8 @@ def pca_2d(x: Tensor, max_points: int | None = 2000, seed: int = 0) -> tuple[Ten
     return coords.float(), idx
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib ``Figure`` on the Agg canvas (no pyplot state), constrained layout, size in inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -535,7 +536,7 @@ def plot_projection(emb: MultiWayEmbeddings, path: Path, max_points: int = 2000)
     coords, idx = pca_2d(emb.embeddings, max_points)
     langs = emb.lang_index[idx]
     colours = _language_colours(emb.language_codes)
-    fig = _new_figure(6.5, 5.5)
+    fig = new_figure(6.5, 5.5)
     ax = fig.subplots()
     for pos, lang in enumerate(emb.language_codes):
         sel = langs == pos
@@ -552,7 +553,7 @@ def plot_retrieval_heatmap(table: RetrievalTable, path: Path, metric: str = "acc
     """Language-by-language heatmap of ``metric`` (rows: source, columns: target)."""
     langs, mat = table.matrix(metric)
     size = max(4.0, 0.6 * len(langs) + 2)
-    fig = _new_figure(size + 1, size)
+    fig = new_figure(size + 1, size)
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(mat.numpy()), vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(langs)), langs, rotation=45, ha="right")
@@ -582,7 +583,7 @@ def plot_per_language(table: RetrievalTable, path: Path) -> Path:
     per = table.per_language("accuracy")
     langs = table.languages
     pos = np.arange(len(langs))
-    fig = _new_figure(max(5.0, 0.7 * len(langs) + 2), 4.0)
+    fig = new_figure(max(5.0, 0.7 * len(langs) + 2), 4.0)
     ax = fig.subplots()
     for offset, key, label in ((-0.2, "as_source", "as source"), (0.2, "as_target", "as target")):
         values = [per[lang][key] for lang in langs]
