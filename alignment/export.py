@@ -18,10 +18,15 @@ Checkpoints: a Lightning ``.ckpt`` file, or a DeepSpeed ZeRO checkpoint folder
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -123,19 +128,107 @@ def export_encoder(
 # ---------------------------------------------------------------------------- checkpoints
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that would need more than tensors and plain containers to unpickle (names the file)."""
+
+
+def _unsafe_message(path: Path, exc: BaseException) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f"the Python object {found.group(1)}" if found else "Python objects beyond tensors and plain containers"
+    return (
+        f"{path}: refusing to load: unpickling it would need {what}, which can run code; a multiway-align "
+        "checkpoint holds only tensors, numbers and strings (load only checkpoints from sources you trust)"
+    )
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU: tensors and plain containers only, never code.
+
+    Raises:
+        UnsafeCheckpointError: the file needs more (a crafted or foreign pickle); names the file and the object.
+        ValueError: the file is empty, truncated or not a torch checkpoint at all (names the file).
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc) or "Weights only load failed" in str(exc):
+            raise UnsafeCheckpointError(_unsafe_message(path, exc)) from None
+        raise ValueError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
+    except (EOFError, RuntimeError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: not a readable checkpoint (empty, truncated or another format: "
+                         f"{type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_DEEPSPEED_SAFE_GLOBALS = (
+    # plain records DeepSpeed writes into its optimizer states: an enum, a dataclass, the loss scaler's fields
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+)
+
+
+def _deepspeed_safe_globals() -> list:
+    import importlib
+
+    found = []
+    for module, name in _DEEPSPEED_SAFE_GLOBALS:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def _weights_only_everywhere():
+    """Every ``torch.load`` inside (DeepSpeed's consolidation passes ``weights_only=False``) loads weights only,
+    plus DeepSpeed's own plain record types."""
+    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+
+
 def load_checkpoint_file(path: str | os.PathLike) -> dict:
-    """A Lightning checkpoint as a dict; a DeepSpeed ZeRO folder is consolidated to fp32 first."""
+    """A Lightning checkpoint as a dict; a DeepSpeed ZeRO folder is consolidated to fp32 first.
+
+    Every file is unpickled with ``weights_only=True`` (a checkpoint from elsewhere is data, never code).
+    """
     path = Path(path)
     if path.is_dir():
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "consolidated.ckpt"
-            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
-            return torch.load(out, map_location="cpu", weights_only=False)
-    if not path.is_file():
+            try:
+                with _weights_only_everywhere(), contextlib.redirect_stdout(sys.stderr):
+                    convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
+            except pickle.UnpicklingError as exc:
+                raise UnsafeCheckpointError(_unsafe_message(path, exc)) from None
+            except (EOFError, RuntimeError, KeyError, IndexError, zipfile.BadZipFile) as exc:
+                raise ValueError(f"{path}: not a readable DeepSpeed checkpoint folder "
+                                 f"({type(exc).__name__}: {_first_line(exc)})") from None
+            ckpt = safe_torch_load(out)
+    elif not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a multiway-align training checkpoint (it holds a {type(ckpt).__name__})")
+    return ckpt
 
 
 def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[DualEncoder, Any, dict]:
@@ -150,14 +243,18 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[DualEncoder, Any, 
 
     ckpt = load_checkpoint_file(path)
     hparams = ckpt.get("hyper_parameters", {})
-    if CKPT_HF_CONFIG not in ckpt or "encoder" not in hparams:
+    if CKPT_HF_CONFIG not in ckpt or not isinstance(hparams, dict) or "encoder" not in hparams:
         raise ValueError(f"{path} is not a multiway-align training checkpoint (no encoder config stored in it)")
-    hf = dict(ckpt[CKPT_HF_CONFIG])
-    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
-    enc = hparams["encoder"]
-    knobs = {k: enc[k] for k in ("pooling", "projection_dim", "normalize", "share_encoder")}
-    encoder = DualEncoder.from_config(config, **knobs)
-    state = {k[len("encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
+    try:
+        hf = dict(ckpt[CKPT_HF_CONFIG])
+        config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+        enc = hparams["encoder"]
+        knobs = {k: enc[k] for k in ("pooling", "projection_dim", "normalize", "share_encoder")}
+        encoder = DualEncoder.from_config(config, **knobs)
+        state = {k[len("encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{path}: a damaged multiway-align checkpoint (its encoder config does not rebuild a model: "
+                         f"{type(exc).__name__}: {_first_line(exc)})") from None
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("backbone.pooler", f"{PIVOT_SUBDIR}.pooler"))]
     if missing or unexpected:
@@ -175,17 +272,46 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[DualEncoder, Any, 
     return encoder.eval(), tokenizer, info
 
 
+def looks_like_path(text: str) -> bool:
+    """A local path rather than a hub id (``name`` or ``org/name``): absolute, ``./``, ``~``, deeper, or existing."""
+    return (Path(text).is_absolute() or text.startswith((".", "~")) or text.strip("/").count("/") > 1
+            or text.endswith("/") or Path(text).exists())
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, flag: str) -> Any:
+    """``AutoTokenizer.from_pretrained`` with an error naming ``flag`` for a path that does not exist or load."""
+    from transformers import AutoTokenizer
+
+    text = os.fspath(name_or_path)
+    if looks_like_path(text) and not Path(text).exists():
+        raise ValueError(f"{flag} {text}: no such tokenizer folder")
+    try:
+        return AutoTokenizer.from_pretrained(text)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{flag} {text}: the tokenizer does not load ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def check_tokenizer_fits(tokenizer: Any, encoder: DualEncoder, what: str) -> None:
+    """Every token id the tokenizer can produce must have a row in the encoder's embedding table."""
+    rows = encoder.backbone.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"{what} has {len(tokenizer)} tokens but the model's embedding table has {rows} rows: it is another "
+            "model's tokenizer (token ids past the table would crash every encode); pass the training tokenizer"
+        )
+
+
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | None = None,
                       max_seq_length: int = 128, overwrite: bool = False) -> Path:
     """``align export CKPT OUT``: a checkpoint to an HF + sentence-transformers folder."""
     encoder, tok, info = encoder_from_checkpoint(path)
     if tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        tok = load_tokenizer(tokenizer, "--tokenizer")
     if tok is None:
         raise ValueError(
             f"the tokenizer recorded in {path} ({info['tokenizer']!r}) does not load here: pass --tokenizer NAME_OR_PATH"
         )
+    check_tokenizer_fits(tok, encoder, f"--tokenizer {tokenizer}" if tokenizer is not None else
+                         f"the tokenizer recorded in {path} ({info['tokenizer']!r})")
     return export_encoder(encoder, out, tokenizer=tok, max_seq_length=max_seq_length, prompts=info["prompts"],
                           overwrite=overwrite)
