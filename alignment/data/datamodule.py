@@ -124,6 +124,7 @@ def resolve_shard_spec(spec: ShardSpec, split: str, field: str = "train_shards")
 
     Raises:
         FileNotFoundError: nothing matches; the message names the flag (``field``) and the path.
+        ValueError: an invalid manifest, a URL or ``pipe:`` spec, a shard linking out of its folder (names the flag).
     """
     from alignment.data.shards import resolve_shards
 
@@ -131,6 +132,8 @@ def resolve_shard_spec(spec: ShardSpec, split: str, field: str = "train_shards")
         infos = resolve_shards(spec, split=split)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{flag(field)}: {err}") from err
+    except ValueError as err:  # ManifestError too: a broken manifest, a URL, a shard linking out of its folder
+        raise type(err)(f"{flag(field)}: {err}") from err
     return [ShardRef(str(info.url), info.rows) for info in infos]
 
 

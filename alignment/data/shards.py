@@ -855,11 +855,8 @@ def _validate_split(path: Path, name: str, entry: object) -> None:
         _require(isinstance(shard, dict), path, f"{where} must be an object")
         rel = shard.get("path")
         _require(isinstance(rel, str) and bool(rel), path, f"{where}.path must be a string")
-        _require(
-            not Path(rel).is_absolute() and ".." not in Path(rel).parts,
-            path,
-            f"{where}.path must be relative inside the folder",
-        )
+        _require(plain_relative_path(rel), path, f"{where}.path must be relative inside the folder, a plain file path "
+                 f"(got {rel!r}; no '..', no URL scheme or 'pipe:', no ':' or '\\')")
         _require(isinstance(shard.get("rows"), int), path, f"{where}.rows must be an integer")
         _require(isinstance(shard.get("bytes"), int), path, f"{where}.bytes must be an integer")
         _require(
@@ -867,6 +864,28 @@ def _validate_split(path: Path, name: str, entry: object) -> None:
             path,
             f"{where}.sha256 must be 64 hex digits",
         )
+
+
+def plain_relative_path(rel: str) -> bool:
+    """A manifest's shard path as the builder writes it (``train/shards-000000.tar``): relative, no ``..``,
+    no URL scheme or ``pipe:`` (no ``:`` at all), no backslash, no control characters, no leading ``-``."""
+    parts = rel.split("/")
+    return (
+        not rel.startswith("/")
+        and ":" not in rel
+        and "\\" not in rel
+        and not any(ord(c) < 32 or c == "\x7f" for c in rel)
+        and all(part not in ("", ".", "..") and not part.startswith("-") for part in parts)
+    )
+
+
+def inside_folder(path: Path, folder: Path) -> bool:
+    """``path`` (symlinks followed) lies inside ``folder`` (symlinks followed)."""
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except (ValueError, OSError, RuntimeError):
+        return False
+    return True
 
 
 def load_manifest(path: str | os.PathLike) -> dict:
@@ -909,11 +928,17 @@ def _shards_from_manifest(spec: str | os.PathLike, split: str | None) -> list[Sh
             f"{spec}: split {split!r} has no shards (0 rows); rebuild with a --split that gives it rows"
         )
     infos = []
+    root = file.parent.absolute()
     for shard in entry["shards"]:
-        url = file.parent / shard["path"]
+        url = root / shard["path"]
         if not url.is_file():
             raise FileNotFoundError(
                 f"{spec}: shard {url} listed in {file} is missing; run `align shards verify {file.parent}`"
+            )
+        if not inside_folder(url, root):
+            raise ManifestError(
+                f"{file}: shard {shard['path']} is a link to {url.resolve()}, outside the shard folder; "
+                "only files inside the folder are read (copy the shard in, or rebuild)"
             )
         infos.append(ShardInfo(url=str(url), rows=shard["rows"], sha256=shard["sha256"]))
     return infos
@@ -937,11 +962,14 @@ def _expand_pattern(pattern: str, spec: object) -> list[str]:
     found: list[str] = []
     for item in braceexpand.braceexpand(pattern):
         if _REMOTE.match(item):
-            found.append(item)  # remote / pipe URLs are opened by webdataset; nothing to check here
-        elif glob.has_magic(item):
-            found.extend(sorted(glob.glob(item)))
+            raise ValueError(
+                f"{spec}: {item!r} is a URL or a 'pipe:' command; only local shard files are read "
+                "(copy the shards to a local or mounted folder)"
+            )
+        if glob.has_magic(item):
+            found.extend(_local_file(match, spec) for match in sorted(glob.glob(item)))
         elif Path(item).is_file():
-            found.append(item)
+            found.append(_local_file(item, spec))
         elif "{" in pattern:
             raise FileNotFoundError(f"{spec}: shard {item} (from the brace pattern) does not exist")
         elif Path(item).is_dir():
@@ -953,6 +981,14 @@ def _expand_pattern(pattern: str, spec: object) -> list[str]:
     return found
 
 
+def _local_file(item: str, spec: object) -> str:
+    """An absolute path (never read as a URL or ``pipe:``) that does not link out of its folder."""
+    path = Path(item).absolute()
+    if not inside_folder(path, path.parent):
+        raise ValueError(f"{spec}: shard {item} is a link to {path.resolve()}, outside its folder; it is not read")
+    return str(path)
+
+
 def resolve_shards(spec: str | os.PathLike | Sequence[str], split: str | None = None) -> list[ShardInfo]:
     """Turn a shard specification into the list of shards to read.
 
@@ -961,13 +997,15 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str], split: str | None = 
     manifest), a glob (``data/*.tar``), a WebDataset brace pattern
     (``data/corpus-{000000..000009}.tar``, expanded with ``braceexpand``), a
     single shard path, or a list of any of those. ``split`` is ignored for
-    everything but manifests; ``rows`` and ``sha256`` are None there. Remote
-    URLs (``s3://``, ``https://``, ``pipe:``) pass through unchecked.
+    everything but manifests; ``rows`` and ``sha256`` are None there. Only
+    local files are returned, as absolute paths, each inside its folder (a
+    symlink out of it is refused); URLs and ``pipe:`` commands are refused.
 
     Raises:
         FileNotFoundError: the spec matches no files, or a listed shard is missing
             (the message names the spec).
-        ManifestError: the manifest is not a valid v1 manifest.
+        ManifestError: the manifest is not a valid v1 manifest, or lists a shard linking out of its folder.
+        ValueError: a URL or ``pipe:`` spec, or a shard linking out of its folder.
     """
     if isinstance(spec, (list, tuple)):
         infos = [info for item in spec for info in resolve_shards(item, split)]
@@ -1025,6 +1063,8 @@ def _verify_shard(root: Path, shard: dict) -> tuple[Counter, list[str]]:
     fix = "rebuild with `align shards build ... --overwrite` or restore the file from the original build"
     if not path.is_file():
         return Counter(), [f"{rel}: missing; {fix}"]
+    if not inside_folder(path, root):
+        return Counter(), [f"{rel}: a link to {path.resolve()}, outside the shard folder (not read); {fix}"]
     problems = []
     size = path.stat().st_size
     if size != shard["bytes"]:

@@ -299,7 +299,7 @@ def check_k(config: StreamConfig, vocabulary: Sequence[str]) -> None:
 
 @dataclass(frozen=True)
 class ShardRef:
-    """A shard to read: a URL/path for ``webdataset.gopen`` and its row count (``None``: unknown)."""
+    """A shard to read: a local file path (opened as a plain file, never as a URL) and its row count."""
 
     url: str
     rows: int | None = None
@@ -558,12 +558,12 @@ def iter_shard_payloads(shard: ShardRef, tally: SkipTally) -> Iterator[tuple[str
     Python's streaming tar reader ends silently at a damaged *header*, which
     is why the planned row count doubles as the truncation check.
     """
-    from webdataset.gopen import gopen
     from webdataset.tariterators import tar_file_iterator
 
     try:
-        stream = gopen(shard.url)
-    except Exception as exc:  # gopen raises OSError for files, ValueError/IOError for bad URLs and pipes
+        # a plain file: never webdataset's gopen, which runs a 'pipe:' name through the shell
+        stream = open(shard.url[len("file:"):] if shard.url.startswith("file:") else shard.url, "rb")
+    except OSError as exc:
         tally.skip("unreadable_shard", shard=shard.url, key=None, detail=f"{type(exc).__name__}: {exc}")
         return
     count, last_key = 0, None

@@ -539,8 +539,8 @@ def _jsonl_texts(obj: dict, source: str) -> dict[str, str]:
 def iter_shard_samples(url: str) -> Iterator[tuple[str, dict]]:
     """``(sample key, JSON object)`` for each ``<key>.json`` member of one shard, streaming.
 
-    Local paths and any URL webdataset's ``gopen`` opens (``pipe:``, ``s3://`` via
-    a pipe, ``https://``) are accepted.
+    Only a local file is opened (``resolve_shards`` returns absolute paths); a
+    URL or ``pipe:`` command is never handed to an opener.
 
     Raises:
         EvalDataError: the shard cannot be opened, is not a valid tar, or a
@@ -548,12 +548,11 @@ def iter_shard_samples(url: str) -> Iterator[tuple[str, dict]]:
     """
     import tarfile
 
-    from webdataset.gopen import gopen
     from webdataset.tariterators import tar_file_iterator
 
     try:
-        stream = gopen(url)
-    except Exception as exc:  # gopen raises OSError, ValueError or IOError depending on the URL kind
+        stream = open(url, "rb")  # a plain file: never webdataset's gopen, which runs 'pipe:' names in a shell
+    except OSError as exc:
         raise EvalDataError(f"{url}: cannot open shard: {exc}") from None
     last = None
     try:

@@ -309,7 +309,9 @@ def test_resolve_shards_every_spec_form(tmp_path):
     assert [i.url for i in braced] == train
     assert resolve_shards(train[:2]) == [ShardInfo(train[0], None, None), ShardInfo(train[1], None, None)]
     assert resolve_shards(train[0]) == [ShardInfo(train[0], None, None)]
-    assert resolve_shards("pipe:cat x.tar") == [ShardInfo("pipe:cat x.tar", None, None)]
+    for url in ("pipe:cat x.tar", "https://example.org/x.tar", "s3://bucket/x.tar"):  # never handed to an opener
+        with pytest.raises(ValueError, match="only local shard files are read"):
+            resolve_shards(url)
 
 
 def test_resolve_shards_errors_name_the_spec(tmp_path):

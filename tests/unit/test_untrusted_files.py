@@ -94,3 +94,58 @@ def test_align_eval_and_mine_refuse_a_checkpoint_that_runs_code(crafted, corpus,
 def test_own_checkpoint_still_exports(checkpoint, tmp_path, capsys):
     assert main(["export", str(checkpoint), str(tmp_path / "out")]) == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------- item 7: shard names are file names
+
+
+def _hostile_folder(corpus, tmp_path: Path, name: str) -> Path:
+    """A copy of a real shard build whose manifest names its first test and train shards ``name`` (a file that
+    exists under that name in the folder, so the old existence check passes)."""
+    folder = tmp_path / "hostile"
+    shutil.copytree(corpus.shards, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for split in ("train", "test"):
+        shard = manifest["splits"][split]["shards"][0]
+        shutil.copy(folder / shard["path"], folder / name)
+        shard["path"] = name
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_pipe_shard_name_runs_nothing_in_fit(corpus, tmp_path, monkeypatch):
+    folder = _hostile_folder(corpus, tmp_path, "pipe:touch PWNED")
+    monkeypatch.chdir(folder)  # `align fit --data.config.train_shards .` from inside the folder
+    trainer = T.trainer(tmp_path / "run", max_steps=1)
+    with pytest.raises(ValueError, match=r"--data.config.train_shards: .*must be relative inside the folder"):
+        trainer.fit(T.module(corpus), datamodule=T.datamodule(corpus, train_shards="."))
+    assert not (folder / "PWNED").exists(), "the manifest's 'pipe:' shard name ran as a shell command"
+
+
+def test_pipe_shard_name_runs_nothing_in_eval(corpus, checkpoint, tmp_path, monkeypatch, capsys):
+    folder = _hostile_folder(corpus, tmp_path, "pipe:touch PWNED")
+    monkeypatch.chdir(folder)
+    rc = main(["eval", "--model", str(checkpoint), "--data", ".", "--split", "test", "--out", str(tmp_path / "ev"),
+               "--quiet"])
+    err = _one_line(capsys.readouterr().err)
+    assert not (folder / "PWNED").exists(), "the manifest's 'pipe:' shard name ran as a shell command"
+    assert rc != 0 and "must be relative inside the folder" in err, err
+    assert main(["shards", "verify", "."]) == 1
+    assert "must be relative inside the folder" in capsys.readouterr().err
+
+
+def test_symlinked_shard_out_of_the_folder_is_not_read(corpus, checkpoint, tmp_path, capsys):
+    folder = tmp_path / "linked"
+    shutil.copytree(corpus.shards, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    inside = folder / manifest["splits"]["test"]["shards"][0]["path"]
+    outside = tmp_path / "elsewhere.tar"  # same bytes: the checksum still matches, only the location is wrong
+    shutil.move(inside, outside)
+    inside.symlink_to(outside)
+    assert main(["shards", "verify", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "outside the shard folder" in err, err
+    rc = main(["eval", "--model", str(checkpoint), "--data", str(folder), "--split", "test", "--out",
+               str(tmp_path / "ev"), "--quiet"])
+    err = _one_line(capsys.readouterr().err)
+    assert rc != 0 and "outside the shard folder" in err, err
