@@ -23,16 +23,17 @@ import json
 import os
 import pickle
 import re
-import shutil
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from alignment.model import PIVOT_SUBDIR, DualEncoder
+from alignment.model import ENCODER_META, PIVOT_SUBDIR, DualEncoder
+from alignment.staging import building_dir, check_replaceable, clean_stale, replace_dir
 
 CKPT_HF_CONFIG = "alignment_hf_config"
 CKPT_TOKENIZER = "alignment_tokenizer"
@@ -91,19 +92,22 @@ def export_encoder(
     max_seq_length: int = 128,
     prompts: dict[str, str] | None = None,
     overwrite: bool = True,
+    flag: str | None = None,
+    inputs: Sequence[Path] = (),
 ) -> Path:
     """Write ``encoder`` (and ``tokenizer``) to ``directory``, complete or not at all.
 
     The folder is written under a temporary sibling name and renamed into
     place, so an interrupted export never leaves a half folder under the
-    final name; an existing export is replaced only after the new one is complete.
+    final name; an existing export is replaced only after the new one is complete,
+    and only an export (a folder with ``alignment_encoder.json``) that holds none
+    of ``inputs`` (``flag`` names the folder in errors).
     """
     final = Path(directory)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    check_replaceable(final, overwrite=overwrite, flag="OUT" if flag is None else flag, is_ours=is_export,
+                      what=f"an export (no {ENCODER_META} in it)", inputs=inputs)
+    clean_stale(final, tag="exporting")  # what a killed export to the same folder left
+    with building_dir(final, tag="exporting") as tmp:
         was_training = encoder.training
         encoder.eval()
         encoder.save_pretrained(tmp)
@@ -112,17 +116,13 @@ def export_encoder(
             tokenizer.save_pretrained(str(tmp))
         write_sentence_transformers_files(encoder, tmp, max_seq_length=max_seq_length, prompts=prompts) \
             if encoder.pivot_backbone is None else None
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        replace_dir(tmp, final)
     return final
+
+
+def is_export(folder: Path) -> bool:
+    """``folder`` was written by :func:`export_encoder` / ``DualEncoder.save_pretrained`` (its marker file)."""
+    return (folder / ENCODER_META).is_file()
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -304,6 +304,9 @@ def check_tokenizer_fits(tokenizer: Any, encoder: DualEncoder, what: str) -> Non
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | None = None,
                       max_seq_length: int = 128, overwrite: bool = False) -> Path:
     """``align export CKPT OUT``: a checkpoint to an HF + sentence-transformers folder."""
+    inputs = [Path(path)] + ([Path(tokenizer)] if tokenizer is not None and Path(tokenizer).exists() else [])
+    check_replaceable(Path(out), overwrite=overwrite, flag="OUT", is_ours=is_export,
+                      what=f"an export (no {ENCODER_META} in it)", inputs=inputs)  # before loading anything
     encoder, tok, info = encoder_from_checkpoint(path)
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer, "--tokenizer")
@@ -314,4 +317,4 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, tokeni
     check_tokenizer_fits(tok, encoder, f"--tokenizer {tokenizer}" if tokenizer is not None else
                          f"the tokenizer recorded in {path} ({info['tokenizer']!r})")
     return export_encoder(encoder, out, tokenizer=tok, max_seq_length=max_seq_length, prompts=info["prompts"],
-                          overwrite=overwrite)
+                          overwrite=overwrite, inputs=inputs)

@@ -1274,6 +1274,21 @@ def clean_rows(
 # ---------------------------------------------------------------------------
 
 
+def input_paths(inputs: Sequence[str]) -> list[Path]:
+    """The files and folders named by ``INPUT`` arguments of every form (``FILE``, ``LANG=FILE``,
+    ``A,B``, ``L1,L2=FILE``), those that exist."""
+    paths = []
+    for item in inputs:
+        if Path(item).exists():
+            paths.append(Path(item))
+            continue
+        for part in str(item).split(","):
+            path = Path(part.split("=", 1)[-1])
+            if path.exists():
+                paths.append(path)
+    return paths
+
+
 @dataclass
 class CorpusSource:
     """Where rows come from; filled from ``align shards build`` flags."""
@@ -1302,13 +1317,7 @@ class CorpusSource:
 
     def input_bytes(self) -> int:
         """Total size of the input files (0 for what cannot be sized), to size spill buckets."""
-        total = 0
-        for item in self.inputs:
-            for part in item.split(","):
-                path = Path(part.split("=", 1)[-1])
-                if path.is_file():
-                    total += path.stat().st_size
-        return total
+        return sum(path.stat().st_size for path in input_paths(self.inputs) if path.is_file())
 
     def describe(self) -> dict:
         """The manifest's ``source`` (without the command line)."""

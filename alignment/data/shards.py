@@ -49,7 +49,6 @@ import random
 import re
 import shutil
 import tarfile
-import uuid
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -71,10 +70,12 @@ from alignment.data.corpus import (
     check_rows,
     drop_duplicates,
     format_cleaning_report,
+    input_paths,
     row_split_key,
     short_hash,
     stable_hash64,
 )
+from alignment.staging import building_dir, check_replaceable, clean_stale, replace_dir
 
 MANIFEST_FORMAT = "multiway-align/shards/v1"
 MANIFEST_NAME = "manifest.json"
@@ -455,32 +456,19 @@ def _write_bucket(
             writers[split].write(sample_key(item.row.id, occurrence), item.row)
 
 
-def _check_out(config: ShardBuildConfig) -> None:
-    out = config.out
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; choose a directory path")
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise FileExistsError(
-            f"--out {out} already exists and is not empty; pass --overwrite to replace it "
-            "(the old build is replaced only after the new one succeeds) or choose another --out"
-        )
-
-
-def _commit(staging: Path, out: Path) -> None:
-    """Rename the finished build into place; an existing ``out`` is replaced only now."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(staging, out)  # fails (never merges) if someone created a non-empty out meanwhile
-        return
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, old)
+def is_shard_build(folder: Path) -> bool:
+    """``folder`` holds a ``manifest.json`` of this project's format (what ``--overwrite`` may replace)."""
     try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+
+
+def _check_out(config: ShardBuildConfig, source: dict | None = None) -> None:
+    check_replaceable(config.out, overwrite=config.overwrite, flag="--out", is_ours=is_shard_build,
+                      what=f"a shard build (no {MANIFEST_NAME} of format {MANIFEST_FORMAT})",
+                      inputs=input_paths((source or {}).get("inputs") or []))
 
 
 def _manifest(
@@ -599,16 +587,11 @@ def build_shards(
         left exactly as it was.
     """
     report = report if report is not None else CleaningReport(config.cleaning)
-    _check_out(config)
-    config.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = config.out.with_name(f".{config.out.name}.building-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
+    _check_out(config, source)
+    clean_stale(config.out)  # what a killed build of the same --out left
+    with building_dir(config.out) as staging:
         manifest = _build_into(staging, rows, config, report, source, size_hint)
-        _commit(staging, config.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        replace_dir(staging, config.out)
     return manifest
 
 
@@ -694,12 +677,12 @@ def build_part(
     Returns the part folder.
     """
     report = report if report is not None else CleaningReport(config.cleaning)
-    _check_out(config)  # fail in the tasks, not only in the merge
+    _check_out(config, source)  # fail in the tasks, not only in the merge
     root = parts_dir(config.out)
     root.mkdir(parents=True, exist_ok=True)
     final = root / part.name
-    staging = root / f".{part.name}.building-{uuid.uuid4().hex[:8]}"
-    try:
+    clean_stale(final)  # what a killed run of this task left
+    with building_dir(final) as staging:
         spill = SpillBuckets(staging / "buckets", _bucket_count(config, size_hint))
         ids = _partition(rows, config, report, spill)
         (staging / PART_IDS).write_bytes(ids.tobytes())
@@ -717,9 +700,6 @@ def build_part(
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 
@@ -812,16 +792,11 @@ def merge_parts(out: str | os.PathLike) -> dict:
     for path, _ in found:
         ids.frombytes((path / PART_IDS).read_bytes())
     spills = [SpillBuckets(path / "buckets", meta["buckets"]) for path, _ in found]
-    _check_out(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.building-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
+    _check_out(config, meta["source"])
+    clean_stale(out)
+    with building_dir(out) as staging:
         manifest = _write_build(staging, spills, _repeated(ids), config, report, meta["source"], consume=False)
-        _commit(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        replace_dir(staging, out)
     shutil.rmtree(root, ignore_errors=True)
     return manifest
 

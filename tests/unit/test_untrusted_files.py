@@ -149,3 +149,95 @@ def test_symlinked_shard_out_of_the_folder_is_not_read(corpus, checkpoint, tmp_p
                str(tmp_path / "ev"), "--quiet"])
     err = _one_line(capsys.readouterr().err)
     assert rc != 0 and "outside the shard folder" in err, err
+
+
+# ---------------------------------------------------------------------------- item 8: --overwrite deletes only our folders
+
+
+def _jsonl(path: Path, rows: int = 40) -> Path:
+    from alignment.synthetic import synthetic_rows
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for r in synthetic_rows(rows, T.LANGUAGES, seed=3):
+            fh.write(json.dumps({"id": r.id, "texts": r.texts}) + "\n")
+    return path
+
+
+def _build(inputs, out, *extra) -> list[str]:
+    return ["shards", "build", "--format", "jsonl", *map(str, inputs), "--out", str(out), *extra]
+
+
+def test_shards_overwrite_never_deletes_the_input_corpus(tmp_path, capsys):
+    data = tmp_path / "data"
+    corpus = _jsonl(data / "corpus.jsonl")
+    before = corpus.read_bytes()
+    assert main(_build([corpus], data, "--overwrite")) == 1
+    err = _one_line(capsys.readouterr().err)
+    assert corpus.read_bytes() == before, "--overwrite deleted the input corpus"
+    assert f"--out {data} holds the input {corpus}" in err, err
+    # even a real shard build that holds an input is not replaced
+    assert main(_build([corpus], tmp_path / "shards")) == 0
+    inside = _jsonl(tmp_path / "shards" / "more.jsonl")
+    assert main(_build([inside], tmp_path / "shards", "--overwrite")) == 1
+    assert inside.is_file() and "holds the input" in capsys.readouterr().err
+
+
+def test_shards_overwrite_never_deletes_a_folder_it_did_not_write(tmp_path, capsys):
+    corpus = _jsonl(tmp_path / "corpus.jsonl")
+    mine = tmp_path / "thesis"
+    (mine / "chapters").mkdir(parents=True)
+    (mine / "chapters" / "1.tex").write_text("years of work")
+    assert main(_build([corpus], mine, "--overwrite")) == 1
+    err = _one_line(capsys.readouterr().err)
+    assert (mine / "chapters" / "1.tex").read_text() == "years of work", "--overwrite deleted an unrelated folder"
+    assert "is not a shard build" in err and "--out" in err, err
+    # a folder the project built is still replaced
+    assert main(_build([corpus], tmp_path / "shards")) == 0
+    assert main(_build([corpus], tmp_path / "shards", "--overwrite", "--seed", "1")) == 0
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["seed"] == 1
+
+
+def test_a_killed_build_leaves_nothing_after_the_next_build(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    corpus = _jsonl(tmp_path / "corpus.jsonl", rows=40)
+    out = tmp_path / "shards"
+    # a real build killed with SIGKILL while it reads a large input (seconds of parsing)
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as fh:
+        fh.writelines(f'{{"id": {i}, "en": "sentence number {i}", "de": "Satz Nummer {i}"}}\n' for i in range(300_000))
+    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", *_build([big], out)], env=T.align_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not [p for p in tmp_path.glob(".shards.building-*") if p.is_dir()] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait(timeout=30)
+    left = [p for p in tmp_path.glob(".shards.building-*") if p.is_dir()]
+    assert left, "the killed build left no build folder (nothing to test)"
+    assert main(_build([corpus], out)) == 0
+    capsys.readouterr()
+    assert not list(tmp_path.glob(".shards.*")), f"stale build folders kept: {list(tmp_path.glob('.shards.*'))}"
+
+
+def test_export_overwrite_never_deletes_a_folder_it_did_not_write(checkpoint, tmp_path, capsys):
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["export", str(checkpoint), str(mine), "--overwrite"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert (mine / "notes.txt").read_text() == "keep me", "align export --overwrite deleted an unrelated folder"
+    assert "is not an export" in err, err
+    # the checkpoint inside OUT: refused even when OUT is an export
+    out = tmp_path / "export"
+    assert main(["export", str(checkpoint), str(out)]) == 0
+    inside = out / "trained.ckpt"
+    shutil.copy(checkpoint, inside)
+    assert main(["export", str(inside), str(out), "--overwrite"]) == 2
+    assert inside.is_file() and "holds the input" in capsys.readouterr().err
+    inside.unlink()
+    assert main(["export", str(checkpoint), str(out), "--overwrite"]) == 0
