@@ -209,8 +209,6 @@ def _check_sizes(sizes: list[list[int]]) -> None:
             raise ValueError(
                 f"gather_candidates: rank {r} has a negative row or language id (batch-local ids must be >= 0)"
             )
-    if max(s[_N] for s in sizes) == 0:
-        raise ValueError("gather_candidates: every rank has an empty batch")
 
 
 def gather_candidates(emb: Tensor, row_ids: Tensor, lang_ids: Tensor, *, group=None) -> GlobalCandidates:
@@ -225,7 +223,8 @@ def gather_candidates(emb: Tensor, row_ids: Tensor, lang_ids: Tensor, *, group=N
     Returns:
         Candidates of ``M = world * max_n`` columns, each rank's block padded to
         the largest local batch ``max_n``; global row id = local row id + the
-        rows of lower ranks. Without an initialised process group this is the
+        rows of lower ranks. When every rank's batch is empty, ``M = 0`` and
+        ``num_sentences == 0`` on every rank (the caller skips the step). Without an initialised process group this is the
         world-size-1 case of the same code.
 
     Costs: one tiny collective for the sizes (and one device-to-host sync to
@@ -238,10 +237,12 @@ def gather_candidates(emb: Tensor, row_ids: Tensor, lang_ids: Tensor, *, group=N
     sizes = all_gather_fixed(_local_sizes(emb, row_ids, lang_ids), group).tolist()  # (W, 6); host sync
     _check_sizes(sizes)
     max_n = max(s[_N] for s in sizes)
+    counts = [(s[_N], s[_ROWS], s[_LANGS]) for s in sizes]
+    if max_n == 0:  # every rank's batch is empty (all see the same sizes): no candidates, no more collectives
+        return candidates_from_gathered(emb, row_ids.new_zeros((world, 0, 2)), counts, rank=rank)
     pad = max_n - emb.shape[0]
     padded = F.pad(emb, (0, 0, 0, pad))  # (max_n, D), zeros masked out downstream
     meta = F.pad(torch.stack([row_ids, lang_ids], dim=-1), (0, 0, 0, pad))  # (max_n, 2)
     gathered = all_gather_with_grad(padded, group)  # (W * max_n, D)
     metas = all_gather_fixed(meta, group)  # (W, max_n, 2)
-    counts = [(s[_N], s[_ROWS], s[_LANGS]) for s in sizes]
     return candidates_from_gathered(gathered, metas, counts, rank=rank)

@@ -29,6 +29,9 @@ from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, to
 from alignment.model import DualEncoder, ModelConfig, transformer_layers
 from alignment.optim import OptimConfig, build_optimizer, build_scheduler
 
+EMPTY_STEP = "empty_step_loss"
+"""Loss key of a step where every rank's batch was empty (a zero connected to the graph); such steps are skipped."""
+
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a NaN or infinite loss."""
@@ -116,6 +119,7 @@ class AlignmentModule(LightningModule):
         self._gradcache = GradCache(self._encode, self._loss_terms, gradcache.chunk_size) if gradcache.enabled else None
         self.nonfinite_steps = 0
         self.nonfinite_total = 0
+        self.empty_steps_total = 0
         self._val_parts: list[tuple[Tensor, Tensor, Tensor]] = []
         self._val_rows = 0
         self._val_languages: tuple[str, ...] = ()
@@ -138,6 +142,10 @@ class AlignmentModule(LightningModule):
 
     def _loss_terms(self, emb: Tensor, batch: Batch) -> dict[str, Tensor]:
         candidates = distributed.gather_candidates(emb, batch.row_ids, batch.lang_ids)  # (M, D) global
+        if candidates.num_sentences == 0:
+            # Every rank's batch is empty (rows skipped in a finite epoch): nothing to score. Every rank sees the
+            # same gathered sizes, so all skip this step together (see _skip_empty).
+            return {EMPTY_STEP: emb.sum() * 0.0, "global_rows": emb.new_zeros(())}
         out = self.loss_fn(emb, candidates, pivot_lang_id=batch.pivot_lang_id)
         out["global_rows"] = emb.new_tensor(float(candidates.num_rows))  # rows of all ranks: the real global batch
         if self._reference is not None:
@@ -150,6 +158,8 @@ class AlignmentModule(LightningModule):
         if self._gradcache is not None:
             return self._gradcache_step(batch)
         out = self._loss_terms(self._encode(batch), batch)
+        if self._skip_empty(out):
+            return None  # no backward, no optimiser update, on every rank
         loss = total_loss(out)
         finite = self._all_finite(loss, batch)
         # Logged either way: Lightning re-logs a key's last value on steps that do not log it,
@@ -172,6 +182,9 @@ class AlignmentModule(LightningModule):
         optimizer.zero_grad(set_to_none=True)
         out = self._gradcache.step(batch)
         distributed.average_gradients_([p for p in self.encoder.parameters() if p.requires_grad])
+        if self._skip_empty(out):
+            optimizer.zero_grad(set_to_none=True)
+            return None
         loss = total_loss(out)
         finite = self._all_finite(loss, batch)
         self._log_terms(out, loss, batch)
@@ -184,6 +197,15 @@ class AlignmentModule(LightningModule):
         optimizer.step()
         scheduler.step()
         return None
+
+    def _skip_empty(self, out: dict[str, Tensor]) -> bool:
+        """Whether every rank's batch was empty; such a step is skipped and counted (``train/empty_steps``)."""
+        if EMPTY_STEP not in out:
+            return False
+        self.empty_steps_total += 1
+        if self._is_logging_step():
+            self.log("train/empty_steps", float(self.empty_steps_total), on_step=True, on_epoch=False, batch_size=1)
+        return True
 
     def _all_finite(self, loss: Tensor, batch: Batch) -> bool:
         """Agree across ranks whether this step's loss is finite; count and stop on a streak.
@@ -226,6 +248,7 @@ class AlignmentModule(LightningModule):
         logged = {f"train/{k}": v.detach().float() for k, v in out.items() if v.numel() == 1}
         logged["train/rows"] = float(batch.num_rows)
         logged["train/nonfinite_steps"] = float(self.nonfinite_total)  # cumulative: skipped steps so far
+        logged["train/empty_steps"] = float(self.empty_steps_total)  # cumulative: steps without any row
         self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=False, batch_size=rows)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "skip_counts"):
@@ -345,9 +368,11 @@ class AlignmentModule(LightningModule):
         prefix = getattr(config, "text_prefix", "")
         checkpoint[CKPT_PREFIXES] = {"query": prefix, "document": prefix} if prefix else {}
         checkpoint["alignment_nonfinite_total"] = self.nonfinite_total
+        checkpoint["alignment_empty_steps_total"] = self.empty_steps_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite_total = checkpoint.get("alignment_nonfinite_total", 0)
+        self.empty_steps_total = checkpoint.get("alignment_empty_steps_total", 0)
 
     def export_encoder(self, directory, tokenizer=None) -> None:
         """Write the trained encoder (and tokenizer) as a Hugging Face + sentence-transformers folder."""

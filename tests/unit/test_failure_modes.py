@@ -1,0 +1,62 @@
+"""Unlucky input meets a real run: skipped rows, long sentences, foreign tokenizers, odd save intervals.
+
+Each test reproduces a failure as a user met it, through a ``Trainer`` over the
+streaming datamodule or the ``align`` command, on the tiny synthetic corpus.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignment.cli import main
+from tests import _training as T
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return T.make_corpus(tmp_path_factory.mktemp("corpus"), rows=120, rows_per_shard=30)
+
+
+def _train_shards(corpus) -> list[dict]:
+    return json.loads((corpus.shards / "manifest.json").read_text())["splits"]["train"]["shards"]
+
+
+# ---------------------------------------------------------------------------- item 1: empty batches on every rank
+
+
+def _fit_one_epoch(corpus, root, gradcache=None, **data):
+    module = T.module(corpus, gradcache=gradcache)
+    datamodule = T.datamodule(corpus, **data)
+    trainer = T.trainer(root, max_steps=-1, max_epochs=1)
+    before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
+    trainer.fit(module, datamodule=datamodule)
+    return trainer, module, before
+
+
+def test_truncated_shard_gives_skipped_steps_not_a_crash(corpus, tmp_path):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(corpus.shards, shards)
+    first = shards / _train_shards(corpus)[0]["path"]
+    first.write_bytes(first.read_bytes()[: 6 * 512])  # 2 of its 30 samples survive (header + payload each)
+    trainer, module, _ = _fit_one_epoch(corpus, tmp_path / "run", train_shards=str(shards))
+    assert module.empty_steps_total >= 1, "the truncated shard left no empty batch (nothing tested)"
+    assert trainer.global_step == len(trainer.train_dataloader), "the epoch did not run to its end"
+
+
+@pytest.mark.parametrize("gradcache", [None, {"chunk_size": 4}], ids=["plain", "gradcache"])
+def test_language_with_no_rows_gives_skipped_steps_not_a_crash(corpus, tmp_path, gradcache):
+    # 'ja' is in no row: every row has at most one text in [en, ja], so every batch is empty
+    trainer, module, before = _fit_one_epoch(corpus, tmp_path / "run", gradcache, languages=["en", "ja"])
+    assert module.empty_steps_total == len(trainer.train_dataloader) >= 1  # every batch a counted, skipped step
+    for name, p in module.encoder.state_dict().items():  # skipped steps never touch the weights
+        torch.testing.assert_close(p, before[name], atol=0, rtol=0, msg=name)
+
+
+def test_subset_of_languages_runs_past_the_end_of_the_epoch(corpus, tmp_path):
+    trainer, module, _ = _fit_one_epoch(corpus, tmp_path / "run", languages=["en", "de"])
+    assert trainer.global_step == len(trainer.train_dataloader)
