@@ -37,6 +37,17 @@ TINY = "tiny"
 # --------------------------------------------------------------------------- config
 
 
+def max_positions(config) -> int | None:
+    """Longest input (tokens, specials included) a Hugging Face backbone config can embed; None when unbounded."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if "roberta" in str(getattr(config, "model_type", "")):
+        # RoBERTa/XLM-R number positions from padding_idx + 1: two rows of the table are never used
+        limit -= (getattr(config, "pad_token_id", 1) or 1) + 1
+    return int(limit)
+
+
 @dataclass
 class ModelConfig:
     """Which backbone to load and how to turn its hidden states into sentence embeddings."""

@@ -26,7 +26,7 @@ from alignment import distributed
 from alignment.data.stream import SKIP_REASONS, Batch
 from alignment.gradcache import GradCache, GradCacheConfig
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
-from alignment.model import DualEncoder, ModelConfig, transformer_layers
+from alignment.model import DualEncoder, ModelConfig, max_positions, transformer_layers
 from alignment.optim import OptimConfig, build_optimizer, build_scheduler
 
 EMPTY_STEP = "empty_step_loss"
@@ -284,6 +284,7 @@ class AlignmentModule(LightningModule):
         rows = getattr(getattr(datamodule, "config", None), "batch_size", None)
         if rows is not None:
             check_global_batch(rows, self.trainer.world_size)
+        self._check_max_length(getattr(getattr(datamodule, "config", None), "max_length", None))
         if self._reference is not None:
             self._reference.to(self.device)
 
@@ -294,6 +295,18 @@ class AlignmentModule(LightningModule):
                 f"the tokenizer has {len(tokenizer)} tokens but the encoder's embedding table has {vocab} rows: "
                 "--data.config.tokenizer must be the model's tokenizer (or set --model.encoder.vocab_size)"
             )
+
+    def _check_max_length(self, max_length: int | None) -> None:
+        """Before any step: sentences are cut to max_length tokens, which the position table must hold."""
+        towers = [self.encoder.backbone] + ([self.encoder.pivot_backbone] if self.encoder.pivot_backbone else [])
+        for tower in towers:
+            limit = max_positions(tower.config)
+            if max_length is not None and limit is not None and max_length > limit:
+                raise ValueError(
+                    f"--data.config.max_length {max_length} is longer than the model's {limit} positions "
+                    f"(max_position_embeddings of {self.encoder_config.name_or_path}): the first sentence over "
+                    f"{limit} tokens would crash the run; set --data.config.max_length {limit} or less"
+                )
 
     def on_train_start(self) -> None:
         if self._gradcache is not None:

@@ -48,7 +48,7 @@ from alignment.data.stream import pad_sequences, tokenize
 from alignment.evaluate.datasets import EvalData
 from alignment.evaluate.report import EvalConfig, EvalResults, evaluate_embeddings
 from alignment.evaluate.retrieval import MultiWayEmbeddings, invalid_vectors, training_language_tuple
-from alignment.model import ENCODER_META, POOLINGS, PROJECTION_FILE, DualEncoder
+from alignment.model import ENCODER_META, POOLINGS, PROJECTION_FILE, DualEncoder, max_positions
 
 SPEC_KINDS = ("alignment-folder", "hf-folder", "hub", "lightning-checkpoint", "deepspeed-checkpoint")
 """What a model spec can be (:func:`classify_spec`)."""
@@ -161,14 +161,7 @@ def _describe_failure(spec: str, kind: str, exc: BaseException) -> str:
 
 
 def _max_positions(model: DualEncoder) -> int | None:
-    config = model.backbone.config
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is None:
-        return None
-    if "roberta" in str(getattr(config, "model_type", "")):
-        # RoBERTa/XLM-R number positions from padding_idx + 1: two rows of the table are never used
-        limit -= (getattr(config, "pad_token_id", 1) or 1) + 1
-    return int(limit)
+    return max_positions(model.backbone.config)
 
 
 def _load_checkpoint(spec: str, kind: str) -> tuple[DualEncoder, Any, dict[str, str]]:

@@ -60,3 +60,22 @@ def test_language_with_no_rows_gives_skipped_steps_not_a_crash(corpus, tmp_path,
 def test_subset_of_languages_runs_past_the_end_of_the_epoch(corpus, tmp_path):
     trainer, module, _ = _fit_one_epoch(corpus, tmp_path / "run", languages=["en", "de"])
     assert trainer.global_step == len(trainer.train_dataloader)
+
+
+# ---------------------------------------------------------------------------- item 2: max_length vs the position table
+
+
+def test_max_length_over_the_models_positions_fails_before_any_step(corpus, tmp_path):
+    from alignment.cli import main as align
+
+    rows = tmp_path / "long.jsonl"
+    long_en = " ".join(["hi"] * 200)  # 200 tokens: past the tiny model's 128 positions
+    rows.write_text("".join(json.dumps({"id": f"r{i}", "en": f"{long_en} {i}", "de": f"hallo {i}", "fr": f"salut {i}"})
+                            + "\n" for i in range(40)))
+    assert align(["shards", "build", "--format", "jsonl", str(rows), "--out", str(tmp_path / "shards"),
+                  "--split", "1,0,0"]) == 0
+    module = T.module(corpus)
+    trainer = T.trainer(tmp_path / "run", max_steps=2)
+    with pytest.raises(ValueError, match=r"--data.config.max_length 250 is longer than the model's 128 positions"):
+        trainer.fit(module, datamodule=T.datamodule(corpus, train_shards=str(tmp_path / "shards"), max_length=250))
+    assert trainer.global_step == 0
