@@ -79,3 +79,33 @@ def test_max_length_over_the_models_positions_fails_before_any_step(corpus, tmp_
     with pytest.raises(ValueError, match=r"--data.config.max_length 250 is longer than the model's 128 positions"):
         trainer.fit(module, datamodule=T.datamodule(corpus, train_shards=str(tmp_path / "shards"), max_length=250))
     assert trainer.global_step == 0
+
+
+# ---------------------------------------------------------------------------- item 3: export with another model's tokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    trainer = T.trainer(root, max_steps=2)
+    trainer.fit(T.module(corpus), datamodule=T.datamodule(corpus))
+    trainer.save_checkpoint(root / "trained.ckpt")
+    return root / "trained.ckpt"
+
+
+def test_export_refuses_another_models_tokenizer(corpus, checkpoint, tmp_path, capsys):
+    from alignment.synthetic import tiny_tokenizer
+
+    other = tmp_path / "other-tok"
+    bigger = tiny_tokenizer(concepts=2000, save_dir=other)  # ten times the words: ids past the embedding table
+    assert len(bigger) > corpus.vocab_size
+    out = tmp_path / "export"
+    assert main(["export", str(checkpoint), str(out), "--tokenizer", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert f"--tokenizer {other} has {len(bigger)} tokens but the model's embedding table has" in err, err
+    assert not out.exists(), "an export that crashes every encode was written"
+    # a tokenizer path that does not exist is named as such, not as a malformed hub id
+    assert main(["export", str(checkpoint), str(out), "--tokenizer", str(tmp_path / "no-such-tok")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--tokenizer {tmp_path / 'no-such-tok'}: no such tokenizer folder" in err, err
