@@ -97,6 +97,15 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """``last.ckpt`` is the final step's model, also when ``max_steps`` is not a multiple of the interval
+        (Lightning writes it at the end only when nothing was saved during the run)."""
+        if (self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step
+                and trainer.state.fn == "fit"):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_end(trainer, pl_module)
+
     def save_last_now(self, trainer: "pl.Trainer") -> str:
         """Write ``last.ckpt`` of the current step now and return its path (every rank must call it).
 

@@ -109,3 +109,23 @@ def test_export_refuses_another_models_tokenizer(corpus, checkpoint, tmp_path, c
     assert main(["export", str(checkpoint), str(out), "--tokenizer", str(tmp_path / "no-such-tok")]) == 2
     err = capsys.readouterr().err.strip()
     assert f"--tokenizer {tmp_path / 'no-such-tok'}: no such tokenizer folder" in err, err
+
+
+# ---------------------------------------------------------------------------- item 4: last.ckpt is the final model
+
+
+def test_last_ckpt_is_the_final_step_when_max_steps_is_off_the_save_interval(corpus, tmp_path, capsys):
+    from alignment.callbacks import AtomicModelCheckpoint
+
+    ckpts = tmp_path / "ckpt"
+    saver = AtomicModelCheckpoint(dirpath=str(ckpts), every_n_train_steps=3, save_last=True, save_top_k=0)
+    module = T.module(corpus)
+    trainer = T.trainer(tmp_path / "run", max_steps=5, enable_checkpointing=True, callbacks=[saver])
+    trainer.fit(module, datamodule=T.datamodule(corpus))
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 5, f"last.ckpt holds step {last['global_step']}, the run ended at step 5"
+    for name, p in module.state_dict().items():
+        torch.testing.assert_close(last["state_dict"][name], p, atol=0, rtol=0, msg=name)
+    # what the README's EVAL_MODEL=.../last.ckpt evaluates: the exported final model
+    assert main(["export", str(ckpts / "last.ckpt"), str(tmp_path / "export")]) == 0
+    assert "exported" in capsys.readouterr().out
