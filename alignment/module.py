@@ -384,6 +384,13 @@ class AlignmentModule(LightningModule):
         checkpoint["alignment_empty_steps_total"] = self.empty_steps_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = (checkpoint.get("hyper_parameters") or {}).get("loss") or {}
+        if "objective" in saved and saved["objective"] != self.loss_config.objective:
+            raise ValueError(
+                f"resuming with --model.loss.objective {self.loss_config.objective}, but the checkpoint was trained "
+                f"with {saved['objective']}: its optimiser state and schedule belong to that objective. Resume with "
+                "the checkpoint's objective, or start a new run (no --ckpt_path) from an export of it"
+            )
         self.nonfinite_total = checkpoint.get("alignment_nonfinite_total", 0)
         self.empty_steps_total = checkpoint.get("alignment_empty_steps_total", 0)
 

@@ -396,9 +396,35 @@ class AlignmentDataModule(LightningDataModule):
             "seed": self.config.seed,
             "resampled": self.config.resampled,
             "skip_counts": self._skips["train"].totals(before_epoch=before),
+            "position": self._position_settings(),
         }
 
+    def _position_settings(self) -> dict[str, Any]:
+        """What ``batches_done`` means: a position is only valid with the same batch size, ranks and languages."""
+        trainer = getattr(self, "trainer", None)
+        return {
+            "batch_size": self.config.batch_size,
+            "world_size": int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1,
+            "language_policy": self.config.language_policy,
+            "languages": list(self.config.languages) if self.config.languages is not None else None,
+        }
+
+    def _check_position(self, saved: dict[str, Any] | None) -> None:
+        if not saved:
+            return  # a checkpoint of an older version
+        now = self._position_settings()
+        names = {"batch_size": flag("batch_size"), "world_size": "the number of ranks (--trainer.devices x "
+                 "--trainer.num_nodes)", "language_policy": flag("language_policy"), "languages": flag("languages")}
+        for key, name in names.items():
+            if key in saved and saved[key] != now[key]:
+                raise ValueError(
+                    f"resuming with {name} = {now[key]!r}, but the checkpoint was trained with {saved[key]!r}: its "
+                    "saved data position (epoch, batches done) would point at the wrong rows. "
+                    f"Resume with the checkpoint's value, or start a new run (no --ckpt_path) to change it"
+                )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_position(state_dict.get("position"))
         if state_dict.get("seed") != self.config.seed or state_dict.get("resampled") != self.config.resampled:
             warnings.warn(
                 f"resuming with {flag('seed')}={self.config.seed}, {flag('resampled')}={self.config.resampled} "

@@ -129,3 +129,40 @@ def test_last_ckpt_is_the_final_step_when_max_steps_is_off_the_save_interval(cor
     # what the README's EVAL_MODEL=.../last.ckpt evaluates: the exported final model
     assert main(["export", str(ckpts / "last.ckpt"), str(tmp_path / "export")]) == 0
     assert "exported" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- item 5: resume with changed settings
+
+
+@pytest.fixture(scope="module")
+def interrupted(corpus, tmp_path_factory):
+    """A run stopped at step 2 of 4 with its last.ckpt (as a kill after a save leaves it)."""
+    from alignment.callbacks import AtomicModelCheckpoint
+
+    root = tmp_path_factory.mktemp("interrupted")
+    saver = AtomicModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=2, save_last=True, save_top_k=0)
+    trainer = T.trainer(root, max_steps=2, enable_checkpointing=True, callbacks=[saver])
+    trainer.fit(T.module(corpus), datamodule=T.datamodule(corpus))
+    return root / "ckpt" / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"data": {"batch_size": 8}}, r"resuming with --data.config.batch_size = 8, but the checkpoint was trained "
+                                   r"with 16"),
+     ({"loss": {"objective": "pairwise"}}, r"resuming with --model.loss.objective pairwise, but the checkpoint was "
+                                           r"trained with multi_positive")],
+    ids=["batch_size", "objective"],
+)
+def test_resume_with_changed_settings_is_refused(corpus, interrupted, tmp_path, change, message):
+    module = T.module(corpus, loss=change.get("loss"))
+    trainer = T.trainer(tmp_path, max_steps=4)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module, datamodule=T.datamodule(corpus, **change.get("data", {})), ckpt_path=str(interrupted))
+    assert trainer.global_step <= 2, "training went on from a wrong data position"
+
+
+def test_resume_with_the_same_settings_still_works(corpus, interrupted, tmp_path):
+    trainer = T.trainer(tmp_path, max_steps=4)
+    trainer.fit(T.module(corpus), datamodule=T.datamodule(corpus), ckpt_path=str(interrupted))
+    assert trainer.global_step == 4
