@@ -97,10 +97,16 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
+    def _should_skip_saving_checkpoint(self, trainer: "pl.Trainer") -> bool:
+        """Also no periodic or last save inside a streak of NaN/inf steps: ``last.ckpt`` keeps the last
+        step whose loss was finite (the streak's own state goes to ``nonfinite-step<N>.ckpt``)."""
+        streak = getattr(trainer.lightning_module, "nonfinite_steps", 0)
+        return super()._should_skip_saving_checkpoint(trainer) or streak > 0
+
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """``last.ckpt`` is the final step's model, also when ``max_steps`` is not a multiple of the interval
         (Lightning writes it at the end only when nothing was saved during the run)."""
-        if (self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
                 and trainer.state.fn == "fit"):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return

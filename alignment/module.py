@@ -120,6 +120,7 @@ class AlignmentModule(LightningModule):
         self.nonfinite_steps = 0
         self.nonfinite_total = 0
         self.empty_steps_total = 0
+        self._step_skipped = False
         self._val_parts: list[tuple[Tensor, Tensor, Tensor]] = []
         self._val_rows = 0
         self._val_languages: tuple[str, ...] = ()
@@ -155,6 +156,7 @@ class AlignmentModule(LightningModule):
         return out
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        self._step_skipped = False
         if self._gradcache is not None:
             return self._gradcache_step(batch)
         out = self._loss_terms(self._encode(batch), batch)
@@ -166,6 +168,7 @@ class AlignmentModule(LightningModule):
         # so a skipped step that logged nothing would show the previous step's loss.
         self._log_terms(out, loss, batch)
         if not finite:
+            self._step_skipped = True  # on_before_optimizer_step logs no norm for it
             return None  # Lightning skips backward and the optimiser step on every rank
         return loss
 
@@ -190,6 +193,7 @@ class AlignmentModule(LightningModule):
         self._log_terms(out, loss, batch)
         if not finite:
             optimizer.zero_grad(set_to_none=True)
+            self._log_skipped_grad_norm()
             return None
         if self.optim_config.max_grad_norm:
             self.clip_gradients(optimizer, gradient_clip_val=self.optim_config.max_grad_norm, gradient_clip_algorithm="norm")
@@ -203,6 +207,9 @@ class AlignmentModule(LightningModule):
         if EMPTY_STEP not in out:
             return False
         self.empty_steps_total += 1
+        self._step_skipped = True
+        if not self.automatic_optimization:
+            self._log_skipped_grad_norm()
         if self._is_logging_step():
             self.log("train/empty_steps", float(self.empty_steps_total), on_step=True, on_epoch=False, batch_size=1)
         return True
@@ -267,7 +274,13 @@ class AlignmentModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.automatic_optimization:
-            self._log_grad_norm()
+            # logged from this hook either way: a key logged from two hooks would re-log the stale one
+            self._log_skipped_grad_norm() if self._step_skipped else self._log_grad_norm()
+
+    def _log_skipped_grad_norm(self) -> None:
+        """A skipped step has no gradient: NaN, so that loggers do not repeat the previous step's norm."""
+        if self.step_config.log_grad_norm and self._is_logging_step():
+            self.log("train/grad_norm", float("nan"), on_step=True, rank_zero_only=True)
 
     def _log_grad_norm(self) -> None:
         # Only on logging steps: the norm reads every gradient (and syncs the device).

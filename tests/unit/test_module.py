@@ -74,7 +74,8 @@ def test_nonfinite_step_is_skipped_counted_and_logged(corpus, tmp_path):
     assert math.isnan(csv_loss[1]) and all(math.isfinite(csv_loss[s]) for s in (0, 2, 3))
     assert [r["train/nonfinite_steps"] for r in csv_rows if "train/nonfinite_steps" in r] == [0.0, 1.0, 1.0, 1.0]
     grad = {int(r["step"]): r["train/grad_norm"] for r in csv_rows if "train/grad_norm" in r}
-    assert all(grad[s] > 0 for s in (0, 2, 3)), grad  # (step 1 repeats step 0's norm: Lightning re-logs it)
+    assert all(grad[s] > 0 for s in (0, 2, 3)), grad
+    assert math.isnan(grad[1]), f"the skipped step logged a gradient norm ({grad[1]}): step 0's, repeated"
 
     run_id, history = T.wandb_history(tmp_path)
     assert run_id == (tmp_path / "wandb_run_id.txt").read_text().strip()
@@ -99,6 +100,21 @@ def test_nonfinite_streak_stops_the_run_with_a_checkpoint(corpus, tmp_path):
     assert saved["global_step"] == 3 and saved["alignment_nonfinite_total"] == 2
     for name, p in module.state_dict().items():
         torch.testing.assert_close(saved["state_dict"][name], p, atol=0, rtol=0)
+
+
+def test_nonfinite_streak_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    from alignment.callbacks import AtomicModelCheckpoint
+
+    module = T.module(corpus, step={"max_nonfinite_steps": 3})
+    _nan_on(module, {2, 3, 4, 5, 6, 7})
+    saver = AtomicModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_last=True, save_top_k=0)
+    trainer = T.trainer(tmp_path, max_steps=10, enable_checkpointing=True, callbacks=[saver])
+    with pytest.raises(NonFiniteLossError):
+        trainer.fit(module, datamodule=T.datamodule(corpus))
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2, f"last.ckpt is step {last['global_step']}, inside the NaN streak (from step 3)"
+    assert last["alignment_nonfinite_total"] == 0
+    assert (tmp_path / "nonfinite-step4.ckpt").is_file()  # the streak's own state, for diagnosis
 
 
 def test_param_groups_no_decay_on_norms_and_biases(corpus):
