@@ -245,9 +245,9 @@ class AlignmentDataModule(LightningDataModule):
         if self._tokenizer is None:
             if self.config.tokenizer is None:
                 raise ValueError(f"set {flag('tokenizer')} (a tokenizer name or path) or hand in a tokenizer object")
-            from transformers import AutoTokenizer
+            from alignment.export import load_tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer)
+            self._tokenizer = load_tokenizer(self.config.tokenizer, flag("tokenizer"))  # a missing path is named
         return self._tokenizer
 
     @property

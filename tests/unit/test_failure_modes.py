@@ -166,3 +166,31 @@ def test_resume_with_the_same_settings_still_works(corpus, interrupted, tmp_path
     trainer = T.trainer(tmp_path, max_steps=4)
     trainer.fit(T.module(corpus), datamodule=T.datamodule(corpus), ckpt_path=str(interrupted))
     assert trainer.global_step == 4
+
+
+# ---------------------------------------------------------------------------- item 9: errors a person can read
+
+
+def _fit_args(corpus, tmp_path, *extra) -> list[str]:
+    return ["fit", "--config", str(T.DEBUG_YAML), "--data.config.train_shards", str(corpus.shards),
+            "--data.config.tokenizer", str(corpus.tokenizer), "--model.encoder.vocab_size", str(corpus.vocab_size),
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+            "--trainer.logger", "false", "--trainer.max_steps", "1", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--data.config.batch_size", "0"], "--data.config.batch_size must be >= 1 (rows per rank), got 0"),
+     (["--model.loss.temperature", "-1"], "--model.loss.temperature must be between"),
+     (["--data.config.tokenizer", "./no-such-tokenizer"],
+      "--data.config.tokenizer ./no-such-tokenizer: no such tokenizer folder"),
+     (["--data.config.train_shards", "./no-such-shards"], "--data.config.train_shards: ./no-such-shards")],
+    ids=["batch_size", "temperature", "tokenizer-path", "shards-path"],
+)
+def test_align_fit_config_checks_are_one_line(corpus, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(_fit_args(corpus, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("align fit: error:")]
+    assert len(lines) == 1 and message in lines[0], err
