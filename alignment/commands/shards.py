@@ -179,13 +179,21 @@ def run_build(args: argparse.Namespace) -> int:
                 source=source.describe() | {"command": _command_line(args)},
                 size_hint=source.input_bytes() or None,
             )
-    except (CorpusError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (CorpusError, ValueError, OSError) as exc:  # OSError: a read-only or full disk, names the path
         return _error("build", exc)
+    _warn_missing_pivot(manifest, config.cleaning.pivot)
     print(report.format_table())
     print()
     print(format_manifest(manifest, manifest_file(config.out)))
     print(f"\nwrote {config.out} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _warn_missing_pivot(manifest: dict, pivot: str) -> None:
+    if pivot not in manifest.get("languages", {}):
+        print(f"align shards build: warning: the pivot --pivot {pivot} is in no row that was kept (languages: "
+              f"{', '.join(manifest.get('languages', {})) or 'none'}): splits are then by row id, and the "
+              "En-X baseline and evaluation have no pivot; check --pivot", file=sys.stderr)
 
 
 def _run_part(args, source: CorpusSource, config: ShardBuildConfig, report: CleaningReport, start: float) -> int:
@@ -214,7 +222,7 @@ def run_merge(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         manifest = merge_parts(args.out)
-    except (CorpusError, ManifestError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (CorpusError, ManifestError, ValueError, OSError) as exc:
         return _error("merge", exc)
     print(format_cleaning(manifest))
     print()
@@ -226,7 +234,7 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     try:
         manifest = load_manifest(args.path)
-    except (FileNotFoundError, ManifestError) as exc:
+    except (OSError, ManifestError) as exc:
         return _error("inspect", exc)
     print(format_manifest(manifest, manifest_file(args.path)))
     if args.cleaning:

@@ -42,12 +42,13 @@ import re
 import shutil
 import tempfile
 import unicodedata
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import langcodes
 
@@ -212,6 +213,7 @@ DROP_REASONS: dict[str, DropReason] = {
     for r in (
         DropReason("invalid_utf8", "bytes that are not valid UTF-8 (or lone surrogates)"),
         DropReason("malformed", "a line or catalog the reader cannot parse"),
+        DropReason("unknown_language", "a key that is not a language code (JSONL)"),
         DropReason("empty", "empty or whitespace-only text"),
         DropReason("control_chars", "control characters (other than tab and newline)"),
         DropReason("too_long", "more characters than --max-chars"),
@@ -452,24 +454,73 @@ def _plain_name(path: Path) -> str:
     return path.stem if path.suffix.lower() in _OPENERS else path.name
 
 
+LINE_LIMIT = 16 << 20
+"""Bytes of one input line held in memory; a longer line is read through in 1 MiB pieces and handed on as
+:class:`Overlong` (its first ``LINE_LIMIT`` bytes), so readers stay in bounded memory on any input."""
+
+
+class Overlong(bytes):
+    """The first :data:`LINE_LIMIT` bytes of a longer line; ``size`` is the whole line's length in bytes."""
+
+    size: int = 0
+
+
+def _overlong(head: bytes, rest: BinaryIO) -> Overlong:
+    size = len(head)
+    while True:
+        piece = rest.readline(1 << 20)
+        size += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            break
+    line = Overlong(head[:LINE_LIMIT])
+    line.size = size
+    return line
+
+
 def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
     """Yield ``(line number from 1, raw bytes without the line ending)``.
 
-    Constant memory (a binary file iterator reads in blocks); a UTF-8 byte
-    order mark on the first line and ``\\r\\n`` endings are removed.
+    Bounded memory: a line over :data:`LINE_LIMIT` bytes is never held whole (see
+    :class:`Overlong`); a UTF-8 byte order mark on the first line and ``\\r\\n``
+    endings are removed.
+
+    Raises:
+        CorpusError: no such file, or it breaks off (a truncated or corrupt ``.gz``/``.bz2``/``.xz``, a read
+            error), naming the file and the last line read.
     """
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: no such file")
-    with _open_binary(path) as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if raw.endswith(b"\n"):
-                raw = raw[:-1]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-            if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
-            yield lineno, raw
+    lineno = 0
+    try:
+        with _open_binary(path) as fh:
+            while True:
+                raw = fh.readline(LINE_LIMIT + 1)
+                if not raw:
+                    break
+                lineno += 1
+                if len(raw) > LINE_LIMIT and not raw.endswith(b"\n"):
+                    yield lineno, _overlong(raw, fh)
+                    continue
+                if raw.endswith(b"\n"):
+                    raw = raw[:-1]
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+                if lineno == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM) :]
+                yield lineno, raw
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
+        raise CorpusError(
+            f"{path}: unreadable after line {lineno} ({type(exc).__name__}: {exc}); "
+            "a truncated or corrupt compressed file? Re-download or re-compress it"
+        ) from None
+
+
+def overlong_detail(raw: bytes) -> str | None:
+    """For a reader: why an :class:`Overlong` line is dropped (None for a normal line)."""
+    if isinstance(raw, Overlong):
+        return f"a line of {raw.size} bytes, over the {LINE_LIMIT} bytes read per line"
+    return None
 
 
 def _decode(
@@ -521,13 +572,21 @@ def read_jsonl(
     stem = _plain_name(path).split(".")[0]
     for lineno, raw in iter_lines(path):
         source = f"{path}:{lineno}"
+        too_long = overlong_detail(raw)
+        if too_long:
+            report.drop("too_long", source, level="row", detail=too_long)
+            continue
         line = _decode(raw, report, source, level="row")
         if line is None or not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            report.drop("malformed", source, level="row", detail=f"not JSON ({exc.msg} at column {exc.colno})")
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            report.drop("malformed", source, level="row", detail=f"key {exc.args[0]!r} appears twice in one object")
+            continue
+        except (json.JSONDecodeError, RecursionError) as exc:
+            detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "nested too deep"
+            report.drop("malformed", source, level="row", detail=f"not JSON ({detail})")
             continue
         if not isinstance(obj, dict):
             report.drop("malformed", source, level="row", detail=f"expected a JSON object, got {type(obj).__name__}")
@@ -535,6 +594,20 @@ def read_jsonl(
         row = _jsonl_row(obj, source, f"{stem}-{lineno}", pivot, report)
         if row is not None:
             yield row
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``json.loads`` hook: an object repeating a key is an error (JSON keeps the last value silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _jsonl_row(obj: dict, source: str, default_id: str, pivot: str, report: CleaningReport) -> MultiWayRow | None:
@@ -548,7 +621,11 @@ def _jsonl_row(obj: dict, source: str, default_id: str, pivot: str, report: Clea
         raw_texts = {k: v for k, v in obj.items() if k not in ("id", "pivot")}
     texts: dict[str, str] = {}
     for key, value in raw_texts.items():
-        lang = _language_or_error(key, source, "key")
+        try:
+            lang = normalize_language(key)
+        except LanguageCodeError as exc:
+            report.drop("unknown_language", source, detail=f"key {key!r} is not a language code ({exc})")
+            continue
         if value is None:
             report.drop("empty", source, language=lang, detail="null text")
         elif not isinstance(value, str):

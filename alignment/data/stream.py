@@ -474,7 +474,7 @@ def plan_epoch(
         raise ValueError(
             f"finite mode needs at least one shard per reader: {world_size} rank(s) x {workers} worker(s) = "
             f"{world_size * workers} readers but only {len(refs)} shard(s). Lower {flag('num_workers')}, write more, "
-            f"smaller shards (align shards --shard-size), or set {flag('resampled')} true"
+            f"smaller shards (align shards build --rows-per-shard N), or set {flag('resampled')} true"
         )
     order = permute_shards(refs, seed, epoch) if shuffle else refs
     assigned = assign_shards(order, world_size * workers)

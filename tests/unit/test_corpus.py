@@ -94,10 +94,16 @@ def test_jsonl_bad_lines_are_counted_drops_naming_file_line(tmp_path):
     assert d["examples"]["invalid_utf8"][0].startswith(f"{path}:2")
 
 
-def test_jsonl_unknown_language_key_is_an_error_naming_file_line(tmp_path):
-    path = write(tmp_path / "c.jsonl", '{"en": "a", "de": "b"}\n{"en": "a", "source": "http://x"}\n')
-    with pytest.raises(CorpusError, match=rf"{path}:2: key 'source' is not a language code"):
-        list(read_jsonl(path, report=loose()))
+def test_jsonl_unknown_language_key_is_dropped_or_strict_error_naming_file_line(tmp_path):
+    # issue 13: one such key used to abort the whole build even without --strict
+    path = write(tmp_path / "c.jsonl", '{"en": "a", "de": "b"}\n{"en": "c", "fr": "d", "source": "http://x"}\n')
+    report = loose()
+    rows = list(read_jsonl(path, report=report))
+    assert [r.texts for r in rows] == [{"en": "a", "de": "b"}, {"en": "c", "fr": "d"}]
+    assert report.dropped["text"]["unknown_language"] == 1
+    assert report.examples["unknown_language"][0].startswith(f"{path}:2: key 'source' is not a language code")
+    with pytest.raises(CorpusError, match=rf"{path}:2: unknown_language .*key 'source' is not a language code"):
+        list(read_jsonl(path))  # strict
 
 
 def test_jsonl_strict_by_default_and_gzip(tmp_path):

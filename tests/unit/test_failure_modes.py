@@ -194,3 +194,134 @@ def test_align_fit_config_checks_are_one_line(corpus, tmp_path, capsys, monkeypa
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("align fit: error:")]
     assert len(lines) == 1 and message in lines[0], err
+
+
+def _shards_build(inputs, out, *extra) -> list[str]:
+    return ["shards", "build", "--format", "jsonl", *map(str, inputs), "--out", str(out), *extra]
+
+
+def _rows_text(n: int = 30, start: int = 0) -> str:
+    return "".join(json.dumps({"id": f"r{i}", "en": f"sentence {i}", "de": f"Satz {i}"}) + "\n"
+                   for i in range(start, start + n))
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".xz", ".bz2"])
+def test_shards_build_on_a_truncated_compressed_input_is_one_line(tmp_path, capsys, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.compress, ".xz": lzma.compress, ".bz2": bz2.compress}[suffix]
+    data = opener(_rows_text(2000).encode())
+    path = tmp_path / f"corpus.jsonl{suffix}"
+    path.write_bytes(data[: len(data) // 2])
+    assert main(_shards_build([path], tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert f"{path}: unreadable after line" in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_shards_build_on_a_read_only_folder_is_one_line(tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(_rows_text())
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(_shards_build([corpus], locked / "out")) == 1
+    finally:
+        locked.chmod(0o700)
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and str(locked) in err, err
+
+
+def test_shards_build_out_of_space_is_one_line(tmp_path):
+    """A real write failure: the build runs with a 64 kB file-size limit (RLIMIT_FSIZE, as a quota or a full
+    disk stops writes), so writing its shuffle buckets fails with an OSError."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(_rows_text(4000))  # ~250 kB
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    proc = subprocess.run([sys.executable, "-m", "alignment.cli", *_shards_build([corpus], tmp_path / "out")],
+                          env=T.align_env(), capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "align shards build: error:" in err and "File too large" in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_shards_build_unknown_key_duplicate_key_and_missing_pivot(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    lines = _rows_text(30).splitlines()
+    lines[3] = '{"id": "r3", "en": "sentence 3", "de": "Satz 3", "source": "http://example.org"}'
+    lines[5] = '{"id": "r5", "en": "sentence 5", "de": "Satz 5", "de": "Falsch"}'
+    corpus.write_text("\n".join(lines) + "\n")
+    # one unknown key is a counted drop without --strict, not an aborted build
+    assert main(_shards_build([corpus], tmp_path / "out")) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    cleaning = manifest["cleaning"]
+    assert cleaning["texts"]["dropped"]["unknown_language"] == 1
+    assert cleaning["rows"]["dropped"]["malformed"] == 1  # the row with 'de' twice: which one is right is unknown
+    assert sum(e["rows"] for e in manifest["splits"].values()) == 29
+    assert any("key 'de' appears twice" in e for e in cleaning["examples"]["malformed"])
+    capsys.readouterr()
+    # with --strict the unknown key stops the build, naming file and line
+    assert main(_shards_build([corpus], tmp_path / "strict", "--strict")) == 1
+    assert f"{corpus}:4" in capsys.readouterr().err
+    # a --pivot that is in no row: built, with a warning
+    assert main(_shards_build([corpus], tmp_path / "fr", "--pivot", "fr")) == 0
+    assert "warning: the pivot --pivot fr is in no row" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- item 10: memory on a giant line
+
+
+def test_giant_line_is_dropped_in_bounded_memory(tmp_path):
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c.jsonl"
+    with open(corpus, "w") as fh:
+        fh.write(_rows_text(20))
+        fh.write('{"id": "giant", "en": "')  # a 105 MB line, written in pieces
+        for _ in range(50):
+            fh.write("x " * (1 << 20))
+        fh.write('", "de": "y"}\n')
+        fh.write(_rows_text(20, start=20))
+    # peak resident memory of the build process itself (VmHWM starts afresh at exec, unlike ru_maxrss)
+    script = ("import re, sys; from alignment.cli import main; rc = main(sys.argv[1:]); "
+              "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+              "print('PEAK_MB', int(hwm) // 1024); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", script, *_shards_build([corpus], tmp_path / "out")],
+                          env=T.align_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.rsplit("PEAK_MB", 1)[1].split()[0])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["cleaning"]["rows"]["dropped"]["too_long"] == 1
+    assert sum(e["rows"] for e in manifest["splits"].values()) == 40
+    # measured: 273 MB here (225 MB for the same build without the line), 1126 MB before the fix
+    assert peak < 400, f"peak memory {peak} MB for one 105 MB line"
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+def test_export_of_a_damaged_checkpoint_is_one_line(checkpoint, tmp_path, capsys, damage):
+    data = checkpoint.read_bytes()
+    bad = tmp_path / f"{damage}.ckpt"
+    bad.write_bytes({"empty": b"", "garbage": bytes(range(256)) * 64, "truncated": data[: len(data) // 2]}[damage])
+    assert main(["export", str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and str(bad) in err, err
+    assert not (tmp_path / "out").exists()
