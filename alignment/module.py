@@ -16,6 +16,7 @@ collectives live in ``alignment.distributed`` and Lightning's strategy.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
@@ -390,7 +391,10 @@ class AlignmentModule(LightningModule):
 
         checkpoint[CKPT_HF_CONFIG] = self.encoder.backbone.config.to_dict()
         config = getattr(getattr(self.trainer, "datamodule", None), "config", None)
-        checkpoint[CKPT_TOKENIZER] = getattr(config, "tokenizer", None)
+        tokenizer = getattr(config, "tokenizer", None)
+        if tokenizer is not None and Path(str(tokenizer)).exists():
+            tokenizer = str(Path(str(tokenizer)).resolve())  # export and eval from any directory find it
+        checkpoint[CKPT_TOKENIZER] = tokenizer
         prefix = getattr(config, "text_prefix", "")
         checkpoint[CKPT_PREFIXES] = {"query": prefix, "document": prefix} if prefix else {}
         checkpoint["alignment_nonfinite_total"] = self.nonfinite_total

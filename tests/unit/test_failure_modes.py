@@ -325,3 +325,16 @@ def test_export_of_a_damaged_checkpoint_is_one_line(checkpoint, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1 and str(bad) in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_from_a_relative_tokenizer_path_exports_from_another_directory(corpus, tmp_path, monkeypatch,
+                                                                                    capsys):
+    import os
+
+    monkeypatch.chdir(corpus.tokenizer.parent)  # the run is started with --data.config.tokenizer tok
+    trainer = T.trainer(tmp_path / "run", max_steps=1)
+    trainer.fit(T.module(corpus), datamodule=T.datamodule(corpus, tokenizer=os.path.relpath(corpus.tokenizer)))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    monkeypatch.chdir(tmp_path)  # export from elsewhere, without --tokenizer
+    assert main(["export", str(tmp_path / "run.ckpt"), str(tmp_path / "export")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "export" / "tokenizer.json").is_file()
