@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit test-distributed test-cluster
+.PHONY: setup demo test test-unit test-distributed test-cluster test-fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -18,6 +18,9 @@ test-unit: setup
 
 test-distributed: setup
 	$(PY) -m pytest -q tests/distributed
+
+test-fuzz: setup
+	$(PY) -m pytest -q tests/fuzz
 
 test-cluster: setup
 	$(PY) -m pytest -q tests/cluster

@@ -546,7 +546,8 @@ def _write_build(
     splits = {s: w.close() for s, w in writers.items()}
     if report.rows_kept == 0:
         raise CorpusError(
-            "no rows left after cleaning; nothing was written.\n"
+            f"no rows left after cleaning {' '.join(map(str, (source or {}).get('inputs') or [])) or 'the input'}"
+            "; nothing was written.\n"
             + report.format_table()
             + "\nCheck --languages, --min-languages, --max-chars and the input format."
         )
@@ -832,8 +833,13 @@ def _validate_split(path: Path, name: str, entry: object) -> None:
         _require(isinstance(rel, str) and bool(rel), path, f"{where}.path must be a string")
         _require(plain_relative_path(rel), path, f"{where}.path must be relative inside the folder, a plain file path "
                  f"(got {rel!r}; no '..', no URL scheme or 'pipe:', no ':' or '\\')")
-        _require(isinstance(shard.get("rows"), int), path, f"{where}.rows must be an integer")
-        _require(isinstance(shard.get("bytes"), int), path, f"{where}.bytes must be an integer")
+        for key in ("rows", "bytes"):
+            value = shard.get(key)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, path,
+                     f"{where}.{key} must be a non-negative integer")
+        _require(shard["rows"] * 2 * TAR_BLOCK <= shard["bytes"], path,
+                 f"{where}.rows ({shard['rows']}) cannot fit in its {shard['bytes']} bytes (a sample takes at least "
+                 f"{2 * TAR_BLOCK} bytes of tar)")
         _require(
             isinstance(shard.get("sha256"), str) and len(shard["sha256"]) == 64,
             path,
@@ -843,10 +849,13 @@ def _validate_split(path: Path, name: str, entry: object) -> None:
 
 def plain_relative_path(rel: str) -> bool:
     """A manifest's shard path as the builder writes it (``train/shards-000000.tar``): relative, no ``..``,
-    no URL scheme or ``pipe:`` (no ``:`` at all), no backslash, no control characters, no leading ``-``."""
+    no URL scheme or ``pipe:`` (no ``:`` at all), no backslash, no control characters, no leading ``-``,
+    names the file system can hold (255 bytes a part, 1024 in all)."""
     parts = rel.split("/")
     return (
-        not rel.startswith("/")
+        len(rel.encode("utf-8", "surrogatepass")) <= 1024
+        and all(len(part.encode("utf-8", "surrogatepass")) <= 255 for part in parts)
+        and not rel.startswith("/")
         and ":" not in rel
         and "\\" not in rel
         and not any(ord(c) < 32 or c == "\x7f" for c in rel)
@@ -886,6 +895,7 @@ def load_manifest(path: str | os.PathLike) -> dict:
     for key in ("created", "pivot", "seed", "source", "cleaning", "languages", "splits"):
         _require(key in manifest, file, f"missing key {key!r}")
     _require(isinstance(manifest["splits"], dict), file, "splits must be an object")
+    _require(isinstance(manifest["languages"], dict), file, "languages must be an object")
     for name, entry in manifest["splits"].items():
         _validate_split(file, name, entry)
     return manifest
@@ -1029,7 +1039,7 @@ def _scan_tar(path: Path) -> tuple[int, Counter, list[str]]:
                 rows += 1
                 languages.update(row.texts.keys())
     except (tarfile.TarError, OSError, EOFError) as exc:
-        problems.append(f"not a readable tar ({exc})")
+        problems.append(f"not a readable tar ({' '.join(str(exc).split())})")
     return rows, languages, problems
 
 
