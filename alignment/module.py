@@ -28,6 +28,7 @@ from alignment.gradcache import GradCache, GradCacheConfig
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
 from alignment.model import DualEncoder, ModelConfig, transformer_layers
 from alignment.optim import OptimConfig, build_optimizer, build_scheduler
+from alignment.runs import CKPT_RUN, check_resume, describe_run
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,6 +121,7 @@ class AlignmentModule(LightningModule):
         self._val_rows = 0
         self._val_languages: tuple[str, ...] = ()
         self._val_pivot = "en"
+        self.last_eval: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the step
 
@@ -330,7 +332,8 @@ class AlignmentModule(LightningModule):
             vocabulary=list(self._val_languages),
         )
         # every rank computed the same numbers from the same gathered tensors
-        self.log_dict({k: float(v) for k, v in metrics.items()}, on_epoch=True, sync_dist=False)
+        self.last_eval = {k: float(v) for k, v in metrics.items()}  # checkpoints and the export's model card
+        self.log_dict(self.last_eval, on_epoch=True, sync_dist=False)
         self._val_parts = []
 
     # ------------------------------------------------------------------ checkpoints and export
@@ -345,9 +348,13 @@ class AlignmentModule(LightningModule):
         prefix = getattr(config, "text_prefix", "")
         checkpoint[CKPT_PREFIXES] = {"query": prefix, "document": prefix} if prefix else {}
         checkpoint["alignment_nonfinite_total"] = self.nonfinite_total
+        checkpoint[CKPT_RUN] = describe_run(self, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # resuming: only this run's checkpoints
+            check_resume(checkpoint, describe_run(self, self.trainer), str(self.trainer.ckpt_path or "the checkpoint"))
         self.nonfinite_total = checkpoint.get("alignment_nonfinite_total", 0)
+        self.last_eval = dict((checkpoint.get(CKPT_RUN) or {}).get("last_eval") or {})
 
     def export_encoder(self, directory, tokenizer=None) -> None:
         """Write the trained encoder (and tokenizer) as a Hugging Face + sentence-transformers folder."""

@@ -6,18 +6,62 @@ YAML recipes under ``configs/``; ``--print_config`` shows the resolved config.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+import yaml
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 from alignment.callbacks import AtomicModelCheckpoint, ExportOnFitEnd, RunMetadata, ThroughputLogger
 from alignment.data.datamodule import AlignmentDataModule
 from alignment.module import AlignmentModule
 from alignment.preemption import EXIT_REQUEUE, Preempted, PreemptionCheckpoint, install_handler
+from alignment.resources import resolve_config_args
+from alignment.runs import (
+    RunMismatchError,
+    default_run_dir,
+    derive_run_paths,
+    load_warm_start,
+    resolve_ckpt_path,
+)
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the full resolved config as ``<run>/config.yaml`` (``config-<stage>.yaml`` for validate/test)
+    and sends it to every logger (wandb's run config, the CSV logger's hparams.yaml) under ``config``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            root = Path(trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            name = self.config_filename if stage == "fit" else f"config-{stage}.yaml"
+            self.parser.save(self.config, str(root / name), skip_none=False, overwrite=True, multifile=False)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_validation=True))
+        resolved.pop("config", None)  # the --config file paths: the resolved values are all here
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": resolved})
 
 
 class AlignCLI(LightningCLI):
+    """``align fit|validate|test``. ``run_dir_default``: the default ``--trainer.default_root_dir``
+    (``runs/<first --config's stem>``); a config file or the flag overrides it."""
+
+    def __init__(self, *args, run_dir_default: str | None = None, **kwargs) -> None:
+        self._run_dir_default = run_dir_default
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
+        if self._run_dir_default:
+            parser.set_defaults({"trainer.default_root_dir": self._run_dir_default})
         parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                              "checkpoint.every_n_train_steps": 500})
@@ -25,6 +69,29 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(ThroughputLogger, "throughput")
         parser.add_lightning_class_args(RunMetadata, "run_metadata")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        parser.add_argument(
+            "--warm_start", type=str | None, default=None,
+            help="Start this run from the encoder weights of another run's checkpoint (a .ckpt file or a DeepSpeed "
+            "folder): weights only, from step 0 with a fresh optimiser, schedule and data position. Ignored when "
+            "--ckpt_path finds this run's own checkpoint (a requeued warm-started run resumes normally).",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        derive_run_paths(cfg, self.subcommand)
+
+    def before_fit(self) -> None:
+        warm = self.config["fit"].get("warm_start")
+        if not warm:
+            return
+        kwargs = self.config_init["fit"]
+        own = resolve_ckpt_path(kwargs.get("ckpt_path"), getattr(self.trainer.checkpoint_callback, "dirpath", None))
+        if own is not None:
+            rank_zero_info(f"[run] resuming this run's checkpoint {own}; --warm_start {warm} is not applied again")
+            return
+        step = load_warm_start(self.model, warm)
+        kwargs["ckpt_path"] = None
+        rank_zero_info(f"[run] warm start: encoder weights of {warm} (its step {step}); this run starts at step 0")
 
 
 class _ParseOnlyCLI(AlignCLI):
@@ -38,6 +105,7 @@ def _cli_kwargs() -> dict[str, Any]:
     return dict(
         subclass_mode_model=False,
         subclass_mode_data=False,
+        save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "align"},
         auto_configure_optimizers=False,
@@ -45,8 +113,6 @@ def _cli_kwargs() -> dict[str, Any]:
 
 
 def _args(argv: list[str]) -> list[str] | None:
-    import sys
-
     # LightningCLI warns when handed args that merely repeat sys.argv.
     return None if list(argv) == sys.argv[1:] else list(argv)
 
@@ -60,15 +126,26 @@ def parse_config(argv: list[str]):
     value checks (``__post_init__``) do not run. Returns a ``jsonargparse.Namespace``
     with ``trainer``, ``model``, ``data``, ``checkpoint``, ... groups.
     """
-    return _ParseOnlyCLI(AlignmentModule, AlignmentDataModule, run=False, args=_args(argv), **_cli_kwargs()).config
+    argv = resolve_config_args(list(argv))
+    return _ParseOnlyCLI(AlignmentModule, AlignmentDataModule, run=False, args=_args(argv),
+                         run_dir_default=default_run_dir(argv), **_cli_kwargs()).config
 
 
 def run_lightning_cli(argv: list[str]) -> int:
     """Run ``align fit|validate|test``; exit code 75 (``EXIT_REQUEUE``) after a preemption stop."""
+    try:
+        argv = resolve_config_args(list(argv))
+    except FileNotFoundError as exc:
+        print(f"align: error: {exc}", file=sys.stderr)
+        return 2
     install_handler()  # before model and data set-up: an unhandled USR1 would kill the process
     try:
-        AlignCLI(AlignmentModule, AlignmentDataModule, args=_args(argv), **_cli_kwargs())
+        AlignCLI(AlignmentModule, AlignmentDataModule, args=_args(argv), run_dir_default=default_run_dir(argv),
+                 **_cli_kwargs())
     except Preempted as stop:
         print(f"align: {stop}", flush=True)
         return EXIT_REQUEUE
+    except RunMismatchError as exc:
+        print(f"align: error: {exc}", file=sys.stderr)
+        return 2
     return 0

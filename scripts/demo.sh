@@ -49,17 +49,11 @@ echo "== 4/5 multi-way fine-tuning on CPU (configs/demo.yaml)"
 # The run's definition is configs/demo.yaml; only where it reads and writes follows $OUT.
 cat > "$OUT/paths.yaml" <<YAML
 trainer:
-  default_root_dir: $OUT/run
-  logger:
-    - class_path: lightning.pytorch.loggers.CSVLogger
-      init_args: {save_dir: $OUT/run, name: csv}
-    - class_path: alignment.loggers.ResumableWandbLogger
-      init_args: {save_dir: $OUT/run, project: multiway-align-demo}
+  default_root_dir: $OUT/run  # checkpoints, logs and the wandb id derive from the run folder
 model:
   encoder: {name_or_path: $OUT/e5}
 data:
   config: {train_shards: $OUT/shards, val_shards: $OUT/shards, tokenizer: $OUT/e5}
-checkpoint: {dirpath: $OUT/run/checkpoints}
 export: {dir: $OUT/aligned-e5}
 YAML
 # shellcheck disable=SC2086  # DEMO_FIT_ARGS is a list of flags
