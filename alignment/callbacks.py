@@ -156,7 +156,10 @@ class ThroughputLogger(Callback):
 
 
 class ExportOnFitEnd(Callback):
-    """At the end of ``fit``, export the trained encoder (HF + sentence-transformers) to ``dir``."""
+    """At the end of ``fit``, export the trained encoder (HF + sentence-transformers + model card) to ``dir``.
+
+    ``align fit`` sets ``dir`` to ``<run folder>/export`` unless given; ``""`` turns the export off.
+    """
 
     def __init__(self, dir: str | None = None, max_seq_length: int = 128) -> None:
         self.dir = dir
@@ -166,6 +169,7 @@ class ExportOnFitEnd(Callback):
         if not self.dir:
             return
         from alignment.export import export_encoder
+        from alignment.runs import describe_run
 
         datamodule = getattr(trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
@@ -173,7 +177,8 @@ class ExportOnFitEnd(Callback):
         if trainer.is_global_zero:
             # Under ZeRO-3 the weights are partitioned: gather them on every rank first.
             export_encoder(pl_module.encoder, self.dir, tokenizer=tokenizer, max_seq_length=self.max_seq_length,
-                           prompts={"query": prefix, "document": prefix} if prefix else None)
+                           prompts={"query": prefix, "document": prefix} if prefix else None,
+                           run=describe_run(pl_module, trainer))
             rank_zero_info(f"[export] encoder written to {self.dir}")
         trainer.strategy.barrier("export")
 
