@@ -52,6 +52,8 @@ class ResumableWandbLogger(WandbLogger):
         if kwargs.get("resume") is None:
             kwargs["resume"] = "allow"
         super().__init__(save_dir=save_dir, project=project, name=name, id=run_id, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # wandb warns that the (deprecated) setting was passed
+            self._wandb_init.pop("anonymous", None)
 
 
 class RunCSVLogger(CSVLogger):

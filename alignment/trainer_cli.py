@@ -6,7 +6,9 @@ YAML recipes under ``configs/``; ``--print_config`` shows the resolved config.
 
 from __future__ import annotations
 
+import re
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +109,25 @@ def _cli_kwargs() -> dict[str, Any]:
         subclass_mode_data=False,
         save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "align"},
+        parser_kwargs={"prog": "align", "exit_on_error": False},  # errors reach parse_error_message
         auto_configure_optimizers=False,
     )
+
+
+def parse_error_message(exc: BaseException, command: str = "align fit") -> str:
+    """A parser error as the user reads it: the flag as typed (``--model.loss.objective``) and what is wrong;
+    a typo in a closed choice lists the allowed values."""
+    text = str(exc).strip()
+    choice = re.search(r"Expected a typing\.Literal\[(.*?)\]\. Got value: (\S*)", text)
+    if choice:  # the keys of the nested parsers down to the failing choice: data.config + language_policy
+        key = ".".join(re.findall(r'Parser key "([^"]+)"', text[:choice.start()]))
+        allowed = ", ".join(v.strip().strip("'\"") for v in choice.group(1).split(","))
+        text = f"--{key}: must be one of {allowed}, got {choice.group(2).strip()!r}"
+    else:
+        match = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
+        if match:
+            text = f"--{match.group(1)}: {match.group(2).strip()}"
+    return f"{command}: error: {text}\n(run `{command} --help` for every flag and its allowed values)"
 
 
 def _args(argv: list[str]) -> list[str] | None:
@@ -126,9 +144,13 @@ def parse_config(argv: list[str]):
     value checks (``__post_init__``) do not run. Returns a ``jsonargparse.Namespace``
     with ``trainer``, ``model``, ``data``, ``checkpoint``, ... groups.
     """
-    argv = resolve_config_args(list(argv))
-    return _ParseOnlyCLI(AlignmentModule, AlignmentDataModule, run=False, args=_args(argv),
-                         run_dir_default=default_run_dir(argv), **_cli_kwargs()).config
+    try:
+        argv = resolve_config_args(list(argv))
+        return _ParseOnlyCLI(AlignmentModule, AlignmentDataModule, run=False, args=_args(argv),
+                             run_dir_default=default_run_dir(argv), **_cli_kwargs()).config
+    except (ArgumentError, FileNotFoundError) as exc:
+        print(parse_error_message(exc), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run_lightning_cli(argv: list[str]) -> int:
@@ -147,5 +169,9 @@ def run_lightning_cli(argv: list[str]) -> int:
         return EXIT_REQUEUE
     except RunMismatchError as exc:
         print(f"align: error: {exc}", file=sys.stderr)
+        return 2
+    except ArgumentError as exc:
+        command = f"align {argv[0]}" if argv and not argv[0].startswith("-") else "align"
+        print(parse_error_message(exc, command), file=sys.stderr)
         return 2
     return 0
