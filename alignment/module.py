@@ -307,13 +307,28 @@ class AlignmentModule(LightningModule):
         self._val_rows += batch.num_rows
 
     def on_validation_epoch_end(self) -> None:
+        metrics = self._evaluation_epoch_end("val/")
+        if metrics is not None:
+            self.last_eval = metrics  # checkpoints and the export's model card
+
+    # ``align test``: the same evaluation hook on the test split, logged under test/
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_epoch_end("test/")
+
+    def _evaluation_epoch_end(self, prefix: str) -> dict[str, float] | None:
         from alignment.evaluate.report import validation_metrics
 
         if self.trainer.sanity_checking:
-            return
+            return None
         device = self.device
         if self._val_rows == 0 and not self.trainer.world_size > 1:
-            return
+            return None
         if self._val_parts:
             emb = torch.cat([p[0] for p in self._val_parts])  # (n, D)
             rows = torch.cat([p[1] for p in self._val_parts])  # (n,)
@@ -330,11 +345,13 @@ class AlignmentModule(LightningModule):
             cands.lang_ids[valid].cpu(),
             pivot=self._val_pivot,
             vocabulary=list(self._val_languages),
+            prefix=prefix,
         )
         # every rank computed the same numbers from the same gathered tensors
-        self.last_eval = {k: float(v) for k, v in metrics.items()}  # checkpoints and the export's model card
-        self.log_dict(self.last_eval, on_epoch=True, sync_dist=False)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.log_dict(metrics, on_epoch=True, sync_dist=False)
         self._val_parts = []
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints and export
 

@@ -40,6 +40,7 @@ class RunConfig(SaveConfigCallback):
         if trainer.is_global_zero:
             root = Path(trainer.default_root_dir)
             root.mkdir(parents=True, exist_ok=True)
+            stage = str(getattr(stage, "value", stage))  # TrainerFn or str
             name = self.config_filename if stage == "fit" else f"config-{stage}.yaml"
             self.parser.save(self.config, str(root / name), skip_none=False, overwrite=True, multifile=False)
             self.save_config(trainer, pl_module, stage)
