@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -28,6 +29,11 @@ from alignment.runs import (
     load_warm_start,
     resolve_ckpt_path,
 )
+from alignment.train_logging import LearningRateLogger, ProgressLine
+
+
+# `align fit --help` shows each config field's docstring (the string under it in the dataclass).
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class RunConfig(SaveConfigCallback):
@@ -72,6 +78,8 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(ThroughputLogger, "throughput")
         parser.add_lightning_class_args(RunMetadata, "run_metadata")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        parser.add_lightning_class_args(LearningRateLogger, "lr_monitor")
+        parser.add_lightning_class_args(ProgressLine, "progress")
         parser.add_argument(
             "--warm_start", type=str | None, default=None,
             help="Start this run from the encoder weights of another run's checkpoint (a .ckpt file or a DeepSpeed "

@@ -218,7 +218,8 @@ class AlignmentDataModule(LightningDataModule):
     """Multi-way parallel shards as streamed, tokenised batches for ``Trainer.fit`` and ``Trainer.validate``.
 
     Args:
-        config: the data config (the ``--data.*`` flags).
+        config: the data config (``--data.config.*``; ``align fit --data.config.help DataConfig`` lists
+            every field with its documentation).
         tokenizer: a tokenizer object; default: ``AutoTokenizer.from_pretrained(config.tokenizer)``.
 
     Streams are built in :meth:`setup`, after the process group exists, so each

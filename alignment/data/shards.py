@@ -75,6 +75,7 @@ from alignment.data.corpus import (
     short_hash,
     stable_hash64,
 )
+from alignment.progress import progress
 
 MANIFEST_FORMAT = "multiway-align/shards/v1"
 MANIFEST_NAME = "manifest.json"
@@ -376,7 +377,7 @@ def _partition(
 ) -> array:
     """Pass 1: checked rows -> spill buckets by ``u``; returns the 64-bit hashes of all row ids."""
     id_hashes = array("Q")  # 8 bytes per row: the price of unique sample keys
-    for row in check_rows(rows, config.cleaning, report):
+    for row in progress(check_rows(rows, config.cleaning, report), "shards: reading rows", unit="row"):
         u = _split_unit(config.seed, row_split_key(row))
         id_hash = stable_hash64("id", row.id)
         line = json.dumps([u, id_hash, row.id, row.source, row.texts], ensure_ascii=False)
@@ -548,7 +549,7 @@ def _write_build(
         for s in SPLITS
     }
     assign, occurrences = _SplitAssigner(config.split), Counter()  # type: ignore[arg-type]
-    for bucket in range(n):
+    for bucket in progress(range(n), "shards: writing buckets", total=n, unit="bucket"):
         loaded = [item for spill in spills for item in _load_bucket(spill, bucket, config.cleaning.pivot)]
         spilled = _drop_duplicates(loaded, config, report)
         _write_bucket(spilled, bucket, config, writers, assign, repeated_ids, occurrences)
@@ -1059,7 +1060,7 @@ def verify_shards(manifest_path: str | os.PathLike) -> list[str]:
     root, problems = file.parent, []
     for name, entry in manifest["splits"].items():
         languages: Counter = Counter()
-        for shard in entry["shards"]:
+        for shard in progress(entry["shards"], f"shards: verifying {name}", total=len(entry["shards"]), unit="shard"):
             shard_languages, shard_problems = _verify_shard(root, shard)
             languages.update(shard_languages)
             problems += shard_problems
