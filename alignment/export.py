@@ -29,7 +29,7 @@ import torch
 
 from alignment.model import PIVOT_SUBDIR, DualEncoder
 from alignment.model_card import apply_umask, build_model_card
-from alignment.runs import CKPT_RUN
+from alignment.runs import CKPT_RUN, TRAINING_RECORD, training_record
 
 CKPT_HF_CONFIG = "alignment_hf_config"
 CKPT_TOKENIZER = "alignment_tokenizer"
@@ -120,6 +120,7 @@ def export_encoder(
             card = build_model_card({**run, "export_name": final.name}, prompts=prompts,
                                     embedding_dim=encoder.embedding_dim)
             card.save(str(tmp / "README.md"))
+            _write_json(tmp / TRAINING_RECORD, training_record(run))
         apply_umask(tmp)
         if final.exists():
             old = final.with_name(final.name + ".old")

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 CKPT_RUN = "alignment_run"
+TRAINING_RECORD = "alignment_training.json"
+"""In an export: what the run trained on (languages with the pivot, objective, data, steps), for ``align eval``."""
 IDENTITY = ("model", "objective", "languages", "tokenizer", "data")
 _FLAGS = {
     "model": "--model.encoder.name_or_path",
@@ -246,3 +248,33 @@ def load_warm_start(module: Any, path: str | os.PathLike) -> int:
         raise ValueError(f"--warm_start {path}: its encoder does not match --model.encoder "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return int(ckpt.get("global_step") or 0)
+
+
+# --------------------------------------------------------------------------- what a model was trained on
+
+
+def training_record(run: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run description an export keeps in :data:`TRAINING_RECORD`."""
+    keys = ("model", "objective", "languages", "pivot", "language_policy", "data", "data_manifest_sha256",
+            "global_step")
+    return {k: run.get(k) for k in keys}
+
+
+def recorded_training(spec: str | os.PathLike) -> tuple[dict[str, Any], str] | None:
+    """``(record, where)`` of what the model at ``spec`` was trained on, when it records it: an export
+    folder's :data:`TRAINING_RECORD`, or a Lightning checkpoint's run description. None otherwise."""
+    import json
+
+    path = Path(spec)
+    if path.is_dir() and (path / TRAINING_RECORD).is_file():
+        return json.loads((path / TRAINING_RECORD).read_text()), str(path / TRAINING_RECORD)
+    if path.is_file():
+        import torch
+
+        try:
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception:  # noqa: BLE001  (not a checkpoint: the loader reports that, not this)
+            return None
+        if isinstance(ckpt, dict) and ckpt.get(CKPT_RUN):
+            return training_record(ckpt[CKPT_RUN]), f"{path} (checkpoint)"
+    return None
