@@ -111,6 +111,7 @@ def build_model_card(run: dict[str, Any], *, prompts: dict[str, str] | None = No
     usage = (f'model.encode(texts)  # adds the training prefix "{prefix}" (default prompt "query")' if prefix
              else "model.encode(texts)")
     spec = run.get("data")
+    policy = f"(pivot {run.get('pivot')}, policy `{run.get('language_policy')}`)"
     body = f"""
 # {Path(str(run.get("export_name") or "aligned encoder")).name}
 
@@ -122,7 +123,7 @@ multiway-align (`align fit`).
 | base model | {f"`{base}`" if base else f"`{run.get('model')}`"} |
 | licence of the base model | {license_id or "unknown"} ({license_from}) |
 | objective | `{objective}`: {OBJECTIVES.get(str(objective), "")} |
-| languages | {", ".join(languages) if languages else "not recorded"} (pivot {run.get("pivot")}, policy `{run.get("language_policy")}`) |
+| languages | {", ".join(languages) if languages else "not recorded"} {policy} |
 | training data | `{spec}` |
 | data manifest sha256 | `{run.get("data_manifest_sha256") or "not recorded (shards not given through a manifest)"}` |
 | optimiser steps | {run.get("global_step")} |

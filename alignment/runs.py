@@ -157,21 +157,26 @@ def _data_spec(spec: Any) -> Any:
     return text if "://" in text else os.path.abspath(text)
 
 
-def describe_run(module: Any, trainer: Any = None) -> dict[str, Any]:
+def describe_run(module: Any, trainer: Any = None, datamodule: Any = None) -> dict[str, Any]:
     """What a checkpoint and an export record about the run: identity, step, last evaluation, source.
 
-    ``module`` is the ``AlignmentModule``; the data side comes from the
-    trainer's datamodule when there is one (languages once it is set up).
+    ``module`` is the ``AlignmentModule``; the data side comes from ``datamodule``
+    (default: the trainer's). Before the datamodule is set up, the languages are
+    the configured ones or the training manifest's.
     """
+    from alignment.data.datamodule import manifest_languages
+
     enc, loss = module.encoder_config, module.loss_config
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is None and trainer is not None:
+        datamodule = getattr(trainer, "datamodule", None)
     data = getattr(datamodule, "config", None)
     languages = None
     if datamodule is not None:
         try:
             languages = list(datamodule.languages)
         except (RuntimeError, AttributeError):
-            languages = list(data.languages) if getattr(data, "languages", None) else None
+            configured = getattr(data, "languages", None)
+            languages = list(configured) if configured else manifest_languages(getattr(data, "train_shards", None))
     spec = getattr(data, "train_shards", None)
     return {
         "model": enc.name_or_path,
@@ -225,6 +230,17 @@ def check_resume(checkpoint: dict, current: dict, ckpt_name: str = "the checkpoi
             "(--trainer.default_root_dir runs/NAME), or start it deliberately from those weights with "
             "--warm_start CKPT (weights only: no step, optimiser or data position)"
         )
+
+
+def check_resume_file(path: Path, current: dict) -> None:
+    """:func:`check_resume` on a ``.ckpt`` file before anything is built or logged (memory-mapped: cheap).
+    A DeepSpeed folder is checked later, when Lightning loads it."""
+    if not path.is_file():
+        return
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    check_resume(ckpt, current, str(path))
 
 
 # --------------------------------------------------------------------------- warm start

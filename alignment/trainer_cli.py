@@ -24,8 +24,10 @@ from alignment.preemption import EXIT_REQUEUE, Preempted, PreemptionCheckpoint, 
 from alignment.resources import resolve_config_args
 from alignment.runs import (
     RunMismatchError,
+    check_resume_file,
     default_run_dir,
     derive_run_paths,
+    describe_run,
     load_warm_start,
     resolve_ckpt_path,
 )
@@ -93,10 +95,12 @@ class AlignCLI(LightningCLI):
 
     def before_fit(self) -> None:
         warm = self.config["fit"].get("warm_start")
-        if not warm:
-            return
         kwargs = self.config_init["fit"]
         own = resolve_ckpt_path(kwargs.get("ckpt_path"), getattr(self.trainer.checkpoint_callback, "dirpath", None))
+        if own is not None:  # refuse another run's checkpoint before any logger starts (wandb would join its run)
+            check_resume_file(own, describe_run(self.model, datamodule=self.datamodule))
+        if not warm:
+            return
         if own is not None:
             rank_zero_info(f"[run] resuming this run's checkpoint {own}; --warm_start {warm} is not applied again")
             return

@@ -303,7 +303,8 @@ class AlignmentDataModule(LightningDataModule):
         world = distributed.get_world_size()
         if len(shards) < world:
             raise ValueError(
-                f"{flag(field)} has {len(shards)} shard(s) of its {split} split for {world} ranks: each rank needs one; "
+                f"{flag(field)} has {len(shards)} shard(s) of its {split} split for {world} ranks: "
+                "each rank needs one; "
                 f"write the {split} split with smaller shards"
             )
         # Validation sets are small: use fewer workers rather than refuse (one shard per reader at least).
@@ -343,7 +344,8 @@ class AlignmentDataModule(LightningDataModule):
     def test_dataloader(self) -> StreamLoader:
         if self.test_stream is None:
             raise RuntimeError("no test stream: call setup('test')")
-        return StreamLoader(self.test_stream, before_iter=self._before_val_iter, **self._loader_kwargs(self.test_stream))
+        stream = self.test_stream
+        return StreamLoader(stream, before_iter=self._before_val_iter, **self._loader_kwargs(stream))
 
     def _current_epoch(self) -> int:
         """The epoch the trainer is about to run (or :meth:`set_epoch`'s without a trainer).

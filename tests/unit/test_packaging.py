@@ -9,7 +9,6 @@ installed setuptools (no build isolation: no download); the fresh virtual enviro
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -63,8 +62,9 @@ def test_installed_align_works_from_any_directory(wheel, tmp_path):
     site = Path(_run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
                      ).stdout.strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, lightning, ... of this interpreter
+    # --ignore-installed: the interpreter's own (editable) multiway-align is visible through deps.pth
     result = _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
-                   "--no-index", str(wheel)])
+                   "--ignore-installed", "--no-index", str(wheel)])
     assert result.returncode == 0, result.stderr[-2000:]
     corpus = T.make_corpus(tmp_path / "data", rows=120, rows_per_shard=20)
     work = tmp_path / "elsewhere"
@@ -73,7 +73,8 @@ def test_installed_align_works_from_any_directory(wheel, tmp_path):
     align = str(venv / "bin" / "align")
 
     where = _run([str(venv / "bin" / "python"), "-c", "import alignment; print(alignment.__file__)"], cwd=work, env=env)
-    assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr  # the installed copy, not the checkout
+    # the installed copy, not the checkout
+    assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
 
     shown = _run([align, "fit", "--config", "recipe:xlm-roberta-base-multiway", "--print_config"], cwd=work, env=env)
     assert shown.returncode == 0, shown.stderr[-2000:]
@@ -81,7 +82,8 @@ def test_installed_align_works_from_any_directory(wheel, tmp_path):
     assert "objective: multi_positive" in shown.stdout and "process_group_backend: nccl" in shown.stdout
 
     script = _run([align, "submit", "--config", "recipe:xlm-roberta-base-enx", "--nodes", "1", "--gpus-per-node", "2",
-                   "--dry-run", "--", "--trainer.devices", "2", "--data.config.num_workers", "2", "--data.config.train_shards", str(corpus.shards)],
+                   "--dry-run", "--", "--trainer.devices", "2", "--data.config.num_workers", "2",
+                   "--data.config.train_shards", str(corpus.shards)],
                   cwd=work, env=env)
     assert script.returncode == 0, script.stderr[-2000:]
     assert script.stdout.startswith("#!/usr/bin/env bash") and "#SBATCH --gpus-per-node=2" in script.stdout

@@ -74,6 +74,7 @@ def test_resume_refuses_another_runs_checkpoint_naming_both_values(two_runs):
     root, corpus = two_runs
     last = root / "runs" / "xlm-roberta-base-multiway" / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
+    wandb_runs = sorted((last.parent.parent / "wandb").glob("offline-run-*"))
     result = _fit(root, "xlm-roberta-base-enx", corpus, "--trainer.default_root_dir", "runs/xlm-roberta-base-multiway",
                   steps=4)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -82,6 +83,8 @@ def test_resume_refuses_another_runs_checkpoint_naming_both_values(two_runs):
     assert "--model.loss.objective: checkpoint 'multi_positive', config 'en_x'" in err
     assert "--warm_start" in err
     assert last.read_bytes() == before, "the refused run wrote into the other run's checkpoint"
+    assert sorted((last.parent.parent / "wandb").glob("offline-run-*")) == wandb_runs, "it joined the wandb run"
+    assert "Restoring states" not in result.stderr + result.stdout  # refused before anything was loaded
 
 
 def test_warm_start_takes_weights_only(two_runs):
