@@ -245,3 +245,21 @@ def gather_candidates(emb: Tensor, row_ids: Tensor, lang_ids: Tensor, *, group=N
     metas = all_gather_fixed(meta, group)  # (W, max_n, 2)
     counts = [(s[_N], s[_ROWS], s[_LANGS]) for s in sizes]
     return candidates_from_gathered(gathered, metas, counts, rank=rank)
+
+
+def launcher_slot(environ=None) -> tuple[int, int]:
+    """``(rank, world size)`` of this process among independent workers, from the launcher's environment.
+
+    For jobs that share work without collectives (``align translate``): torchrun's
+    ``RANK``/``WORLD_SIZE``; a SLURM array task (``SLURM_ARRAY_TASK_ID`` from
+    ``SLURM_ARRAY_TASK_MIN``, ``SLURM_ARRAY_TASK_COUNT`` tasks) times the tasks of its
+    step (``SLURM_PROCID``/``SLURM_NTASKS``); ``srun`` tasks alone; else ``(0, 1)``.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    procid, ntasks = int(env.get("SLURM_PROCID", 0)), int(env.get("SLURM_NTASKS", 1))
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        return index * ntasks + procid, int(env["SLURM_ARRAY_TASK_COUNT"]) * ntasks
+    return procid, ntasks
