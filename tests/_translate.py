@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
 
 from alignment.synthetic import synthetic_rows
 
@@ -138,3 +139,17 @@ def build_marian(root: Path, src: str = "en", tgt: str = "de", seed: int = 0) ->
 
 
 BUILDERS = {"nllb": build_nllb, "m2m100": build_m2m100, "mbart50": build_mbart50, "marian": build_marian}
+
+
+class RecordBatches(Callback):
+    """Test-only Lightning callback: append each training batch's rows (dataset id -> languages) to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        rows: dict[str, list[str]] = {}
+        for row, lang in zip(batch.row_ids.tolist(), batch.lang_ids.tolist()):
+            rows.setdefault(batch.row_keys[row], []).append(batch.languages[lang])
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({k: sorted(v) for k, v in rows.items()}) + "\n")
