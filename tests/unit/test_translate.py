@@ -355,3 +355,16 @@ def test_translate_shards_fit_eval_round_trip(models, english, tmp_path, monkeyp
     results = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert results["summary"]["languages"] == ["de", "en", "fr"]  # the synthetic languages are evaluated
     assert {"retrieval_acc/en-de", "retrieval_acc/en-fr", "retrieval_acc/de-fr"} <= set(results["metrics"])
+
+
+@pytest.mark.parametrize("env,slot", [
+    ({}, (0, 1)),
+    ({"RANK": "3", "WORLD_SIZE": "8"}, (3, 8)),  # torchrun
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, (1, 4)),  # srun
+    ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}, (2, 4)),  # --array=5-8
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (3, 4)),
+])
+def test_ranks_come_from_the_launcher(env, slot):
+    from alignment.distributed import launcher_slot
+
+    assert launcher_slot(env) == slot
