@@ -263,3 +263,9 @@ def launcher_slot(environ=None) -> tuple[int, int]:
         index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
         return index * ntasks + procid, int(env["SLURM_ARRAY_TASK_COUNT"]) * ntasks
     return procid, ntasks
+
+
+def launcher_local_rank(environ=None) -> int:
+    """This process's index on its node (torchrun ``LOCAL_RANK``, ``srun`` ``SLURM_LOCALID``), else 0: its GPU."""
+    env = os.environ if environ is None else environ
+    return int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))

@@ -57,8 +57,10 @@ class GenerateConfig:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device == "auto":  # one GPU per local rank; a task that sees one GPU (CUDA_VISIBLE_DEVICES) takes it
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
     return torch.device(device)
 
 

@@ -164,7 +164,9 @@ def translate_part(rows: list[SourceRow], config: TranslateConfig, translator: T
 
 def _load(config: TranslateConfig) -> Translator:
     """The model, once per process; every language of the plan checked against its codes before any compute."""
-    translator = Translator(config.model, config.generate, family=config.family)
+    from alignment.distributed import launcher_local_rank
+
+    translator = Translator(config.model, config.generate, family=config.family, local_rank=launcher_local_rank())
     for step in config.steps:
         translator.languages.code(step.source, flag="--via" if step.source == config.via else "--source",
                                   role="source")

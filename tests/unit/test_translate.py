@@ -180,9 +180,7 @@ def test_run_writes_rows_shards_build_takes_as_is_with_provenance(models, englis
 
 def test_two_ranks_write_the_bytes_of_one_and_the_last_one_merges(models, english, tmp_path):
     args = [english, "--model", models["nllb"], "--targets", "de,fr", "--part-rows", "5", *FAST]
-    single = subprocess.run(translate_cmd(*args, "--out", tmp_path / "one"), env=subprocess_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
+    assert main(["translate", "run", *map(str, args), "--out", str(tmp_path / "one")]) == 0
     procs = [subprocess.Popen(translate_cmd(*args, "--out", tmp_path / "two"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=subprocess_env(RANK=str(r), WORLD_SIZE="2"))
              for r in range(2)]
@@ -195,11 +193,9 @@ def test_two_ranks_write_the_bytes_of_one_and_the_last_one_merges(models, englis
 
 
 def test_a_killed_run_resumes_without_redoing_or_duplicating_parts(models, english, tmp_path, capsys):
-    args = [english, "--model", models["m2m100"], "--targets", "de", "--part-rows", "2", "--beams", "4",
-            "--max-length", "48", "--batch-tokens", "8", "--keep-bad"]
-    reference = subprocess.run(translate_cmd(*args, "--out", tmp_path / "ref"), env=subprocess_env(),
-                               capture_output=True, text=True, timeout=300)
-    assert reference.returncode == 0, reference.stderr
+    args = [english, "--model", models["m2m100"], "--targets", "de", "--part-rows", "2", "--beams", "2",
+            "--max-length", "32", "--batch-tokens", "8", "--keep-bad"]
+    assert main(["translate", "run", *map(str, args), "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "run"
     proc = subprocess.Popen(translate_cmd(*args, "--out", out), env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -213,10 +209,9 @@ def test_a_killed_run_resumes_without_redoing_or_duplicating_parts(models, engli
     assert not (out / "corpus.jsonl").exists()
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "parts").glob("part-*")}
 
-    resumed = subprocess.run(translate_cmd(*args, "--out", out), env=subprocess_env(), capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"{len(finished)} part(s) already finished, kept" in resumed.stdout
+    capsys.readouterr()
+    assert main(["translate", "run", *map(str, args), "--out", str(out)]) == 0  # the same command again
+    assert f"{len(finished)} part(s) already finished, kept" in capsys.readouterr().out
     for name, stamp in before.items():  # finished parts untouched: not redone
         if name.endswith(".json") or (out / "parts" / name).with_suffix(".json").name in before:
             path = out / "parts" / name
@@ -228,9 +223,9 @@ def test_a_killed_run_resumes_without_redoing_or_duplicating_parts(models, engli
 
     # other settings on the same folder: refused with the difference named, nothing touched
     corpus = (out / "corpus.jsonl").read_bytes()
-    assert main(["translate", "run", *map(str, args[:7]), "--max-length", "48", "--keep-bad", "--out", str(out),
+    assert main(["translate", "run", *map(str, args[:7]), "--max-length", "32", "--keep-bad", "--out", str(out),
                  "--beams", "3"]) == 1
-    assert "holds a run with other settings (beams: 4 recorded, 3 now)" in capsys.readouterr().err
+    assert "holds a run with other settings (beams: 2 recorded, 3 now)" in capsys.readouterr().err
     assert (out / "corpus.jsonl").read_bytes() == corpus
 
 
