@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from alignment.data.corpus import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 from alignment.translate.backtranslate import Step, plan
@@ -62,6 +63,9 @@ class TranslateConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("align translate run needs at least one INPUT")
+        for path in self.inputs:  # before the model loads and before the run folder records anything
+            if not Path(path).exists():
+                raise ValueError(f"INPUT {path}: no such file or folder")
         self.targets = parse_language_list(self.targets, "--targets")
         self.source = _language(self.source, "--source")
         self.via = _language(self.via, "--via") if self.via else None

@@ -102,6 +102,13 @@ def test_a_language_the_model_lacks_is_a_one_line_error_before_anything_is_writt
     assert not (out / "run.json").exists()  # fixing the flag and rerunning is not "other settings"
 
 
+def test_a_missing_input_is_named_before_the_model_loads(english, tmp_path, capsys):
+    assert main(["translate", "run", str(english), str(tmp_path / "nope.txt"), "--model", str(tmp_path / "no-model"),
+                 "--targets", "de", "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == f"align translate run: error: INPUT {tmp_path / 'nope.txt'}: no such file or folder"
+    assert not (tmp_path / "run").exists()
+
+
 def test_codes_command_lists_what_the_model_knows(models, capsys):
     assert main(["translate", "codes", "--model", str(models["nllb"]), "--languages", "de,zh,eng_Latn"]) == 0
     out = capsys.readouterr().out
@@ -176,6 +183,30 @@ def test_run_writes_rows_shards_build_takes_as_is_with_provenance(models, englis
     from alignment.data.shards import iter_shard_rows, resolve_shards
     row = next(r for _, r in iter_shard_rows(resolve_shards(shards, "train")[0].url))
     assert row.provenance["en"] == {"origin": "original"}
+    if family != "nllb":
+        return
+    # the pivot column of those shards (every split), translated into one more language: what the rows
+    # already hold is kept with its provenance, only the new language is generated
+    again = tmp_path / "more"
+    assert main(["translate", "run", str(shards), "--model", str(models[family]), "--targets", "de,fr", "--out",
+                 str(again), "--keep-bad", *FAST]) == 0
+    before = {r.id: r for split in ("train", "validation", "test") for s in resolve_shards(shards, split)
+              for _, r in iter_shard_rows(s.url)}
+    after = rows_of(again / "corpus.jsonl")
+    assert sorted(r["id"] for r in after) == sorted(before)
+    for row in after:
+        old = before[row["id"]]
+        assert {k: v for k, v in row["texts"].items() if k != "fr"} == old.texts  # de kept, not retranslated
+        assert row["provenance"]["fr"]["origin"] == "synthetic"
+        assert {k: v for k, v in row["provenance"].items() if k != "fr"} == old.provenance
+    # JSONL rows in the `texts` form go the same way
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(json.dumps({"id": "r1", "texts": {"en": "enjl enpmx", "es": "hola"}}) + "\n")
+    assert main(["translate", "run", str(jsonl), "--model", str(models[family]), "--targets", "de,es", "--out",
+                 str(tmp_path / "j"), "--keep-bad", *FAST]) == 0
+    (row,) = rows_of(tmp_path / "j" / "corpus.jsonl")
+    assert row["texts"]["es"] == "hola" and row["provenance"]["es"] == {"origin": "original"}
+    assert row["provenance"]["de"]["origin"] == "synthetic" and row["id"] == "r1"
 
 
 def test_two_ranks_write_the_bytes_of_one_and_the_last_one_merges(models, english, tmp_path):
