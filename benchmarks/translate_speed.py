@@ -78,7 +78,8 @@ def bench_arm(name: str, folder: Path, texts: list[str], targets: list[str], con
 def markdown(results: dict) -> str:
     m, g = results["machine"], results["generate"]
     lines = [f"# Translation speed, {results['date'][:10]}", "",
-             f"- machine: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), GPU: {m['gpu'] or 'none'}",
+             f"- machine: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
+             f"GPU: {m['gpu'] or 'none'}",
              f"- torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; "
              f"load average at start {m['load_avg_1m_at_start']}",
              f"- command: `{results['command']}`", f"- date: {results['date']}",
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     big = torch.cuda.is_available() if args.big is None else args.big
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
-            folder = tiny.BUILDERS[family](Path(tmp)) if family != "marian" else tiny.build_marian(Path(tmp), "en", "de")
+            folder = tiny.BUILDERS[family](Path(tmp))  # Marian: opus-mt-en-de, one pair
             arm = bench_arm(f"tiny-{family}", folder, texts, targets if family != "marian" else ["de"], config)
             results["arms"].append(arm)
             print(f"{arm['arm']}: {arm['sentences_per_second']} sentences/s", file=sys.stderr)

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import langcodes
 
 from alignment.data.corpus import LanguageCodeError, normalize_language
 
-FAMILIES = ("nllb", "m2m100", "mbart50", "marian")
+Family = Literal["nllb", "m2m100", "mbart50", "marian"]
+FAMILIES: tuple[str, ...] = get_args(Family)
 EXAMPLE = {"nllb": "deu_Latn", "m2m100": "de", "mbart50": "de_DE", "marian": ">>de<<"}
 _NLLB_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
 _MBART_CODE = re.compile(r"^[a-z]{2,3}_[A-Z]{2}$")

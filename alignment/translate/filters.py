@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 
 REASONS = {
@@ -102,7 +102,8 @@ class FilterReport:
         reasons = sorted({r for c in self.dropped.values() for r in c} | set(self.row_drops))
         languages = sorted(set(self.texts_in) | set(self.dropped))
         return {
-            "rows": {"in": self.rows["in"], "written": self.rows["written"], "dropped": dict(sorted(self.row_drops.items()))},
+            "rows": {"in": self.rows["in"], "written": self.rows["written"],
+                     "dropped": dict(sorted(self.row_drops.items()))},
             "texts": {"in": sum(self.texts_in.values()), "kept": sum(self.kept.values()),
                       "dropped": dict(sorted(sum(self.dropped.values(), Counter()).items()))},
             "languages": {lang: {"in": self.texts_in[lang], "kept": self.kept[lang],
@@ -213,10 +214,6 @@ def check_config(config: FilterConfig) -> None:
         _identifier()
     if config.min_roundtrip_chrf is not None:
         chrf("a", "a")
-
-
-def as_dict(config: FilterConfig) -> dict:
-    return asdict(config)
 
 
 # --------------------------------------------------------------------------- running them on one direction

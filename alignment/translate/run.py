@@ -17,10 +17,18 @@ from pathlib import Path
 
 from alignment.data.corpus import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 from alignment.translate.backtranslate import Step, plan
-from alignment.translate.codes import FAMILIES, parse_language_list
+from alignment.translate.codes import FAMILIES, Family, parse_language_list
 from alignment.translate.filters import FilterConfig, FilterReport, FilterRunner, check_config
 from alignment.translate.generate import GenerateConfig, Translator
-from alignment.translate.io import ORIGINAL, SourceRow, input_fingerprint, output_row, read_sources
+from alignment.translate.io import (
+    INPUT_FORMATS,
+    ORIGINAL,
+    InputFormat,
+    SourceRow,
+    input_fingerprint,
+    output_row,
+    read_sources,
+)
 from alignment.translate.parts import RunFolder, merge
 
 
@@ -44,9 +52,9 @@ class TranslateConfig:
     (e.g. --source sw --via en --targets en,de); rows stay anchored on the original source text."""
     pivot: str | None = None
     """The rows' pivot (what align shards build keys splits on); default: --via when set, else --source."""
-    input_format: str = "auto"
+    input_format: InputFormat = "auto"
     """auto (by name: folder/manifest/.tar = shards, .jsonl = jsonl, else lines), lines, jsonl, shards."""
-    family: str | None = None
+    family: Family | None = None
     """Language-code family (nllb, m2m100, mbart50, marian); default: detected from the model."""
     part_rows: int = 2048
     """Input rows per part: the unit of work, publish and resume (the split ignores the number of ranks)."""
@@ -70,6 +78,8 @@ class TranslateConfig:
         self.source = _language(self.source, "--source")
         self.via = _language(self.via, "--via") if self.via else None
         self.pivot = _language(self.pivot, "--pivot") if self.pivot else (self.via or self.source)
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
         if self.family is not None and self.family not in FAMILIES:
             raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.part_rows < 1:
@@ -213,7 +223,8 @@ def run_rank(config: TranslateConfig, rank: int, world: int, *, log=print, comma
             "first_row": part * config.part_rows, "rows_in": len(rows), "input_sha256": sha, **counts,
             "report": report.to_dict(), "rank": rank, "world_size": world,
             "throughput": {"sentences": sentences, "seconds": round(seconds, 3),
-                           "generated_tokens": thr.generated_tokens - before[2], "wall_seconds": round(time.perf_counter() - start, 3)},
+                           "generated_tokens": thr.generated_tokens - before[2],
+                           "wall_seconds": round(time.perf_counter() - start, 3)},
         })
         done.append(part)
         log(f"[rank {rank}/{world}] part {part}: {len(rows)} rows in, {entry['rows_out']} written, "

@@ -44,10 +44,6 @@ def english(tmp_path_factory) -> Path:
     return path
 
 
-def cli(*argv) -> tuple[int, str]:
-    return main([str(a) for a in argv]), ""
-
-
 def rows_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -93,9 +89,9 @@ def test_every_family_is_detected_and_maps_bcp47_to_its_codes(models, family):
 def test_a_language_the_model_lacks_is_a_one_line_error_before_anything_is_written(
         models, english, tmp_path, capsys, family, target, expect):
     out = tmp_path / "run"
-    rc = main(["translate", "run", str(english), "--model", str(models[family]), "--targets", f"de,{target}",
-               "--out", str(out)] if family != "marian" else
-              ["translate", "run", str(english), "--model", str(models[family]), "--targets", target, "--out", str(out)])
+    targets = target if family == "marian" else f"de,{target}"
+    rc = main(["translate", "run", str(english), "--model", str(models[family]), "--targets", targets,
+               "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 1
     assert f"--targets {target}: " in err and expect in err, err
@@ -105,7 +101,8 @@ def test_a_language_the_model_lacks_is_a_one_line_error_before_anything_is_writt
 def test_a_missing_input_is_named_before_the_model_loads(english, tmp_path, capsys):
     assert main(["translate", "run", str(english), str(tmp_path / "nope.txt"), "--model", str(tmp_path / "no-model"),
                  "--targets", "de", "--out", str(tmp_path / "run")]) == 1
-    assert capsys.readouterr().err.strip() == f"align translate run: error: INPUT {tmp_path / 'nope.txt'}: no such file or folder"
+    err = capsys.readouterr().err.strip()
+    assert err == f"align translate run: error: INPUT {tmp_path / 'nope.txt'}: no such file or folder"
     assert not (tmp_path / "run").exists()
 
 
