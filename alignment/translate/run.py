@@ -89,8 +89,8 @@ class TranslateConfig:
         if self.world_size is not None and not 0 <= self.rank < self.world_size:  # type: ignore[operator]
             raise ValueError(f"--rank must be in [0, --world-size), got {self.rank} of {self.world_size}")
         self.steps: list[Step] = plan(self.source, self.targets, self.via)
-        if self.pivot not in {self.source, *self.targets}:
-            raise ValueError(f"--pivot {self.pivot} is neither the --source nor one of the --targets")
+        if self.pivot not in {self.source, self.via, *self.targets}:
+            raise ValueError(f"--pivot {self.pivot} is not the --source, the --via or one of the --targets")
 
     def settings(self) -> dict:
         """What every rank and every resume must share: anything that changes the rows written."""
@@ -185,6 +185,9 @@ def _load(config: TranslateConfig) -> Translator:
         translator.languages.code(step.source, flag="--via" if step.source == config.via else "--source",
                                   role="source")
         translator.languages.code(step.target, flag="--via" if step.target == config.via else "--targets")
+        if config.filters.min_roundtrip_chrf is not None:  # the way back needs the reverse direction too
+            translator.languages.code(step.target, flag="--min-roundtrip-chrf: translating back from", role="source")
+            translator.languages.code(step.source, flag="--min-roundtrip-chrf: translating back into")
     return translator
 
 

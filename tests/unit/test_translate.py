@@ -98,6 +98,14 @@ def test_a_language_the_model_lacks_is_a_one_line_error_before_anything_is_writt
     assert not (out / "run.json").exists()  # fixing the flag and rerunning is not "other settings"
 
 
+def test_a_round_trip_the_model_cannot_make_is_refused_before_any_compute(models, english, tmp_path, capsys):
+    assert main(["translate", "run", str(english), "--model", str(models["marian"]), "--targets", "de",
+                 "--min-roundtrip-chrf", "30", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "--min-roundtrip-chrf: translating back from de: " in err and "translates from en, not de" in err
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 def test_a_missing_input_is_named_before_the_model_loads(english, tmp_path, capsys):
     assert main(["translate", "run", str(english), str(tmp_path / "nope.txt"), "--model", str(tmp_path / "no-model"),
                  "--targets", "de", "--out", str(tmp_path / "run")]) == 1
@@ -332,7 +340,7 @@ def test_back_translation_rows_are_anchored_on_the_original_text(models, tmp_pat
     german = tmp_path / "mono.de.txt"
     german.write_text("\n".join(X.sentences(6, lang="de")) + "\n", encoding="utf-8")
     out = tmp_path / "bt"
-    assert main(["translate", "run", str(german), "--source", "de", "--via", "en", "--targets", "en,fr",
+    assert main(["translate", "run", str(german), "--source", "de", "--via", "en", "--targets", "fr",
                  "--model", str(models["nllb"]), "--out", str(out), "--keep-bad", *FAST]) == 0
     model = str(models["nllb"])
     for row, line in zip(rows_of(out / "corpus.jsonl"), X.sentences(6, lang="de")):
