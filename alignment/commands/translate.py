@@ -119,7 +119,9 @@ ERRORS = (ValueError, CorpusError, PartsError, LanguageNotSupported, FileNotFoun
 
 def run(args: argparse.Namespace) -> int:
     from alignment.distributed import launcher_slot
+    from alignment.evaluate.encode import EncodeConfig, quiet_library_bars
 
+    quiet_library_bars(EncodeConfig())  # transformers' loading bars only on a terminal: batch logs stay clean
     start = time.perf_counter()
     try:
         config = _config(args)
