@@ -117,19 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--big", action=argparse.BooleanOptionalAction, default=None,
                    help="the NLLB-600M-architecture arm (default: on when CUDA is available)")
-    p.add_argument("--big-sentences", type=int, default=2048)
+    p.add_argument("--big-sentences", type=int, default=1024)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
     command = shlex.join(["python", "benchmarks/translate_speed.py", *(sys.argv[1:] if argv is None else argv)])
-    config = GenerateConfig(beams=args.beams, max_length=args.max_length, batch_tokens=args.batch_tokens)
+    config = GenerateConfig(beams=args.beams, max_length=args.max_length, batch_tokens=args.batch_tokens,
+                            device=args.device)
     targets = args.targets.split(",")  # canonicalised by the Translator's code map
     texts = tiny.sentences(args.sentences, seed=7)
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
                "machine": machine_info(), "generate": vars(config) | {}, "sentences": args.sentences,
                "targets": targets, "arms": []}
-    big = torch.cuda.is_available() if args.big is None else args.big
+    big = (torch.cuda.is_available() and args.device != "cpu") if args.big is None else args.big
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
             folder = tiny.BUILDERS[family](Path(tmp))  # Marian: opus-mt-en-de, one pair

@@ -57,9 +57,9 @@ def _pieces(sp_path: Path) -> list[str]:
     return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
 
-def _save(model_cls, config, tokenizer, out: Path, seed: int) -> Path:
+def _save(model_cls, config, tokenizer, out: Path, seed: int, dtype: torch.dtype = torch.float32) -> Path:
     torch.manual_seed(seed)
-    model = model_cls(config).eval()
+    model = model_cls(config).eval().to(dtype)
     model.generation_config.max_length = 64  # random weights never stop on their own
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -110,7 +110,8 @@ def build_nllb(root: Path, seed: int = 0, codes: list[str] = NLLB_CODES, *, size
     tok = NllbTokenizer(vocab=vocab, merges=[], additional_special_tokens=list(codes), src_lang=codes[0])
     config = M2M100Config(vocab_size=_vocab_size(tok), pad_token_id=1, bos_token_id=0, eos_token_id=2,
                           decoder_start_token_id=2, **(size or SMALL))
-    return _save(M2M100ForConditionalGeneration, config, tok, out, seed)
+    big = size is not None and size.get("d_model", 0) >= 512  # stored in bf16, as the hub's checkpoints
+    return _save(M2M100ForConditionalGeneration, config, tok, out, seed, torch.bfloat16 if big else torch.float32)
 
 
 NLLB_600M = dict(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
