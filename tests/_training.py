@@ -224,3 +224,39 @@ def align_env(**extra: str) -> dict[str, str]:
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     env.update(extra)
     return env
+
+
+# ---------------------------------------------------------------------------- DeepSpeed on CPU (gloo)
+
+
+try:
+    from lightning.pytorch.strategies import DeepSpeedStrategy as _DeepSpeedStrategy
+except ImportError:  # pragma: no cover
+    _DeepSpeedStrategy = object
+
+
+class CPUDeepSpeedStrategy(_DeepSpeedStrategy):
+    """Test-only (``--trainer.strategy tests._training.CPUDeepSpeedStrategy``): Lightning's real
+    ``DeepSpeedStrategy`` on CPU ranks over gloo.
+
+    Lightning refuses any accelerator but CUDA; this skips that one check and otherwise runs the real
+    strategy: ``deepspeed.initialize``, ZeRO partitioning, the ZeRO checkpoint layout. Needs
+    ``DS_ACCELERATOR=cpu``. ``param_persistence_threshold=0`` forces ZeRO-3 to partition every parameter,
+    as it does every weight matrix of a real-size model (DeepSpeed's default, 1e5 elements, keeps each
+    tensor of the tiny model whole on every rank, which hides gathering bugs).
+    """
+
+    def __init__(self, stage: int = 2, param_persistence_threshold: int | None = None,
+                 process_group_backend: str = "gloo", logging_level: int = 40, **kwargs) -> None:
+        super().__init__(stage=stage, process_group_backend=process_group_backend, logging_level=logging_level,
+                         **kwargs)
+        if param_persistence_threshold is not None:
+            self.config["zero_optimization"]["stage3_param_persistence_threshold"] = param_persistence_threshold
+
+    def setup_environment(self) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # Indexed CPU devices: Lightning checks device index == local rank, and DeepSpeed takes the
+        # index as its device rank; torch treats cpu:i as the one CPU.
+        self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices or [None]))]
+        DDPStrategy.setup_environment(self)
