@@ -20,6 +20,8 @@ Collective budget of one optimiser step (``tests/distributed/test_module_ddp.py`
                              on logging steps the same all-reduce also carries every logged term and counter
     gradients                DDP's bucketed all-reduces (ZeRO: its reduce-scatters/all-gathers);
                              GradCache path: 1 flat all-reduce of all gradients instead (DDP's sync is off)
+    DDP buffers              none: their per-forward broadcast is off (strategies.ddp_defaults)
+    Lightning                1 broadcast of one int before each batch (its SIGTERM check, world > 1)
     callbacks                none per step; ThroughputLogger reads the device once per logging step,
                              PreemptionCheckpoint reads the step guard's agreed flag
 
@@ -294,7 +296,10 @@ class AlignmentModule(LightningModule):
         if rows is not None:
             check_global_batch(rows, self.trainer.world_size)
         if self._reference is not None:
-            self._reference.to(self.device)
+            # The strategy's precision converted the encoder (64-true, bf16-true, DeepSpeed's bf16) but not the
+            # unregistered reference: give it the encoder's device and dtype, so drift compares like with like.
+            dtype = next(p.dtype for p in self.encoder.parameters() if p.is_floating_point())
+            self._reference.to(device=self.device, dtype=dtype)
 
     def _check_tokenizer(self, tokenizer) -> None:
         vocab = self.encoder.backbone.get_input_embeddings().num_embeddings
@@ -307,7 +312,7 @@ class AlignmentModule(LightningModule):
     def setup(self, stage: str) -> None:
         # Every rank, before the strategy wraps the model: refuse what the strategy cannot run.
         if stage == "fit" and self._trainer is not None:
-            strategies.prepare(self.trainer, gradcache_chunk_size=self.gradcache_config.chunk_size)
+            strategies.prepare(self.trainer, self, gradcache_chunk_size=self.gradcache_config.chunk_size)
 
     def on_train_start(self) -> None:
         if self._gradcache is not None:

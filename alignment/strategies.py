@@ -4,8 +4,9 @@ The module, the callbacks and the YAMLs call these and know no strategy:
 
 - :func:`prepare` (``AlignmentModule.setup``, every rank, before the strategy
   builds its engine): refuses combinations that would train wrongly, with one
-  line naming both flags, and fills in DeepSpeed config defaults the streamed
-  loader needs (:func:`deepspeed_config_defaults`).
+  line naming both flags, fills in DeepSpeed config defaults the streamed
+  loader needs (:func:`deepspeed_config_defaults`) and turns DDP's per-step
+  buffer broadcast off where it moves nothing (:func:`ddp_defaults`).
 - :func:`disable_gradient_sync` (GradCache under DDP): DDP's reducer allows one
   backward per sync; GradCache runs several, so DDP's sync is switched off and
   the module averages gradients itself (``distributed.average_gradients_``).
@@ -80,11 +81,41 @@ def deepspeed_config_defaults(strategy) -> None:
         strategy.config.setdefault("train_micro_batch_size_per_gpu", DEEPSPEED_LOGGING_BATCH_SIZE)
 
 
-def prepare(trainer, *, gradcache_chunk_size: int = 0) -> None:
-    """Every rank, at ``setup``: refuse unsupported combinations, then strategy config defaults."""
+def ddp_defaults(strategy, module: torch.nn.Module) -> None:
+    """DDP without its per-forward buffer broadcast, when no buffer of ``module`` holds running statistics.
+
+    DDP broadcasts rank 0's buffers before every forward (one collective per
+    step). A Hugging Face encoder's buffers are constants every rank builds
+    identically (``position_ids``, ``token_type_ids``), so the broadcast moves
+    nothing; a model with BatchNorm-style running statistics keeps it. A
+    setting given by the user (``--trainer.strategy.init_args.broadcast_buffers``)
+    is left alone.
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+
+    kwargs = getattr(strategy, "_ddp_kwargs", None)
+    if not isinstance(strategy, DDPStrategy) or _is_deepspeed(strategy) or not isinstance(kwargs, dict):
+        return
+    if any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in module.modules()):
+        return
+    if "broadcast_buffers" in kwargs or "forward_sync_buffers" in kwargs:
+        return
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    name = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")  # renamed in torch 2.13
+    kwargs[name] = False
+
+
+def prepare(trainer, module: torch.nn.Module, *, gradcache_chunk_size: int = 0) -> None:
+    """Every rank, at ``setup`` (before the strategy wraps ``module``): refuse unsupported combinations,
+    then strategy defaults."""
     strategy = trainer.strategy
     check_supported(strategy, gradcache_chunk_size=gradcache_chunk_size)
     deepspeed_config_defaults(strategy)
+    ddp_defaults(strategy, module)
 
 
 def disable_gradient_sync(strategy) -> None:
