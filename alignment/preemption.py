@@ -129,10 +129,11 @@ class PreemptionCheckpoint(Callback):
     """Checkpoint and stop at a step boundary once any rank received :data:`REQUEUE_SIGNAL`.
 
     Args:
-        check_every_n_steps: optimiser steps between two checks (each check is one boolean
-            all-reduce; on GPU a device-to-host sync). The stop comes at most this many steps
-            after the signal; keep the signal's lead time (``--signal=B:USR1@N``) above that
-            many steps plus one checkpoint save.
+        check_every_n_steps: optimiser steps between two checks. With ``AlignmentModule`` a check
+            is free (the flag rides on its step guard's all-reduce, taken at the start of a step);
+            otherwise each check is one boolean all-reduce (on GPU a device-to-host sync). The stop
+            comes at most this many steps plus one after the signal; keep the signal's lead time
+            (``--signal=B:USR1@N``) above that many steps plus one checkpoint save.
 
     Needs the run's :class:`~alignment.callbacks.AtomicModelCheckpoint` (``align fit``
     always has one): the preemption checkpoint is its ``last.ckpt``, which
