@@ -260,3 +260,28 @@ class CPUDeepSpeedStrategy(_DeepSpeedStrategy):
         # index as its device rank; torch treats cpu:i as the one CPU.
         self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices or [None]))]
         DDPStrategy.setup_environment(self)
+
+
+class EmbedAtTrainEnd(Callback):
+    """Test-only callback: at the end of training, the trained model's embeddings of ``texts`` (the run's
+    tokenizer, the engine's own forward: ZeRO-3 gathers each layer), saved by rank 0 to ``out``.
+
+    Every rank runs the forward (under ZeRO-3 it is a collective). What an export must reproduce.
+    """
+
+    def __init__(self, out: str, texts: list[str]) -> None:
+        self.out = out
+        self.texts = list(texts)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        tokenizer = trainer.datamodule.tokenizer
+        enc = tokenizer(self.texts, padding=True, return_tensors="pt").to(pl_module.device)
+        encoder = pl_module.encoder
+        was = encoder.training
+        encoder.eval()
+        with torch.no_grad():
+            emb = encoder.encode(enc["input_ids"], enc["attention_mask"])  # (N, D)
+        encoder.train(was)
+        if trainer.is_global_zero:
+            torch.save({"emb": emb.float().cpu(), "dtype": str(next(encoder.parameters()).dtype),
+                        "global_step": trainer.global_step}, self.out)
