@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU (gloo, 32-true): fit, end-of-fit export, save, consolidate.
+"""DeepSpeed ZeRO-1, 2 and 3 on CPU (gloo, 32-true): fit, end-of-fit export, save, consolidate.
 
 :class:`tests._training.CPUDeepSpeedStrategy` is Lightning's real ``DeepSpeedStrategy`` minus its
 CUDA-only check. Ranks are started as a launcher (torchrun, srun) would: one ``python`` process per
@@ -199,15 +199,17 @@ def test_zero2_single_rank(setup, tmp_path):
     _check_case(root / "out" / "zero2-w1", tmp_path, corpus.tokenizer)
 
 
-def test_zero2_and_zero3_two_ranks_export_what_was_trained(setup, tmp_path):
+def test_zero1_zero2_zero3_two_ranks_export_what_was_trained(setup, tmp_path):
     root, corpus, hf = setup
     cases = [
-        {"name": "zero2", "stage": 2},
+        {"name": "zero1", "stage": 1},
+        {"name": "zero2", "stage": 2, "loss": {"drift_weight": 0.1}},
         # ZeRO-3 from a Hugging Face folder, with the drift reference model on
         {"name": "zero3", "stage": 3, "from_hf": True, "loss": {"drift_weight": 0.1}},
         {"name": "zero2-gradcache", "stage": 2, "gradcache": {"chunk_size": 4}, "expect_error": True},
     ]
     _run_world(root, corpus, hf, world=2, cases=cases)
+    _check_case(root / "out" / "zero1-w2", tmp_path, corpus.tokenizer)
     _check_case(root / "out" / "zero2-w2", tmp_path, corpus.tokenizer)
     probe = _check_case(root / "out" / "zero3-w2", tmp_path, corpus.tokenizer)
 
