@@ -13,8 +13,10 @@ Per case the worker fits a few steps with :class:`~alignment.callbacks.ExportOnF
 trained model's embeddings of a few sentences through the engine's own forward at the end of
 training, and saves the ZeRO checkpoint folder. The test then loads the export as a user does,
 ``SentenceTransformer(path)``, and requires its embeddings to match the trained model's (cosine >=
-0.9999), and that consolidating the ZeRO folder gives the same weights. A last case asks for
-GradCache under DeepSpeed and must be refused at start-up, on every rank, naming both flags.
+0.9999), and that consolidating the ZeRO folder gives the same weights. ZeRO-1 and ZeRO-2 also stop at
+step 3, save, and resume in-process to step 5: every step's loss and the final model equal a straight
+run's (the kill-and-resume through ``align fit`` is ``test_deepspeed_resume.py``, ZeRO-3). A last case
+asks for GradCache under DeepSpeed and must be refused at start-up, on every rank, naming both flags.
 
 First run: DeepSpeed compiles its CPU ``shm_comm`` extension (about 110 s on 2 cores), cached in
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
@@ -38,6 +40,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 STEPS = 3
+RESUME_TO = 5
 COSINE = 0.9999
 TEXTS = ["en_w1 en_w2 en_w3", "de_w4 de_w5", "fr_w7 fr_w8 fr_w9 fr_w10", "es_w2 es_w3 es_w11"]
 
@@ -83,10 +86,83 @@ class _Probe:
         self.callback = _CB()
 
 
-def worker(spec_path: str) -> None:
-    """One rank: every case of the spec in turn (fit + export + ZeRO save, or the GradCache refusal)."""
+def _trainer(stage: int, world: int, out: Path, max_steps: int, callbacks: list):
     from lightning.pytorch import Trainer
 
+    from alignment.callbacks import AtomicModelCheckpoint
+
+    strategy = T.CPUDeepSpeedStrategy(stage=stage, param_persistence_threshold=0 if stage == 3 else None,
+                                      parallel_devices=[torch.device("cpu", i) for i in range(world)])
+    return Trainer(accelerator="cpu", devices=world, strategy=strategy, precision="32-true", max_steps=max_steps,
+                   logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=any(isinstance(c, AtomicModelCheckpoint) for c in callbacks),
+                   num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(out), callbacks=callbacks)
+
+
+class _Record:
+    """``train/loss`` of every step, and the trained model's embeddings of ``TEXTS`` at the end of training."""
+
+    def __init__(self, ids, mask):
+        from lightning.pytorch import Callback
+
+        record = self
+        self.losses: dict[int, float] = {}
+        self.end = None
+
+        class _CB(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                record.losses[trainer.global_step - 1] = float(trainer.callback_metrics["train/loss"])
+
+            def on_train_end(self, trainer, pl_module):
+                enc = pl_module.encoder
+                enc.eval()
+                with torch.no_grad():
+                    record.end = enc.encode(ids, mask)
+                enc.train()
+
+        self.callback = _CB()
+
+
+class _StopAt:
+    def __init__(self, step: int):
+        from lightning.pytorch import Callback
+
+        stop = step
+
+        class _CB(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == stop:
+                    trainer.should_stop = True
+
+        self.callback = _CB()
+
+
+def _resume_case(case: dict, corpus, world: int, out: Path, ids, mask) -> None:
+    """In-process: the project's checkpoint callback saves the ZeRO folder at STEPS, the run stops there; a new
+    run resumes it to RESUME_TO; and a straight run to RESUME_TO. Dropout off (its RNG is not checkpointed).
+    Rank 0 saves the runs' losses and final embeddings."""
+    from alignment.callbacks import AtomicModelCheckpoint
+
+    stage, data = case["stage"], dict(batch_size=8)
+    runs, saved = {}, out / "ckpts" / "stopped.ckpt"
+    for name in ("straight", "stopped", "resumed"):
+        module = T.module(corpus, loss=case.get("loss"), seed=0)
+        record = _Record(ids, mask)
+        callbacks = [T.NoDropout(), record.callback]
+        if name == "stopped":
+            callbacks += [AtomicModelCheckpoint(dirpath=str(saved.parent), filename="stopped",
+                                                every_n_train_steps=STEPS), _StopAt(STEPS).callback]
+        trainer = _trainer(stage, world, out / name, RESUME_TO, callbacks)
+        trainer.fit(module, datamodule=T.datamodule(corpus, **data), ckpt_path=str(saved) if name == "resumed" else None)
+        runs[name] = {"losses": record.losses, "end": record.end, "global_step": trainer.global_step}
+        trainer.strategy.barrier("resume-run-done")
+        del trainer, module
+    if int(os.environ["RANK"]) == 0:
+        torch.save(runs, out / "resume.pt")
+
+
+def worker(spec_path: str) -> None:
+    """One rank: every case of the spec in turn (fit + export + ZeRO save, or the GradCache refusal)."""
     from alignment.callbacks import ExportOnFitEnd
 
     spec = json.loads(Path(spec_path).read_text())
@@ -98,16 +174,10 @@ def worker(spec_path: str) -> None:
     for case in spec["cases"]:
         out = Path(spec["out"]) / f"{case['name']}-w{world}"
         out.mkdir(parents=True, exist_ok=True)
-        stage = case["stage"]
-        strategy = T.CPUDeepSpeedStrategy(stage=stage, param_persistence_threshold=0 if stage == 3 else None,
-                                          parallel_devices=[torch.device("cpu", i) for i in range(world)])
         encoder = {"name_or_path": spec["hf_folder"]} if case.get("from_hf") else None
         module = T.module(corpus, encoder=encoder, loss=case.get("loss"), gradcache=case.get("gradcache"), seed=0)
         probe = _Probe(enc["input_ids"], enc["attention_mask"], out / "probe.pt")
-        trainer = Trainer(accelerator="cpu", devices=world, strategy=strategy, precision="32-true", max_steps=STEPS,
-                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                          default_root_dir=str(out), callbacks=[probe.callback, ExportOnFitEnd(dir=str(out / "export"))])
+        trainer = _trainer(case["stage"], world, out, STEPS, [probe.callback, ExportOnFitEnd(dir=str(out / "export"))])
         if case.get("expect_error"):
             try:
                 trainer.fit(module, datamodule=T.datamodule(corpus, batch_size=8))
@@ -118,6 +188,8 @@ def worker(spec_path: str) -> None:
         trainer.save_checkpoint(out / "ckpt")  # collective: a ZeRO folder
         trainer.strategy.barrier("case-done")
         del trainer, module
+        if case.get("resume"):
+            _resume_case(case, corpus, world, out, enc["input_ids"], enc["attention_mask"])
 
 
 # ---------------------------------------------------------------------------- test side
@@ -193,6 +265,18 @@ def _check_case(out: Path, tmp: Path, tokenizer_dir: Path):
     return probe
 
 
+def _check_resume(out: Path) -> None:
+    """Stopped at STEPS, saved, resumed to RESUME_TO == straight to RESUME_TO: every step's loss, final model."""
+    runs = torch.load(out / "resume.pt", map_location="cpu")
+    straight, stopped, resumed = runs["straight"], runs["stopped"], runs["resumed"]
+    assert stopped["global_step"] == STEPS and straight["global_step"] == resumed["global_step"] == RESUME_TO
+    assert sorted(straight["losses"]) == list(range(RESUME_TO)) and sorted(resumed["losses"]) == list(range(STEPS, RESUME_TO))
+    for step in range(RESUME_TO):
+        segment = stopped if step < STEPS else resumed
+        assert segment["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-6), (out.name, step)
+    torch.testing.assert_close(resumed["end"], straight["end"], rtol=1e-5, atol=1e-6)
+
+
 def test_zero2_single_rank(setup, tmp_path):
     root, corpus, hf = setup
     _run_world(root, corpus, hf, world=1, cases=[{"name": "zero2", "stage": 2}])  # may include the one-time compile
@@ -202,15 +286,16 @@ def test_zero2_single_rank(setup, tmp_path):
 def test_zero1_zero2_zero3_two_ranks_export_what_was_trained(setup, tmp_path):
     root, corpus, hf = setup
     cases = [
-        {"name": "zero1", "stage": 1},
-        {"name": "zero2", "stage": 2, "loss": {"drift_weight": 0.1}},
+        {"name": "zero1", "stage": 1, "loss": {"drift_weight": 0.1}, "resume": True},
+        {"name": "zero2", "stage": 2, "loss": {"drift_weight": 0.1}, "resume": True},
         # ZeRO-3 from a Hugging Face folder, with the drift reference model on
         {"name": "zero3", "stage": 3, "from_hf": True, "loss": {"drift_weight": 0.1}},
         {"name": "zero2-gradcache", "stage": 2, "gradcache": {"chunk_size": 4}, "expect_error": True},
     ]
     _run_world(root, corpus, hf, world=2, cases=cases)
-    _check_case(root / "out" / "zero1-w2", tmp_path, corpus.tokenizer)
-    _check_case(root / "out" / "zero2-w2", tmp_path, corpus.tokenizer)
+    for stage in (1, 2):
+        _check_case(root / "out" / f"zero{stage}-w2", tmp_path, corpus.tokenizer)
+        _check_resume(root / "out" / f"zero{stage}-w2")
     probe = _check_case(root / "out" / "zero3-w2", tmp_path, corpus.tokenizer)
 
     # ZeRO-3 loaded the HF folder's weights into its partitions: full shapes, none empty, every parameter
