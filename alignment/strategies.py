@@ -76,9 +76,22 @@ def check_supported(strategy, *, gradcache_chunk_size: int) -> None:
 
 
 def deepspeed_config_defaults(strategy) -> None:
-    """Fill in DeepSpeed config keys the project's loader needs (no-op for other strategies)."""
-    if _is_deepspeed(strategy) and isinstance(strategy.config, dict):
-        strategy.config.setdefault("train_micro_batch_size_per_gpu", DEEPSPEED_LOGGING_BATCH_SIZE)
+    """Fill in DeepSpeed config keys the project needs (no-op for other strategies); values the user set stay.
+
+    - ``train_micro_batch_size_per_gpu``: :data:`DEEPSPEED_LOGGING_BATCH_SIZE`.
+    - ``zero_force_ds_cpu_optimizer: false`` when the optimiser is offloaded (``configs/deepspeed/zero3-offload.yaml``):
+      the module's optimiser is ``torch.optim.AdamW`` (``alignment.optim``), which DeepSpeed otherwise refuses
+      at start-up under ZeRO-Offload (``ZeRORuntimeException: You are using ZeRO-Offload with a client provided
+      optimizer``). It then steps the offloaded fp32 master weights on the CPU, correctly but slower than
+      DeepSpeed's SIMD ``DeepSpeedCPUAdam``.
+    """
+    if not (_is_deepspeed(strategy) and isinstance(strategy.config, dict)):
+        return
+    config = strategy.config
+    config.setdefault("train_micro_batch_size_per_gpu", DEEPSPEED_LOGGING_BATCH_SIZE)
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    if offload.get("device", "none") in ("cpu", "nvme"):
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
 
 
 def ddp_defaults(strategy, module: torch.nn.Module) -> None:

@@ -86,13 +86,14 @@ class _Probe:
         self.callback = _CB()
 
 
-def _trainer(stage: int, world: int, out: Path, max_steps: int, callbacks: list):
+def _trainer(stage: int, world: int, out: Path, max_steps: int, callbacks: list, offload: bool = False):
     from lightning.pytorch import Trainer
 
     from alignment.callbacks import AtomicModelCheckpoint
 
     strategy = T.CPUDeepSpeedStrategy(stage=stage, param_persistence_threshold=0 if stage == 3 else None,
-                                      parallel_devices=[torch.device("cpu", i) for i in range(world)])
+                                      parallel_devices=[torch.device("cpu", i) for i in range(world)],
+                                      offload_optimizer=offload, offload_parameters=offload)
     return Trainer(accelerator="cpu", devices=world, strategy=strategy, precision="32-true", max_steps=max_steps,
                    logger=False, enable_progress_bar=False, enable_model_summary=False,
                    enable_checkpointing=any(isinstance(c, AtomicModelCheckpoint) for c in callbacks),
@@ -177,7 +178,8 @@ def worker(spec_path: str) -> None:
         encoder = {"name_or_path": spec["hf_folder"]} if case.get("from_hf") else None
         module = T.module(corpus, encoder=encoder, loss=case.get("loss"), gradcache=case.get("gradcache"), seed=0)
         probe = _Probe(enc["input_ids"], enc["attention_mask"], out / "probe.pt")
-        trainer = _trainer(case["stage"], world, out, STEPS, [probe.callback, ExportOnFitEnd(dir=str(out / "export"))])
+        trainer = _trainer(case["stage"], world, out, STEPS, [probe.callback, ExportOnFitEnd(dir=str(out / "export"))],
+                           offload=case.get("offload", False))
         if case.get("expect_error"):
             try:
                 trainer.fit(module, datamodule=T.datamodule(corpus, batch_size=8))
@@ -290,6 +292,8 @@ def test_zero1_zero2_zero3_two_ranks_export_what_was_trained(setup, tmp_path):
         {"name": "zero2", "stage": 2, "loss": {"drift_weight": 0.1}, "resume": True},
         # ZeRO-3 from a Hugging Face folder, with the drift reference model on
         {"name": "zero3", "stage": 3, "from_hf": True, "loss": {"drift_weight": 0.1}},
+        # ZeRO-3 with optimiser states and parameters offloaded to CPU memory (configs/deepspeed/zero3-offload.yaml)
+        {"name": "zero3-offload", "stage": 3, "offload": True, "loss": {"drift_weight": 0.1}},
         {"name": "zero2-gradcache", "stage": 2, "gradcache": {"chunk_size": 4}, "expect_error": True},
     ]
     _run_world(root, corpus, hf, world=2, cases=cases)
@@ -297,6 +301,7 @@ def test_zero1_zero2_zero3_two_ranks_export_what_was_trained(setup, tmp_path):
         _check_case(root / "out" / f"zero{stage}-w2", tmp_path, corpus.tokenizer)
         _check_resume(root / "out" / f"zero{stage}-w2")
     probe = _check_case(root / "out" / "zero3-w2", tmp_path, corpus.tokenizer)
+    assert _check_case(root / "out" / "zero3-offload-w2", tmp_path, corpus.tokenizer)["partitioned"]
 
     # ZeRO-3 loaded the HF folder's weights into its partitions: full shapes, none empty, every parameter
     # partitioned, and the first forward through the partitioned model equals the plain model's.
