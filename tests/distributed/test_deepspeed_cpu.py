@@ -13,9 +13,10 @@ Per case the worker fits a few steps with :class:`~alignment.callbacks.ExportOnF
 trained model's embeddings of a few sentences through the engine's own forward at the end of
 training, and saves the ZeRO checkpoint folder. The test then loads the export as a user does,
 ``SentenceTransformer(path)``, and requires its embeddings to match the trained model's (cosine >=
-0.9999), and that consolidating the ZeRO folder gives the same weights. ZeRO-1 and ZeRO-2 also stop at
-step 3, save, and resume in-process to step 5: every step's loss and the final model equal a straight
-run's (the kill-and-resume through ``align fit`` is ``test_deepspeed_resume.py``, ZeRO-3). A last case
+0.9999), and that consolidating the ZeRO folder gives the same weights. ZeRO-1, ZeRO-2 and ZeRO-3
+with CPU offload also stop at step 3 (the project's checkpoint callback saves there), and a new run
+resumes in-process to step 5: every step's loss and the final model equal a straight run's (the
+kill-and-resume through ``align fit`` is ``test_deepspeed_resume.py``, ZeRO-3). A last case
 asks for GradCache under DeepSpeed and must be refused at start-up, on every rank, naming both flags.
 
 First run: DeepSpeed compiles its CPU ``shm_comm`` extension (about 110 s on 2 cores), cached in
@@ -153,7 +154,7 @@ def _resume_case(case: dict, corpus, world: int, out: Path, ids, mask) -> None:
         if name == "stopped":
             callbacks += [AtomicModelCheckpoint(dirpath=str(saved.parent), filename="stopped",
                                                 every_n_train_steps=STEPS), _StopAt(STEPS).callback]
-        trainer = _trainer(stage, world, out / name, RESUME_TO, callbacks)
+        trainer = _trainer(stage, world, out / name, RESUME_TO, callbacks, offload=case.get("offload", False))
         trainer.fit(module, datamodule=T.datamodule(corpus, **data), ckpt_path=str(saved) if name == "resumed" else None)
         runs[name] = {"losses": record.losses, "end": record.end, "global_step": trainer.global_step}
         trainer.strategy.barrier("resume-run-done")
@@ -293,7 +294,7 @@ def test_zero1_zero2_zero3_two_ranks_export_what_was_trained(setup, tmp_path):
         # ZeRO-3 from a Hugging Face folder, with the drift reference model on
         {"name": "zero3", "stage": 3, "from_hf": True, "loss": {"drift_weight": 0.1}},
         # ZeRO-3 with optimiser states and parameters offloaded to CPU memory (configs/deepspeed/zero3-offload.yaml)
-        {"name": "zero3-offload", "stage": 3, "offload": True, "loss": {"drift_weight": 0.1}},
+        {"name": "zero3-offload", "stage": 3, "offload": True, "loss": {"drift_weight": 0.1}, "resume": True},
         {"name": "zero2-gradcache", "stage": 2, "gradcache": {"chunk_size": 4}, "expect_error": True},
     ]
     _run_world(root, corpus, hf, world=2, cases=cases)
@@ -302,6 +303,7 @@ def test_zero1_zero2_zero3_two_ranks_export_what_was_trained(setup, tmp_path):
         _check_resume(root / "out" / f"zero{stage}-w2")
     probe = _check_case(root / "out" / "zero3-w2", tmp_path, corpus.tokenizer)
     assert _check_case(root / "out" / "zero3-offload-w2", tmp_path, corpus.tokenizer)["partitioned"]
+    _check_resume(root / "out" / "zero3-offload-w2")
 
     # ZeRO-3 loaded the HF folder's weights into its partitions: full shapes, none empty, every parameter
     # partitioned, and the first forward through the partitioned model equals the plain model's.
