@@ -16,7 +16,7 @@ strategy-specific code in ``alignment.strategies``.
 Collective budget of one optimiser step (``tests/distributed/test_module_ddp.py`` counts them)::
 
     gather_candidates        3 all-gathers (sizes, embeddings, ids) + 1 reduce-scatter in backward: the loss
-    the step guard           1 all-reduce of a few floats (StepGuard): NaN/inf check, preemption flag, global loss;
+    the step guard           1 all-reduce of a few floats (_guard_and_log): NaN/inf check, preemption flag, global loss;
                              on logging steps the same all-reduce also carries every logged term and counter
     gradients                DDP's bucketed all-reduces (ZeRO: its reduce-scatters/all-gathers);
                              GradCache path: 1 flat all-reduce of all gradients instead (DDP's sync is off)
