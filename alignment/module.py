@@ -213,8 +213,7 @@ class AlignmentModule(LightningModule):
         logging = self._is_logging_step()
         local_nonfinite = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
         means = {"loss": loss.detach().to(torch.float64)}
-        sums = {"nonfinite_ranks": local_nonfinite, "preempt_ranks": float(preemption.requested()),
-                "rows": float(batch.num_rows)}
+        sums = {"nonfinite_ranks": local_nonfinite, "preempt_ranks": float(preemption.requested())}
         if logging:
             means.update({k: v.detach().to(torch.float64) for k, v in out.items() if v.numel() == 1})
             counts = self._skip_counts()
@@ -264,7 +263,7 @@ class AlignmentModule(LightningModule):
             # logger receives.
             return
         logged = {f"train/{k}": v for k, v in means.items() if k != "loss"}
-        logged["train/rows"] = sums["rows"]  # rows of the global batch
+        logged["train/rows"] = float(batch.num_rows)  # this rank's rows (train/global_rows: all ranks')
         logged["train/nonfinite_steps"] = float(self.nonfinite_total)  # cumulative: skipped steps so far
         # Run totals summed over ranks; every rank logs every reason, zeros included.
         logged.update({f"data/{k}": v for k, v in sums.items() if k.startswith("skipped/")})

@@ -229,13 +229,10 @@ def align_env(**extra: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------- DeepSpeed on CPU (gloo)
 
 
-try:
-    from lightning.pytorch.strategies import DeepSpeedStrategy as _DeepSpeedStrategy
-except ImportError:  # pragma: no cover
-    _DeepSpeedStrategy = object
+from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402 - deepspeed itself is imported lazily
 
 
-class CPUDeepSpeedStrategy(_DeepSpeedStrategy):
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Test-only (``--trainer.strategy tests._training.CPUDeepSpeedStrategy``): Lightning's real
     ``DeepSpeedStrategy`` on CPU ranks over gloo.
 
