@@ -14,9 +14,9 @@ trained model's embeddings of a few sentences through the engine's own forward a
 training, and saves the ZeRO checkpoint folder. The test then loads the export as a user does,
 ``SentenceTransformer(path)``, and requires its embeddings to match the trained model's (cosine >=
 0.9999), and that consolidating the ZeRO folder gives the same weights. ZeRO-1, ZeRO-2 and ZeRO-3
-with CPU offload also stop at step 3 (the project's checkpoint callback saves there), and a new run
-resumes in-process to step 5: every step's loss and the final model equal a straight run's (the
-kill-and-resume through ``align fit`` is ``test_deepspeed_resume.py``, ZeRO-3). A last case
+with CPU offload are also preempted in-process (a real SIGUSR1 on every rank -> ``last.ckpt`` at step 3
+-> ``Preempted``), and a new run resumes to step 5: every step's loss and the final model equal a
+straight run's (USR1 and SIGKILL through ``align fit``: ``test_deepspeed_resume.py``, ZeRO-3). A last case
 asks for GradCache under DeepSpeed and must be refused at start-up, on every rank, naming both flags.
 
 First run: DeepSpeed compiles its CPU ``shm_comm`` extension (about 110 s on 2 cores), cached in
@@ -125,38 +125,32 @@ class _Record:
         self.callback = _CB()
 
 
-class _StopAt:
-    def __init__(self, step: int):
-        from lightning.pytorch import Callback
-
-        stop = step
-
-        class _CB(Callback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if trainer.global_step == stop:
-                    trainer.should_stop = True
-
-        self.callback = _CB()
-
-
 def _resume_case(case: dict, corpus, world: int, out: Path, ids, mask) -> None:
-    """In-process: the project's checkpoint callback saves the ZeRO folder at STEPS, the run stops there; a new
-    run resumes it to RESUME_TO; and a straight run to RESUME_TO. Dropout off (its RNG is not checkpointed).
-    Rank 0 saves the runs' losses and final embeddings."""
+    """In-process, the preemption path: a real SIGUSR1 on every rank after step STEPS - 1 -> ``last.ckpt`` (the
+    project's checkpoint callback) at the next step boundary -> ``Preempted``; a new run resumes it to RESUME_TO;
+    and a straight run to RESUME_TO. Dropout off (its RNG is not checkpointed). Rank 0 saves the runs' losses
+    and final embeddings."""
     from alignment.callbacks import AtomicModelCheckpoint
+    from alignment.preemption import Preempted, PreemptionCheckpoint
 
     stage, data = case["stage"], dict(batch_size=8)
-    runs, saved = {}, out / "ckpts" / "stopped.ckpt"
-    for name in ("straight", "stopped", "resumed"):
+    runs, saved = {}, out / "ckpts" / "last.ckpt"
+    for name in ("straight", "preempted", "resumed"):
         module = T.module(corpus, loss=case.get("loss"), seed=0)
         record = _Record(ids, mask)
         callbacks = [T.NoDropout(), record.callback]
-        if name == "stopped":
-            callbacks += [AtomicModelCheckpoint(dirpath=str(saved.parent), filename="stopped",
-                                                every_n_train_steps=STEPS), _StopAt(STEPS).callback]
+        if name == "preempted":
+            callbacks += [AtomicModelCheckpoint(dirpath=str(saved.parent), every_n_train_steps=1000),
+                          PreemptionCheckpoint(), T.SendSignal(step=STEPS - 1)]
         trainer = _trainer(stage, world, out / name, RESUME_TO, callbacks, offload=case.get("offload", False))
-        trainer.fit(module, datamodule=T.datamodule(corpus, **data), ckpt_path=str(saved) if name == "resumed" else None)
-        runs[name] = {"losses": record.losses, "end": record.end, "global_step": trainer.global_step}
+        try:
+            trainer.fit(module, datamodule=T.datamodule(corpus, **data),
+                        ckpt_path=str(saved) if name == "resumed" else None)
+            stopped = None
+        except Preempted as exc:
+            stopped = exc.step
+        runs[name] = {"losses": record.losses, "end": record.end, "global_step": trainer.global_step,
+                      "preempted_at": stopped}
         trainer.strategy.barrier("resume-run-done")
         del trainer, module
     if int(os.environ["RANK"]) == 0:
@@ -269,13 +263,17 @@ def _check_case(out: Path, tmp: Path, tokenizer_dir: Path):
 
 
 def _check_resume(out: Path) -> None:
-    """Stopped at STEPS, saved, resumed to RESUME_TO == straight to RESUME_TO: every step's loss, final model."""
+    """Preempted (USR1) at STEPS, resumed to RESUME_TO == straight to RESUME_TO: every step's loss, final model."""
     runs = torch.load(out / "resume.pt", map_location="cpu")
-    straight, stopped, resumed = runs["straight"], runs["stopped"], runs["resumed"]
-    assert stopped["global_step"] == STEPS and straight["global_step"] == resumed["global_step"] == RESUME_TO
-    assert sorted(straight["losses"]) == list(range(RESUME_TO)) and sorted(resumed["losses"]) == list(range(STEPS, RESUME_TO))
+    straight, preempted, resumed = runs["straight"], runs["preempted"], runs["resumed"]
+    assert preempted["preempted_at"] == STEPS, preempted  # signal after step STEPS - 1, agreed in the next step
+    assert straight["preempted_at"] is None and resumed["preempted_at"] is None
+    assert straight["global_step"] == resumed["global_step"] == RESUME_TO
+    assert sorted(straight["losses"]) == list(range(RESUME_TO))
+    assert sorted(preempted["losses"]) == list(range(STEPS))
+    assert sorted(resumed["losses"]) == list(range(STEPS, RESUME_TO))
     for step in range(RESUME_TO):
-        segment = stopped if step < STEPS else resumed
+        segment = preempted if step < STEPS else resumed
         assert segment["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-6), (out.name, step)
     torch.testing.assert_close(resumed["end"], straight["end"], rtol=1e-5, atol=1e-6)
 
