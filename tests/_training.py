@@ -147,6 +147,7 @@ def wandb_history(run_root: Path) -> tuple[str, list[dict]]:
     files = sorted(Path(run_root).glob("wandb/offline-run-*/run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no offline wandb run under {run_root}/wandb")
+    _wait_for_exit_record(files[-1])
     rows, run_id = [], None
     for f in files:
         for rec in wandb_records(f):
@@ -156,6 +157,27 @@ def wandb_history(run_root: Path) -> tuple[str, list[dict]]:
             elif kind == "history":
                 rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
     return run_id, rows
+
+
+def _wait_for_exit_record(path: Path, timeout: float = 60.0) -> None:
+    """Wait until wandb's writer has closed ``path`` with its ``exit`` record.
+
+    ``run.finish()`` returns once wandb's service has the records, not once its
+    writer has flushed them: read at once, the file is sometimes still being
+    written (seen here under load: no ``run`` record yet).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if any(rec.WhichOneof("record_type") == "exit" for rec in wandb_records(path)):
+                return
+        except Exception:  # a chunk still being written
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: wandb never wrote its exit record within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def csv_metrics(path: Path) -> list[dict]:
