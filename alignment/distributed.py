@@ -161,6 +161,41 @@ def average_gradients_(params: Iterable[torch.nn.Parameter], group=None) -> None
         offset += p.numel()
 
 
+def sum_and_mean(
+    sums: dict[str, Tensor | float], means: dict[str, Tensor | float], *, device=None, group=None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Sum ``sums`` and average ``means`` over ranks in **one** all-reduce; values come back as floats.
+
+    For the handful of per-step scalars (loss, flags, counters): one float64
+    vector, one collective, one device-to-host sync to read it, instead of one
+    of each per value. Tensors must be 1-element (they stay on ``device``
+    until the collective: no sync before it). Every rank must pass the same
+    keys in the same order. World size 1: the same arithmetic, no collective.
+    """
+    world, _ = _world_and_rank(group)
+    keys = [("sum", k) for k in sums] + [("mean", k) for k in means]
+    values = [*sums.values(), *means.values()]
+    tensors = [i for i, v in enumerate(values) if torch.is_tensor(v)]
+    floats = [i for i, v in enumerate(values) if not torch.is_tensor(v)]
+    parts = []
+    if tensors:
+        parts.append(torch.cat([values[i].detach().reshape(1).to(device, torch.float64) for i in tensors]))
+    if floats:
+        parts.append(torch.tensor([float(values[i]) for i in floats], dtype=torch.float64, device=device))
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    host = flat.tolist()  # the one host sync
+    by_index = dict(zip(tensors + floats, host))
+    out_sums, out_means = {}, {}
+    for i, (kind, key) in enumerate(keys):
+        if kind == "sum":
+            out_sums[key] = by_index[i]
+        else:
+            out_means[key] = by_index[i] / world
+    return out_sums, out_means
+
+
 # --------------------------------------------------------------------------- candidates
 
 
