@@ -278,10 +278,13 @@ def test_merge_names_the_missing_parts(models, english, tmp_path, capsys):
 
 
 def test_each_filter_drops_by_its_reason_and_the_report_counts_them(models, tmp_path):
-    from tests.unit.test_eval_cli import save_tiny_encoder
+    from alignment.model import DualEncoder
+    from alignment.synthetic import tiny_tokenizer
 
     translator = Translator(str(models["m2m100"]), GenerateConfig(beams=1, max_length=10))
-    encoder = save_tiny_encoder(tmp_path / "enc")
+    encoder = tmp_path / "enc"  # a tiny encoder folder, loaded the way `align eval` loads any encoder
+    tokenizer = tiny_tokenizer(save_dir=encoder)
+    DualEncoder.from_config(DualEncoder.tiny_config(len(tokenizer)), projection_dim=16).save_pretrained(encoder)
     en = "The weather is very nice today and we are going to the park."
     de = "Das Wetter ist heute sehr schön und wir gehen in den Park."
     sources = [en, en, en, en, en]
