@@ -307,15 +307,29 @@ def test_each_filter_drops_by_its_reason_and_the_report_counts_them(models, tmp_
     keep, report = run(FilterConfig(min_roundtrip_chrf=99.0))  # gibberish back-translations never reach 99
     assert keep == [False, False, False, False, False]
     assert report["languages"]["de"]["dropped"]["roundtrip_chrf"] == 3
-    keep, report = run(FilterConfig(similarity_model=str(encoder), min_similarity=1.0))
-    assert report["languages"]["de"]["dropped"]["similarity"] == 3
-    keep, report = run(FilterConfig(similarity_model=str(encoder), min_margin=100.0))
-    assert report["languages"]["de"]["dropped"]["margin"] == 3
     keep, report = run(FilterConfig(similarity_model=str(encoder), min_similarity=-1.0, min_margin=0.0))
-    assert keep == [False, False, True, True, True]
+    assert keep == [False, False, True, True, True]  # the embedding filters at bounds every pair meets
     table = FilterReport.merged([report, report]).format_table()
     assert "empty_output" in table and "copied_source" in table and "10 translations, 6 kept" in table
 
+    # embedding filters on sentences the tiny encoder's vocabulary knows: drops are exactly the pairs under
+    # the bound, scored independently here with the encoder loaded as `align eval` loads it
+    from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder
+    from alignment.evaluate.mining import score_aligned
+
+    src, out = X.sentences(8, seed=5, lang="en"), X.sentences(8, seed=5, lang="de")
+    out = out[:5] + out[6:] + out[5:6]  # the last three misaligned
+    model, tok, _ = load_encoder(encoder)
+    x, y = (encode_texts(model, tok, t, EncodeConfig(quiet=True)) for t in (src, out))
+    cosine, margin = (x * y).sum(1), score_aligned(x, y, k=4, margin="ratio", chunk_size=4096, backend="exact")
+    assert len(set(cosine.tolist())) > 4, "the tiny encoder does not tell these sentences apart"
+    for flag, scores, reason in (("min_similarity", cosine, "similarity"), ("min_margin", margin, "margin")):
+        bound = float(scores.median())
+        report = FilterReport()
+        config = FilterConfig(similarity_model=str(encoder), **{flag: bound})
+        keep = FilterRunner(config, report).apply([f"l{i}" for i in range(8)], src, out, "en", "de", translator)
+        assert keep == [v >= bound for v in scores.tolist()], reason
+        assert report.to_dict()["languages"]["de"]["dropped"] == {reason: sum(v < bound for v in scores.tolist())}
 
 def test_filter_flags_reach_the_report_in_the_manifest(models, english, tmp_path, capsys):
     out = tmp_path / "run"
