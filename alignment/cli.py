@@ -2,7 +2,7 @@
 
 ``align fit|validate|test`` go to the Lightning CLI (training application);
 every other subcommand (``shards``, ``eval``, ``mine``, ``export``,
-``offline-encoder``, ``submit``) is a module under ``alignment.commands``
+``offline-encoder``, ``submit``, ``translate``) is a module under ``alignment.commands``
 exposing ``register(subparsers)``.
 """
 
@@ -22,6 +22,7 @@ COMMAND_MODULES = {
     "mine": "alignment.commands.mine",
     "export": "alignment.commands.export",
     "submit": "alignment.commands.submit",
+    "translate": "alignment.commands.translate",
 }
 
 

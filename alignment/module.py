@@ -10,7 +10,22 @@ The step (``../shared/docs/architecture.md``)::
 
 With ``--model.gradcache.chunk_size > 0`` the step runs GradCache under
 manual optimisation (``alignment/gradcache.py``). The module knows no ranks:
-collectives live in ``alignment.distributed`` and Lightning's strategy.
+collectives live in ``alignment.distributed`` and Lightning's strategy;
+strategy-specific code in ``alignment.strategies``.
+
+Collective budget of one optimiser step (``tests/distributed/test_module_ddp.py`` counts them)::
+
+    gather_candidates        3 all-gathers (sizes, embeddings, ids) + 1 reduce-scatter in backward: the loss
+    the step guard           1 all-reduce of a few floats (_guard_and_log): NaN/inf check, preemption flag, global loss;
+                             on logging steps the same all-reduce also carries every logged term and counter
+    gradients                DDP's bucketed all-reduces (ZeRO: its reduce-scatters/all-gathers);
+                             GradCache path: 1 flat all-reduce of all gradients instead (DDP's sync is off)
+    DDP buffers              none: their per-forward broadcast is off (strategies.ddp_defaults)
+    Lightning                1 broadcast of one int before each batch (its SIGTERM check, world > 1)
+    callbacks                none per step; ThroughputLogger reads the device once per logging step,
+                             PreemptionCheckpoint reads the step guard's agreed flag
+
+Nothing else per step: no ``sync_dist`` logging, no separate boolean decisions.
 """
 
 from __future__ import annotations
@@ -22,7 +37,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
-from alignment import distributed
+from alignment import distributed, preemption, strategies
 from alignment.data.stream import SKIP_REASONS, Batch
 from alignment.gradcache import GradCache, GradCacheConfig
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
@@ -117,6 +132,8 @@ class AlignmentModule(LightningModule):
         self._gradcache = GradCache(self._encode, self._loss_terms, gradcache.chunk_size) if gradcache.enabled else None
         self.nonfinite_steps = 0
         self.nonfinite_total = 0
+        self.preemption_agreed = False
+        """Whether any rank received the preemption signal, as of this step's guard (``PreemptionCheckpoint``)."""
         self._val_parts: list[tuple[Tensor, Tensor, Tensor]] = []
         self._val_rows = 0
         self._val_languages: tuple[str, ...] = ()
@@ -153,11 +170,7 @@ class AlignmentModule(LightningModule):
             return self._gradcache_step(batch)
         out = self._loss_terms(self._encode(batch), batch)
         loss = total_loss(out)
-        finite = self._all_finite(loss, batch)
-        # Logged either way: Lightning re-logs a key's last value on steps that do not log it,
-        # so a skipped step that logged nothing would show the previous step's loss.
-        self._log_terms(out, loss, batch)
-        if not finite:
+        if not self._guard_and_log(loss, out, batch):
             return None  # Lightning skips backward and the optimiser step on every rank
         return loss
 
@@ -175,9 +188,7 @@ class AlignmentModule(LightningModule):
         out = self._gradcache.step(batch)
         distributed.average_gradients_([p for p in self.encoder.parameters() if p.requires_grad])
         loss = total_loss(out)
-        finite = self._all_finite(loss, batch)
-        self._log_terms(out, loss, batch)
-        if not finite:
+        if not self._guard_and_log(loss, out, batch):
             optimizer.zero_grad(set_to_none=True)
             return None
         if self.optim_config.max_grad_norm:
@@ -187,22 +198,48 @@ class AlignmentModule(LightningModule):
         scheduler.step()
         return None
 
-    def _all_finite(self, loss: Tensor, batch: Batch) -> bool:
-        """Agree across ranks whether this step's loss is finite; count and stop on a streak.
+    def _guard_and_log(self, loss: Tensor, out: dict[str, Tensor], batch: Batch) -> bool:
+        """The step's one small collective: agree on finiteness and preemption, log global values.
 
-        One boolean all-reduce and a device-to-host sync per step: every rank
-        must skip the same steps, or the next collective would pair up
-        different steps.
+        One all-reduce of a few floats (and one device-to-host sync): the
+        count of ranks whose loss is not finite (every rank must skip the same
+        steps, or the next collective would pair up different steps), the
+        count of ranks that received the preemption signal (read by
+        ``PreemptionCheckpoint`` from :attr:`preemption_agreed`), and the
+        global loss, the mean over ranks of ``L_r`` (``alignment.distributed``:
+        the loss one process would compute over the whole global batch). On
+        logging steps the same vector also carries every scalar term (mean over
+        ranks) and the data skip counters (sum over ranks). Returns whether the
+        loss is finite on every rank.
         """
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss.detach())), all=True)
+        logging = self._is_logging_step()
+        local_nonfinite = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
+        means = {"loss": loss.detach().to(torch.float64)}
+        sums = {"nonfinite_ranks": local_nonfinite, "preempt_ranks": float(preemption.requested())}
+        if logging:
+            means.update({k: v.detach().to(torch.float64) for k, v in out.items() if v.numel() == 1})
+            counts = self._skip_counts()
+            sums.update({f"skipped/{reason}": float(counts.get(reason, 0)) for reason in SKIP_REASONS})
+        summed, meaned = distributed.sum_and_mean(sums, means, device=loss.device)  # the one collective
+        finite = summed["nonfinite_ranks"] == 0
+        self.preemption_agreed = summed["preempt_ranks"] > 0
         if finite:
             self.nonfinite_steps = 0
-            return True
-        self.nonfinite_steps += 1
-        self.nonfinite_total += 1
-        if self.nonfinite_steps >= self.step_config.max_nonfinite_steps:
+        else:
+            self.nonfinite_steps += 1
+            self.nonfinite_total += 1
+        # Logged either way: Lightning re-logs a key's last value on steps that do not log it,
+        # so a skipped step that logged nothing would show the previous step's loss.
+        self._log_terms(meaned, summed, batch, logging)
+        if not finite and self.nonfinite_steps >= self.step_config.max_nonfinite_steps:
             self._stop_on_nonfinite(batch)
-        return False
+        return finite
+
+    def _skip_counts(self) -> dict[str, int]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "skip_counts"):
+            return datamodule.skip_counts("train")
+        return {}
 
     def _stop_on_nonfinite(self, batch: Batch) -> None:
         path = None
@@ -215,28 +252,24 @@ class AlignmentModule(LightningModule):
             "--model.loss.temperature, or check the data; --model.step.max_nonfinite_steps sets the limit."
         )
 
-    def _log_terms(self, out: dict[str, Tensor], loss: Tensor, batch: Batch) -> None:
+    def _log_terms(self, means: dict[str, float], sums: dict[str, float], batch: Batch, logging: bool) -> None:
+        """Log the agreed global values (no ``sync_dist``: they are the same on every rank already)."""
         rows = max(batch.num_rows, 1)
-        self.log("loss", loss.detach().float(), prog_bar=True, logger=False, batch_size=rows)
+        loss = means["loss"]
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=rows)
         # Every step, so callbacks can monitor it (ModelCheckpoint, EarlyStopping read callback_metrics).
-        self.log("train/loss", loss.detach().float(), on_step=True, on_epoch=False, batch_size=rows)
-        if not self._is_logging_step():
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=rows)
+        if not logging:
             # Lightning hands loggers only the logging step's on_step values: logging the other terms on
             # every step costs about 1 ms of Python per key (measured on the tiny model) for values no
             # logger receives.
             return
-        logged = {f"train/{k}": v.detach().float() for k, v in out.items() if v.numel() == 1}
-        logged["train/rows"] = float(batch.num_rows)
+        logged = {f"train/{k}": v for k, v in means.items() if k != "loss"}
+        logged["train/rows"] = float(batch.num_rows)  # this rank's rows (train/global_rows: all ranks')
         logged["train/nonfinite_steps"] = float(self.nonfinite_total)  # cumulative: skipped steps so far
+        # Run totals summed over ranks; every rank logs every reason, zeros included.
+        logged.update({f"data/{k}": v for k, v in sums.items() if k.startswith("skipped/")})
         self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=False, batch_size=rows)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "skip_counts"):
-            # Summed over ranks (one small all-reduce per reason, only on logging steps). Every rank logs
-            # every reason, zeros included: differing key sets across ranks would pair up collectives wrongly.
-            counts = datamodule.skip_counts("train")
-            for reason in SKIP_REASONS:
-                self.log(f"data/skipped/{reason}", float(counts.get(reason, 0)), on_step=True, reduce_fx="sum",
-                         sync_dist=True, batch_size=1)
 
     def _is_logging_step(self) -> bool:
         """Whether this step's logs reach the loggers, by Lightning's own rule (``(step + 1) % every``); the
@@ -264,7 +297,10 @@ class AlignmentModule(LightningModule):
         if rows is not None:
             check_global_batch(rows, self.trainer.world_size)
         if self._reference is not None:
-            self._reference.to(self.device)
+            # The strategy's precision converted the encoder (64-true, bf16-true, DeepSpeed's bf16) but not the
+            # unregistered reference: give it the encoder's device and dtype, so drift compares like with like.
+            dtype = next(p.dtype for p in self.encoder.parameters() if p.is_floating_point())
+            self._reference.to(device=self.device, dtype=dtype)
 
     def _check_tokenizer(self, tokenizer) -> None:
         vocab = self.encoder.backbone.get_input_embeddings().num_embeddings
@@ -274,11 +310,14 @@ class AlignmentModule(LightningModule):
                 "--data.config.tokenizer must be the model's tokenizer (or set --model.encoder.vocab_size)"
             )
 
+    def setup(self, stage: str) -> None:
+        # Every rank, before the strategy wraps the model: refuse what the strategy cannot run.
+        if stage == "fit" and self._trainer is not None:
+            strategies.prepare(self.trainer, self, gradcache_chunk_size=self.gradcache_config.chunk_size)
+
     def on_train_start(self) -> None:
         if self._gradcache is not None:
-            wrapped = self.trainer.strategy.model
-            if hasattr(wrapped, "require_backward_grad_sync"):  # DistributedDataParallel
-                wrapped.require_backward_grad_sync = False
+            strategies.disable_gradient_sync(self.trainer.strategy)  # GradCache averages gradients itself
 
     def configure_optimizers(self):
         layers = len(transformer_layers(self.encoder.backbone))
@@ -369,7 +408,8 @@ class AlignmentModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":  # resuming: only this run's checkpoints
-            check_resume(checkpoint, describe_run(self, self.trainer), str(self.trainer.ckpt_path or "the checkpoint"))
+            name = str(self.trainer.ckpt_path or "the checkpoint")
+            check_resume(checkpoint, describe_run(self, self.trainer), name)
         self.nonfinite_total = checkpoint.get("alignment_nonfinite_total", 0)
         self.last_eval = dict((checkpoint.get(CKPT_RUN) or {}).get("last_eval") or {})
 

@@ -27,7 +27,7 @@ from alignment.commands.submit import (
 from alignment.trainer_cli import parse_config
 from tests import _training as T
 
-SCRIPTS = [T.REPO / "slurm" / name for name in ("train.sbatch", "shards.sbatch", "eval.sbatch")]
+SCRIPTS = [T.REPO / "slurm" / name for name in ("train.sbatch", "shards.sbatch", "eval.sbatch", "translate.sbatch")]
 
 
 @pytest.fixture(autouse=True)
