@@ -144,9 +144,7 @@ def wandb_records(path: Path):
 
 def wandb_history(run_root: Path) -> tuple[str, list[dict]]:
     """``(run id, history rows)`` of the one offline run under ``run_root/wandb``; values JSON-decoded."""
-    files = sorted(Path(run_root).glob("wandb/offline-run-*/run-*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"no offline wandb run under {run_root}/wandb")
+    files = wandb_files(run_root)
     _wait_for_exit_record(files[-1])
     rows, run_id = [], None
     for f in files:
@@ -157,6 +155,24 @@ def wandb_history(run_root: Path) -> tuple[str, list[dict]]:
             elif kind == "history":
                 rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
     return run_id, rows
+
+
+def wandb_files(run_root: Path, pattern: str = "wandb/offline-run-*/run-*.wandb", timeout: float = 60.0) -> list[Path]:
+    """The offline wandb run files under ``run_root``, waiting up to ``timeout`` s for the first to appear.
+
+    wandb's service process writes them; under load it can still be creating them when the training
+    process has already exited.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(Path(run_root).glob(pattern))
+        if files:
+            return files
+        if time.monotonic() > deadline:
+            raise FileNotFoundError(f"no offline wandb run under {run_root}/wandb ({pattern})")
+        time.sleep(0.2)
 
 
 def _wait_for_exit_record(path: Path, timeout: float = 60.0) -> None:

@@ -21,7 +21,8 @@ def _align(cwd, command, corpus, *extra):
 
 
 def _wandb_run(folder):
-    (path,) = folder.glob("run-*.wandb")
+    (path,) = T.wandb_files(folder, "run-*.wandb")
+    T._wait_for_exit_record(path)
     runs = [r.run for r in T.wandb_records(path) if r.WhichOneof("record_type") == "run"]
     history = [r for r in T.wandb_records(path) if r.WhichOneof("record_type") == "history"]
     return runs[0], len(history)
@@ -50,12 +51,11 @@ def test_align_validate_is_a_separate_wandb_run_in_the_training_group(trained):
     root, corpus = trained
     run_dir = root / "runs" / "debug"
     train_id = (run_dir / "wandb_run_id.txt").read_text().strip()
-    (train_folder,) = run_dir.glob(f"wandb/offline-run-*-{train_id}")
+    (train_folder,) = [f.parent for f in T.wandb_files(run_dir, f"wandb/offline-run-*-{train_id}/run-*.wandb")]
     _, train_history = _wandb_run(train_folder)
     result = _align(root, "validate", corpus, "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-3000:]
-    folders = [f for f in run_dir.glob("wandb/offline-run-*") if f.name.endswith(tuple("0123456789abcdef")) and
-               "-validate-" in f.name]
+    folders = [f.parent for f in T.wandb_files(run_dir, "wandb/offline-run-*-validate-*/run-*.wandb")]
     assert len(folders) == 1, sorted(p.name for p in run_dir.glob("wandb/*"))
     run, history = _wandb_run(folders[0])
     assert run.run_id != train_id and run.job_type == "validate" and run.run_group == train_id

@@ -55,7 +55,8 @@ def test_learning_rate_and_full_config_reach_the_loggers(fitted):
     assert saved["trainer"]["max_steps"] == 4 and saved["data"]["config"]["batch_size"] == 16
     assert saved["checkpoint"]["dirpath"] == str(run / "checkpoints") or saved["checkpoint"]["dirpath"].endswith(
         "runs/debug/checkpoints")
-    (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    (wandb_file,) = T.wandb_files(run)
+    T._wait_for_exit_record(wandb_file)
     config = {}
     for rec in T.wandb_records(wandb_file):
         if rec.WhichOneof("record_type") == "config":

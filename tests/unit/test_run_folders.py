@@ -74,6 +74,7 @@ def test_resume_refuses_another_runs_checkpoint_naming_both_values(two_runs):
     root, corpus = two_runs
     last = root / "runs" / "xlm-roberta-base-multiway" / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
+    T.wandb_history(last.parent.parent)  # the first run's wandb files are complete
     wandb_runs = sorted((last.parent.parent / "wandb").glob("offline-run-*"))
     result = _fit(root, "xlm-roberta-base-enx", corpus, "--trainer.default_root_dir", "runs/xlm-roberta-base-multiway",
                   steps=4)
