@@ -12,6 +12,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from alignment.strategies import full_parameters
+
 PARTIAL_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
 
@@ -128,50 +130,58 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
 
 class ThroughputLogger(Callback):
-    """Logs sentences/s, tokens/s (real, non-pad) and the padding ratio per step.
+    """Logs sentences/s, tokens/s (real, non-pad) and the padding ratio per logging step.
 
     Uses wall time between consecutive ``on_train_batch_end`` calls, so it
-    covers data loading, forward, backward and the optimiser step. Reading the
-    token counts is a device-to-host sync; it happens once per logged step.
+    covers data loading, forward, backward and the optimiser step. Real tokens
+    are summed on the device (no sync); they are read once per logging step,
+    the only device-to-host sync this callback makes.
     """
 
     def __init__(self, log_every_n_steps: int | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
         self._last: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
         self._sentences = 0
-        self._tokens = 0
-        self._padded = 0
+        self._tokens = 0  # becomes a 0-d device tensor: summed without a host sync
+        self._slots = 0  # token positions, real + pad (shapes only)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._sentences += batch.num_sentences
-        real = batch.real_tokens
-        self._tokens += real
-        self._padded += int(batch.attention_mask.numel()) - real
-        every = self.log_every_n_steps or trainer.log_every_n_steps
         now = time.perf_counter()
         if self._last is None:
-            self._last, self._sentences, self._tokens, self._padded = now, 0, 0, 0
+            self._last = now
+            self._reset()
             return
+        self._sentences += batch.num_sentences
+        self._tokens = batch.attention_mask.sum() + self._tokens
+        self._slots += int(batch.attention_mask.numel())
+        every = self.log_every_n_steps or trainer.log_every_n_steps
         if (trainer.global_step % every) != 0:
             return
+        real = int(self._tokens)  # the host sync, on logging steps only
         dt = max(now - self._last, 1e-9)
         world = trainer.world_size
-        total = self._tokens + self._padded
         pl_module.log_dict(
             {
                 "throughput/sentences_per_s": self._sentences * world / dt,
-                "throughput/tokens_per_s": self._tokens * world / dt,
-                "throughput/padding_ratio": self._padded / total if total else 0.0,
+                "throughput/tokens_per_s": real * world / dt,
+                "throughput/padding_ratio": (self._slots - real) / self._slots if self._slots else 0.0,
             },
             on_step=True,
             on_epoch=False,
             rank_zero_only=True,
         )
-        self._last, self._sentences, self._tokens, self._padded = now, 0, 0, 0
+        self._last = now
+        self._reset()
 
 
 class ExportOnFitEnd(Callback):
-    """At the end of ``fit``, export the trained encoder (HF + sentence-transformers) to ``dir``."""
+    """At the end of ``fit``, export the trained encoder (HF + sentence-transformers + model card) to ``dir``.
+
+    ``align fit`` sets ``dir`` to ``<run folder>/export`` unless given; ``""`` turns the export off.
+    """
 
     def __init__(self, dir: str | None = None, max_seq_length: int = 128) -> None:
         self.dir = dir
@@ -181,15 +191,19 @@ class ExportOnFitEnd(Callback):
         if not self.dir:
             return
         from alignment.export import export_encoder
+        from alignment.runs import describe_run
 
         datamodule = getattr(trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
         prefix = getattr(getattr(datamodule, "config", None), "text_prefix", "")
-        if trainer.is_global_zero:
-            # Under ZeRO-3 the weights are partitioned: gather them on every rank first.
-            export_encoder(pl_module.encoder, self.dir, tokenizer=tokenizer, max_seq_length=self.max_seq_length,
-                           prompts={"query": prefix, "document": prefix} if prefix else None)
-            rank_zero_info(f"[export] encoder written to {self.dir}")
+        # Under ZeRO-3 each rank holds a slice of every weight: all ranks gather them together
+        # (a collective), and rank 0 writes the full weights while they are gathered.
+        with full_parameters(pl_module.encoder):
+            if trainer.is_global_zero:
+                export_encoder(pl_module.encoder, self.dir, tokenizer=tokenizer, max_seq_length=self.max_seq_length,
+                               prompts={"query": prefix, "document": prefix} if prefix else None,
+                               run=describe_run(pl_module, trainer))
+                rank_zero_info(f"[export] encoder written to {self.dir}")
         trainer.strategy.barrier("export")
 
 

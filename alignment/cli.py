@@ -2,7 +2,7 @@
 
 ``align fit|validate|test`` go to the Lightning CLI (training application);
 every other subcommand (``shards``, ``eval``, ``mine``, ``export``,
-``offline-encoder``, ``submit``) is a module under ``alignment.commands``
+``offline-encoder``, ``submit``, ``translate``) is a module under ``alignment.commands``
 exposing ``register(subparsers)``.
 """
 
@@ -22,6 +22,7 @@ COMMAND_MODULES = {
     "mine": "alignment.commands.mine",
     "export": "alignment.commands.export",
     "submit": "alignment.commands.submit",
+    "translate": "alignment.commands.translate",
 }
 
 
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from alignment import quiet
+
+    quiet.install()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from alignment.trainer_cli import run_lightning_cli

@@ -161,6 +161,41 @@ def average_gradients_(params: Iterable[torch.nn.Parameter], group=None) -> None
         offset += p.numel()
 
 
+def sum_and_mean(
+    sums: dict[str, Tensor | float], means: dict[str, Tensor | float], *, device=None, group=None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Sum ``sums`` and average ``means`` over ranks in **one** all-reduce; values come back as floats.
+
+    For the handful of per-step scalars (loss, flags, counters): one float64
+    vector, one collective, one device-to-host sync to read it, instead of one
+    of each per value. Tensors must be 1-element (they stay on ``device``
+    until the collective: no sync before it). Every rank must pass the same
+    keys in the same order. World size 1: the same arithmetic, no collective.
+    """
+    world, _ = _world_and_rank(group)
+    keys = [("sum", k) for k in sums] + [("mean", k) for k in means]
+    values = [*sums.values(), *means.values()]
+    tensors = [i for i, v in enumerate(values) if torch.is_tensor(v)]
+    floats = [i for i, v in enumerate(values) if not torch.is_tensor(v)]
+    parts = []
+    if tensors:
+        parts.append(torch.cat([values[i].detach().reshape(1).to(device, torch.float64) for i in tensors]))
+    if floats:
+        parts.append(torch.tensor([float(values[i]) for i in floats], dtype=torch.float64, device=device))
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    host = flat.tolist()  # the one host sync
+    by_index = dict(zip(tensors + floats, host))
+    out_sums, out_means = {}, {}
+    for i, (kind, key) in enumerate(keys):
+        if kind == "sum":
+            out_sums[key] = by_index[i]
+        else:
+            out_means[key] = by_index[i] / world
+    return out_sums, out_means
+
+
 # --------------------------------------------------------------------------- candidates
 
 
@@ -246,3 +281,27 @@ def gather_candidates(emb: Tensor, row_ids: Tensor, lang_ids: Tensor, *, group=N
     gathered = all_gather_with_grad(padded, group)  # (W * max_n, D)
     metas = all_gather_fixed(meta, group)  # (W, max_n, 2)
     return candidates_from_gathered(gathered, metas, counts, rank=rank)
+
+
+def launcher_slot(environ=None) -> tuple[int, int]:
+    """``(rank, world size)`` of this process among independent workers, from the launcher's environment.
+
+    For jobs that share work without collectives (``align translate``): torchrun's
+    ``RANK``/``WORLD_SIZE``; a SLURM array task (``SLURM_ARRAY_TASK_ID`` from
+    ``SLURM_ARRAY_TASK_MIN``, ``SLURM_ARRAY_TASK_COUNT`` tasks) times the tasks of its
+    step (``SLURM_PROCID``/``SLURM_NTASKS``); ``srun`` tasks alone; else ``(0, 1)``.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    procid, ntasks = int(env.get("SLURM_PROCID", 0)), int(env.get("SLURM_NTASKS", 1))
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        return index * ntasks + procid, int(env["SLURM_ARRAY_TASK_COUNT"]) * ntasks
+    return procid, ntasks
+
+
+def launcher_local_rank(environ=None) -> int:
+    """This process's index on its node (torchrun ``LOCAL_RANK``, ``srun`` ``SLURM_LOCALID``), else 0: its GPU."""
+    env = os.environ if environ is None else environ
+    return int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 from alignment.model import ENCODER_META, PIVOT_SUBDIR, DualEncoder
+from alignment.model_card import apply_umask, build_model_card
+from alignment.runs import CKPT_RUN, TRAINING_RECORD, training_record
 from alignment.staging import building_dir, check_replaceable, clean_stale, replace_dir
 
 CKPT_HF_CONFIG = "alignment_hf_config"
@@ -78,8 +80,11 @@ def write_sentence_transformers_files(
                         "type": "sentence_transformers.models.Normalize"})
     _write_json(directory / "modules.json", modules)
     _write_json(directory / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+    prompts = {name: text for name, text in (prompts or {}).items() if text}
+    # The training prefix is the default prompt: plain encode() gives the training embeddings.
+    default = "query" if "query" in prompts else (next(iter(prompts)) if prompts else None)
     _write_json(directory / "config_sentence_transformers.json", {
-        "prompts": dict(prompts or {}), "default_prompt_name": None,
+        "prompts": prompts, "default_prompt_name": default,
         "similarity_fn_name": "cosine" if encoder.normalize else "dot",
     })
 
@@ -92,6 +97,7 @@ def export_encoder(
     max_seq_length: int = 128,
     prompts: dict[str, str] | None = None,
     overwrite: bool = True,
+    run: dict[str, Any] | None = None,
     flag: str | None = None,
     inputs: Sequence[Path] = (),
 ) -> Path:
@@ -101,7 +107,9 @@ def export_encoder(
     place, so an interrupted export never leaves a half folder under the
     final name; an existing export is replaced only after the new one is complete,
     and only an export (a folder with ``alignment_encoder.json``) that holds none
-    of ``inputs`` (``flag`` names the folder in errors).
+    of ``inputs`` (``flag`` names the folder in errors). Files and folders get the
+    modes the umask gives (readable by the team where the umask allows). ``run``
+    (:func:`alignment.runs.describe_run`) adds the model card, ``README.md``.
     """
     final = Path(directory)
     check_replaceable(final, overwrite=overwrite, flag="OUT" if flag is None else flag, is_ours=is_export,
@@ -116,6 +124,12 @@ def export_encoder(
             tokenizer.save_pretrained(str(tmp))
         write_sentence_transformers_files(encoder, tmp, max_seq_length=max_seq_length, prompts=prompts) \
             if encoder.pivot_backbone is None else None
+        if run is not None:
+            card = build_model_card({**run, "export_name": final.name}, prompts=prompts,
+                                    embedding_dim=encoder.embedding_dim)
+            card.save(str(tmp / "README.md"))
+            _write_json(tmp / TRAINING_RECORD, training_record(run))
+        apply_umask(tmp)
         replace_dir(tmp, final)
     return final
 
@@ -267,8 +281,11 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[DualEncoder, Any, 
             tokenizer = AutoTokenizer.from_pretrained(ckpt[CKPT_TOKENIZER])
         except (OSError, ValueError):
             tokenizer = None
+    run = dict(ckpt.get(CKPT_RUN) or {})
+    encoder.card_extra = dict(run.get("source") or {})  # the base folder's origin and prefixes, as at training
+    run["global_step"] = ckpt.get("global_step")
     info = {"global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), "tokenizer": ckpt.get(CKPT_TOKENIZER),
-            "prompts": ckpt.get(CKPT_PREFIXES) or {}}
+            "prompts": ckpt.get(CKPT_PREFIXES) or {}, "run": run}
     return encoder.eval(), tokenizer, info
 
 
@@ -316,5 +333,6 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, tokeni
         )
     check_tokenizer_fits(tok, encoder, f"--tokenizer {tokenizer}" if tokenizer is not None else
                          f"the tokenizer recorded in {path} ({info['tokenizer']!r})")
+    run = info["run"] or {"model": None, "global_step": info["global_step"], "tokenizer": info["tokenizer"]}
     return export_encoder(encoder, out, tokenizer=tok, max_seq_length=max_seq_length, prompts=info["prompts"],
-                          overwrite=overwrite, inputs=inputs)
+                          overwrite=overwrite, run=run, inputs=inputs)

@@ -6,7 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
@@ -38,8 +38,11 @@ class ResumableWandbLogger(WandbLogger):
     Lightning only creates the experiment on rank 0, so only rank 0 talks to wandb.
     """
 
-    def __init__(self, save_dir: str = "runs/default", project: str = "multiway-align", name: str | None = None,
+    def __init__(self, save_dir: str | None = None, project: str = "multiway-align", name: str | None = None,
                  id: str | None = None, **kwargs) -> None:
+        """``save_dir``: the run folder (``align fit`` fills it from ``--trainer.default_root_dir``; default
+        the current directory); its ``wandb_run_id.txt`` keeps the run id across resumes."""
+        save_dir = save_dir or "."
         run_id = id or persistent_run_id(save_dir)
         # Lightning's own ``offline=True`` sets WANDB_MODE=dryrun, which wandb 0.31 no
         # longer honours (it then asks for a login): pass the mode to wandb.init instead.
@@ -49,3 +52,15 @@ class ResumableWandbLogger(WandbLogger):
         if kwargs.get("resume") is None:
             kwargs["resume"] = "allow"
         super().__init__(save_dir=save_dir, project=project, name=name, id=run_id, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # wandb warns that the (deprecated) setting was passed
+            self._wandb_init.pop("anonymous", None)
+
+
+class RunCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``save_dir`` may be left out: ``align fit`` fills it with the run folder
+    (``--trainer.default_root_dir``); metrics go to ``<run>/<name>/version_N/metrics.csv``."""
+
+    def __init__(self, save_dir: str | None = None, name: str | None = "csv", version: int | str | None = None,
+                 prefix: str = "", flush_logs_every_n_steps: int = 100) -> None:
+        super().__init__(save_dir or ".", name=name, version=version, prefix=prefix,
+                         flush_logs_every_n_steps=flush_logs_every_n_steps)

@@ -107,13 +107,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-OBJECTIVES = ("multi_positive", "pairwise", "en_x")
-DRIFT_KINDS = ("cosine", "mse")
+Objective = Literal["multi_positive", "pairwise", "en_x"]
+DriftKind = Literal["cosine", "mse"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+DRIFT_KINDS: tuple[str, ...] = get_args(DriftKind)
 
 
 # --------------------------------------------------------------------------- config
@@ -123,7 +126,7 @@ DRIFT_KINDS = ("cosine", "mse")
 class LossConfig:
     """The contrastive objective, its temperature and the drift regulariser."""
 
-    objective: str = "multi_positive"
+    objective: Objective = "multi_positive"
     """``multi_positive`` (the multi-way method), ``pairwise`` (symmetric InfoNCE
     averaged over language pairs) or ``en_x`` (English-centric baseline)."""
     temperature: float = 0.05
@@ -141,7 +144,7 @@ class LossConfig:
     ``multi_positive`` is always bidirectional (every sentence is an anchor)."""
     drift_weight: float = 0.0
     """Weight of the drift regulariser towards the frozen starting encoder; 0 disables."""
-    drift_kind: str = "cosine"
+    drift_kind: DriftKind = "cosine"
     """Drift distance: ``cosine`` (1 - cos) or ``mse`` (squared L2, = 2 * cosine for unit vectors)."""
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 
 from alignment.data.stream import Batch
 
-POOLINGS = ("mean", "cls", "last")
+Pooling = Literal["mean", "cls", "last"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 ENCODER_META = "alignment_encoder.json"
 PROJECTION_FILE = "projection.safetensors"
 PIVOT_SUBDIR = "pivot_encoder"
@@ -59,7 +61,7 @@ class ModelConfig:
     """Build ``name_or_path``'s architecture from its config with random weights (benchmarks)."""
     vocab_size: int | None = None
     """Vocabulary size for ``tiny`` or ``random_init`` (the tokenizer's ``len``); required for ``tiny``."""
-    pooling: str = "mean"
+    pooling: Pooling = "mean"
     """``mean`` (masked mean over tokens: E5, sentence-transformers), ``cls`` (first token: LaBSE)
     or ``last`` (last real token: decoder models)."""
     projection_dim: int | None = None

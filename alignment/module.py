@@ -10,7 +10,22 @@ The step (``../shared/docs/architecture.md``)::
 
 With ``--model.gradcache.chunk_size > 0`` the step runs GradCache under
 manual optimisation (``alignment/gradcache.py``). The module knows no ranks:
-collectives live in ``alignment.distributed`` and Lightning's strategy.
+collectives live in ``alignment.distributed`` and Lightning's strategy;
+strategy-specific code in ``alignment.strategies``.
+
+Collective budget of one optimiser step (``tests/distributed/test_module_ddp.py`` counts them)::
+
+    gather_candidates        3 all-gathers (sizes, embeddings, ids) + 1 reduce-scatter in backward: the loss
+    the step guard           1 all-reduce of a few floats (_guard_and_log): NaN/inf check, preemption flag, global loss;
+                             on logging steps the same all-reduce also carries every logged term and counter
+    gradients                DDP's bucketed all-reduces (ZeRO: its reduce-scatters/all-gathers);
+                             GradCache path: 1 flat all-reduce of all gradients instead (DDP's sync is off)
+    DDP buffers              none: their per-forward broadcast is off (strategies.ddp_defaults)
+    Lightning                1 broadcast of one int before each batch (its SIGTERM check, world > 1)
+    callbacks                none per step; ThroughputLogger reads the device once per logging step,
+                             PreemptionCheckpoint reads the step guard's agreed flag
+
+Nothing else per step: no ``sync_dist`` logging, no separate boolean decisions.
 """
 
 from __future__ import annotations
@@ -23,12 +38,13 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
-from alignment import distributed
+from alignment import distributed, preemption, strategies
 from alignment.data.stream import SKIP_REASONS, Batch
 from alignment.gradcache import GradCache, GradCacheConfig
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
 from alignment.model import DualEncoder, ModelConfig, max_positions, transformer_layers
 from alignment.optim import OptimConfig, build_optimizer, build_scheduler
+from alignment.runs import CKPT_RUN, check_resume, describe_run
 
 EMPTY_STEP = "empty_step_loss"
 """Loss key of a step where every rank's batch was empty (a zero connected to the graph); such steps are skipped."""
@@ -122,10 +138,13 @@ class AlignmentModule(LightningModule):
         self.nonfinite_total = 0
         self.empty_steps_total = 0
         self._step_skipped = False
+        self.preemption_agreed = False
+        """Whether any rank received the preemption signal, as of this step's guard (``PreemptionCheckpoint``)."""
         self._val_parts: list[tuple[Tensor, Tensor, Tensor]] = []
         self._val_rows = 0
         self._val_languages: tuple[str, ...] = ()
         self._val_pivot = "en"
+        self.last_eval: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the step
 
@@ -164,11 +183,7 @@ class AlignmentModule(LightningModule):
         if self._skip_empty(out):
             return None  # no backward, no optimiser update, on every rank
         loss = total_loss(out)
-        finite = self._all_finite(loss, batch)
-        # Logged either way: Lightning re-logs a key's last value on steps that do not log it,
-        # so a skipped step that logged nothing would show the previous step's loss.
-        self._log_terms(out, loss, batch)
-        if not finite:
+        if not self._guard_and_log(loss, out, batch):
             self._step_skipped = True  # on_before_optimizer_step logs no norm for it
             return None  # Lightning skips backward and the optimiser step on every rank
         return loss
@@ -190,9 +205,7 @@ class AlignmentModule(LightningModule):
             optimizer.zero_grad(set_to_none=True)
             return None
         loss = total_loss(out)
-        finite = self._all_finite(loss, batch)
-        self._log_terms(out, loss, batch)
-        if not finite:
+        if not self._guard_and_log(loss, out, batch):
             optimizer.zero_grad(set_to_none=True)
             self._log_skipped_grad_norm()
             return None
@@ -204,7 +217,9 @@ class AlignmentModule(LightningModule):
         return None
 
     def _skip_empty(self, out: dict[str, Tensor]) -> bool:
-        """Whether every rank's batch was empty; such a step is skipped and counted (``train/empty_steps``)."""
+        """Whether every rank's batch was empty; such a step is skipped and counted (``train/empty_steps``).
+
+        Every rank sees the same gathered sizes, so all return here together, before the step's collective."""
         if EMPTY_STEP not in out:
             return False
         self.empty_steps_total += 1
@@ -215,22 +230,48 @@ class AlignmentModule(LightningModule):
             self.log("train/empty_steps", float(self.empty_steps_total), on_step=True, on_epoch=False, batch_size=1)
         return True
 
-    def _all_finite(self, loss: Tensor, batch: Batch) -> bool:
-        """Agree across ranks whether this step's loss is finite; count and stop on a streak.
+    def _guard_and_log(self, loss: Tensor, out: dict[str, Tensor], batch: Batch) -> bool:
+        """The step's one small collective: agree on finiteness and preemption, log global values.
 
-        One boolean all-reduce and a device-to-host sync per step: every rank
-        must skip the same steps, or the next collective would pair up
-        different steps.
+        One all-reduce of a few floats (and one device-to-host sync): the
+        count of ranks whose loss is not finite (every rank must skip the same
+        steps, or the next collective would pair up different steps), the
+        count of ranks that received the preemption signal (read by
+        ``PreemptionCheckpoint`` from :attr:`preemption_agreed`), and the
+        global loss, the mean over ranks of ``L_r`` (``alignment.distributed``:
+        the loss one process would compute over the whole global batch). On
+        logging steps the same vector also carries every scalar term (mean over
+        ranks) and the data skip counters (sum over ranks). Returns whether the
+        loss is finite on every rank.
         """
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss.detach())), all=True)
+        logging = self._is_logging_step()
+        local_nonfinite = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
+        means = {"loss": loss.detach().to(torch.float64)}
+        sums = {"nonfinite_ranks": local_nonfinite, "preempt_ranks": float(preemption.requested())}
+        if logging:
+            means.update({k: v.detach().to(torch.float64) for k, v in out.items() if v.numel() == 1})
+            counts = self._skip_counts()
+            sums.update({f"skipped/{reason}": float(counts.get(reason, 0)) for reason in SKIP_REASONS})
+        summed, meaned = distributed.sum_and_mean(sums, means, device=loss.device)  # the one collective
+        finite = summed["nonfinite_ranks"] == 0
+        self.preemption_agreed = summed["preempt_ranks"] > 0
         if finite:
             self.nonfinite_steps = 0
-            return True
-        self.nonfinite_steps += 1
-        self.nonfinite_total += 1
-        if self.nonfinite_steps >= self.step_config.max_nonfinite_steps:
+        else:
+            self.nonfinite_steps += 1
+            self.nonfinite_total += 1
+        # Logged either way: Lightning re-logs a key's last value on steps that do not log it,
+        # so a skipped step that logged nothing would show the previous step's loss.
+        self._log_terms(meaned, summed, batch, logging)
+        if not finite and self.nonfinite_steps >= self.step_config.max_nonfinite_steps:
             self._stop_on_nonfinite(batch)
-        return False
+        return finite
+
+    def _skip_counts(self) -> dict[str, int]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "skip_counts"):
+            return datamodule.skip_counts("train")
+        return {}
 
     def _stop_on_nonfinite(self, batch: Batch) -> None:
         path = None
@@ -243,29 +284,25 @@ class AlignmentModule(LightningModule):
             "--model.loss.temperature, or check the data; --model.step.max_nonfinite_steps sets the limit."
         )
 
-    def _log_terms(self, out: dict[str, Tensor], loss: Tensor, batch: Batch) -> None:
+    def _log_terms(self, means: dict[str, float], sums: dict[str, float], batch: Batch, logging: bool) -> None:
+        """Log the agreed global values (no ``sync_dist``: they are the same on every rank already)."""
         rows = max(batch.num_rows, 1)
-        self.log("loss", loss.detach().float(), prog_bar=True, logger=False, batch_size=rows)
+        loss = means["loss"]
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=rows)
         # Every step, so callbacks can monitor it (ModelCheckpoint, EarlyStopping read callback_metrics).
-        self.log("train/loss", loss.detach().float(), on_step=True, on_epoch=False, batch_size=rows)
-        if not self._is_logging_step():
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=rows)
+        if not logging:
             # Lightning hands loggers only the logging step's on_step values: logging the other terms on
             # every step costs about 1 ms of Python per key (measured on the tiny model) for values no
             # logger receives.
             return
-        logged = {f"train/{k}": v.detach().float() for k, v in out.items() if v.numel() == 1}
-        logged["train/rows"] = float(batch.num_rows)
+        logged = {f"train/{k}": v for k, v in means.items() if k != "loss"}
+        logged["train/rows"] = float(batch.num_rows)  # this rank's rows (train/global_rows: all ranks')
         logged["train/nonfinite_steps"] = float(self.nonfinite_total)  # cumulative: skipped steps so far
         logged["train/empty_steps"] = float(self.empty_steps_total)  # cumulative: steps without any row
+        # Run totals summed over ranks; every rank logs every reason, zeros included.
+        logged.update({f"data/{k}": v for k, v in sums.items() if k.startswith("skipped/")})
         self.log_dict(logged, on_step=True, on_epoch=False, prog_bar=False, batch_size=rows)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "skip_counts"):
-            # Summed over ranks (one small all-reduce per reason, only on logging steps). Every rank logs
-            # every reason, zeros included: differing key sets across ranks would pair up collectives wrongly.
-            counts = datamodule.skip_counts("train")
-            for reason in SKIP_REASONS:
-                self.log(f"data/skipped/{reason}", float(counts.get(reason, 0)), on_step=True, reduce_fx="sum",
-                         sync_dist=True, batch_size=1)
 
     def _is_logging_step(self) -> bool:
         """Whether this step's logs reach the loggers, by Lightning's own rule (``(step + 1) % every``); the
@@ -300,7 +337,10 @@ class AlignmentModule(LightningModule):
             check_global_batch(rows, self.trainer.world_size)
         self._check_max_length(getattr(getattr(datamodule, "config", None), "max_length", None))
         if self._reference is not None:
-            self._reference.to(self.device)
+            # The strategy's precision converted the encoder (64-true, bf16-true, DeepSpeed's bf16) but not the
+            # unregistered reference: give it the encoder's device and dtype, so drift compares like with like.
+            dtype = next(p.dtype for p in self.encoder.parameters() if p.is_floating_point())
+            self._reference.to(device=self.device, dtype=dtype)
 
     def _check_tokenizer(self, tokenizer) -> None:
         vocab = self.encoder.backbone.get_input_embeddings().num_embeddings
@@ -322,11 +362,14 @@ class AlignmentModule(LightningModule):
                     f"{limit} tokens would crash the run; set --data.config.max_length {limit} or less"
                 )
 
+    def setup(self, stage: str) -> None:
+        # Every rank, before the strategy wraps the model: refuse what the strategy cannot run.
+        if stage == "fit" and self._trainer is not None:
+            strategies.prepare(self.trainer, self, gradcache_chunk_size=self.gradcache_config.chunk_size)
+
     def on_train_start(self) -> None:
         if self._gradcache is not None:
-            wrapped = self.trainer.strategy.model
-            if hasattr(wrapped, "require_backward_grad_sync"):  # DistributedDataParallel
-                wrapped.require_backward_grad_sync = False
+            strategies.disable_gradient_sync(self.trainer.strategy)  # GradCache averages gradients itself
 
     def configure_optimizers(self):
         layers = len(transformer_layers(self.encoder.backbone))
@@ -355,13 +398,28 @@ class AlignmentModule(LightningModule):
         self._val_rows += batch.num_rows
 
     def on_validation_epoch_end(self) -> None:
+        metrics = self._evaluation_epoch_end("val/")
+        if metrics is not None:
+            self.last_eval = metrics  # checkpoints and the export's model card
+
+    # ``align test``: the same evaluation hook on the test split, logged under test/
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_epoch_end("test/")
+
+    def _evaluation_epoch_end(self, prefix: str) -> dict[str, float] | None:
         from alignment.evaluate.report import validation_metrics
 
         if self.trainer.sanity_checking:
-            return
+            return None
         device = self.device
         if self._val_rows == 0 and not self.trainer.world_size > 1:
-            return
+            return None
         if self._val_parts:
             emb = torch.cat([p[0] for p in self._val_parts])  # (n, D)
             rows = torch.cat([p[1] for p in self._val_parts])  # (n,)
@@ -378,10 +436,13 @@ class AlignmentModule(LightningModule):
             cands.lang_ids[valid].cpu(),
             pivot=self._val_pivot,
             vocabulary=list(self._val_languages),
+            prefix=prefix,
         )
         # every rank computed the same numbers from the same gathered tensors
-        self.log_dict({k: float(v) for k, v in metrics.items()}, on_epoch=True, sync_dist=False)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.log_dict(metrics, on_epoch=True, sync_dist=False)
         self._val_parts = []
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints and export
 
@@ -399,17 +460,15 @@ class AlignmentModule(LightningModule):
         checkpoint[CKPT_PREFIXES] = {"query": prefix, "document": prefix} if prefix else {}
         checkpoint["alignment_nonfinite_total"] = self.nonfinite_total
         checkpoint["alignment_empty_steps_total"] = self.empty_steps_total
+        checkpoint[CKPT_RUN] = describe_run(self, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = (checkpoint.get("hyper_parameters") or {}).get("loss") or {}
-        if "objective" in saved and saved["objective"] != self.loss_config.objective:
-            raise ValueError(
-                f"resuming with --model.loss.objective {self.loss_config.objective}, but the checkpoint was trained "
-                f"with {saved['objective']}: its optimiser state and schedule belong to that objective. Resume with "
-                "the checkpoint's objective, or start a new run (no --ckpt_path) from an export of it"
-            )
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # resuming: only this run's checkpoints
+            name = str(self.trainer.ckpt_path or "the checkpoint")
+            check_resume(checkpoint, describe_run(self, self.trainer), name)
         self.nonfinite_total = checkpoint.get("alignment_nonfinite_total", 0)
         self.empty_steps_total = checkpoint.get("alignment_empty_steps_total", 0)
+        self.last_eval = dict((checkpoint.get(CKPT_RUN) or {}).get("last_eval") or {})
 
     def export_encoder(self, directory, tokenizer=None) -> None:
         """Write the trained encoder (and tokenizer) as a Hugging Face + sentence-transformers folder."""

@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-SCHEDULES = ("cosine", "linear", "constant")
+Schedule = Literal["cosine", "linear", "constant"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 _EMBED_RE = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|wte|wpe|word_embeddings)(?:\.|$)")
 
@@ -37,7 +39,7 @@ class OptimConfig:
     """Linear warm-up steps; ``warmup_ratio`` is used instead when this is 0."""
     warmup_ratio: float = 0.05
     """Warm-up as a fraction of the total steps, when ``warmup_steps`` is 0."""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """Decay after warm-up: cosine, linear or constant."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of ``lr``."""

@@ -11,8 +11,10 @@ The whole path on SLURM (``slurm/train.sbatch``):
    else may happen inside a signal handler: it interrupts the rank anywhere,
    possibly inside a collective or a half-done optimiser step.
 4. At the end of the next optimiser step, :class:`PreemptionCheckpoint` asks
-   every rank whether any of them saw the signal (one boolean all-reduce
-   through the strategy; the signal reaches ranks at different steps). If one
+   every rank whether any of them saw the signal (the signal reaches ranks at
+   different steps): ``AlignmentModule`` answers from its step guard, the one
+   small all-reduce of every step (``module.py``); another module costs one
+   boolean all-reduce through the strategy. If one
    did, all ranks write ``last.ckpt`` together, atomically
    (:meth:`~alignment.callbacks.AtomicModelCheckpoint.save_last_now`). At the
    start of the next batch (once Lightning has logged the step) rank 0 writes
@@ -36,8 +38,9 @@ while the other ranks keep training, and it has a history of silently doing
 nothing. :class:`PreemptionCheckpoint` switches it off (``auto_requeue =
 False``) and installs the flag-only handler before Lightning registers its own.
 
-Costs: one boolean all-reduce (and on GPU one device-to-host sync) per
-``check_every_n_steps`` optimiser steps; the preemption checkpoint is one
+Costs: with ``AlignmentModule``, nothing beyond its step guard; otherwise one
+boolean all-reduce (and on GPU one device-to-host sync) per
+``check_every_n_steps`` optimiser steps. The preemption checkpoint is one
 ordinary ``last.ckpt`` save.
 """
 
@@ -126,10 +129,11 @@ class PreemptionCheckpoint(Callback):
     """Checkpoint and stop at a step boundary once any rank received :data:`REQUEUE_SIGNAL`.
 
     Args:
-        check_every_n_steps: optimiser steps between two checks (each check is one boolean
-            all-reduce; on GPU a device-to-host sync). The stop comes at most this many steps
-            after the signal; keep the signal's lead time (``--signal=B:USR1@N``) above that
-            many steps plus one checkpoint save.
+        check_every_n_steps: optimiser steps between two checks. With ``AlignmentModule`` a check
+            is free (the flag rides on its step guard's all-reduce, taken at the start of a step);
+            otherwise each check is one boolean all-reduce (on GPU a device-to-host sync). The stop
+            comes at most this many steps plus one after the signal; keep the signal's lead time
+            (``--signal=B:USR1@N``) above that many steps plus one checkpoint save.
 
     Needs the run's :class:`~alignment.callbacks.AtomicModelCheckpoint` (``align fit``
     always has one): the preemption checkpoint is its ``last.ckpt``, which
@@ -179,7 +183,12 @@ class PreemptionCheckpoint(Callback):
         if self._pending or step == self._last_checked_step or step % self.check_every_n_steps:
             return
         self._last_checked_step = step
-        if not trainer.strategy.reduce_boolean_decision(requested(), all=False):
+        # AlignmentModule agrees on the flag inside its step's one small all-reduce (its collective
+        # budget); any other module pays one boolean all-reduce here.
+        agreed = getattr(pl_module, "preemption_agreed", None)
+        if agreed is None:
+            agreed = trainer.strategy.reduce_boolean_decision(requested(), all=False)
+        if not agreed:
             return
         path = self._checkpoint(trainer).save_last_now(trainer)  # ends with a barrier: complete on every rank
         self._pending = (step, path)

@@ -2,11 +2,13 @@
 # Run a training config on this machine, without SLURM: the same `align fit` the sbatch job runs.
 #
 #   launch/local.sh configs/debug.yaml [more align fit flags]
+#   launch/local.sh recipe:xlm-roberta-base-multiway --data.config.train_shards data/mw   (a shipped recipe by name)
 #   DEVICES=2 launch/local.sh configs/recipes/labse-multiway.yaml --data.config.train_shards data/mw
 #
 # Assumes: `align` on PATH or the repository's .venv (ALIGN_CMD overrides). Lightning starts one process per
-# device itself (DEVICES, default: the config's trainer.devices). Resumes from the config's last.ckpt when
-# one exists, like a requeued SLURM job. `kill -USR1 <pid>` checkpoints at the next step and stops with
+# device itself (DEVICES, default: the config's trainer.devices). Resumes from the run folder's last.ckpt when
+# one exists, like a requeued SLURM job (each config has its own run folder, runs/<config name> by default, and
+# a checkpoint of another run is refused). `kill -USR1 <pid>` checkpoints at the next step and stops with
 # exit code 75 (alignment/preemption.py); running this script again continues the run.
 set -euo pipefail
 
@@ -16,7 +18,7 @@ if [[ $# -lt 1 || "$1" == -* ]]; then
 fi
 config=$1
 shift
-if [[ ! -f "$config" ]]; then
+if [[ "$config" != recipe:* && ! -f "$config" ]]; then
     echo "$0: config $config not found" >&2
     exit 2
 fi

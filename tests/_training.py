@@ -144,9 +144,8 @@ def wandb_records(path: Path):
 
 def wandb_history(run_root: Path) -> tuple[str, list[dict]]:
     """``(run id, history rows)`` of the one offline run under ``run_root/wandb``; values JSON-decoded."""
-    files = sorted(Path(run_root).glob("wandb/offline-run-*/run-*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"no offline wandb run under {run_root}/wandb")
+    files = wandb_files(run_root)
+    _wait_for_exit_record(files[-1])
     rows, run_id = [], None
     for f in files:
         for rec in wandb_records(f):
@@ -156,6 +155,45 @@ def wandb_history(run_root: Path) -> tuple[str, list[dict]]:
             elif kind == "history":
                 rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
     return run_id, rows
+
+
+def wandb_files(run_root: Path, pattern: str = "wandb/offline-run-*/run-*.wandb", timeout: float = 60.0) -> list[Path]:
+    """The offline wandb run files under ``run_root``, waiting up to ``timeout`` s for the first to appear.
+
+    wandb's service process writes them; under load it can still be creating them when the training
+    process has already exited.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(Path(run_root).glob(pattern))
+        if files:
+            return files
+        if time.monotonic() > deadline:
+            raise FileNotFoundError(f"no offline wandb run under {run_root}/wandb ({pattern})")
+        time.sleep(0.2)
+
+
+def _wait_for_exit_record(path: Path, timeout: float = 60.0) -> None:
+    """Wait until wandb's writer has closed ``path`` with its ``exit`` record.
+
+    ``run.finish()`` returns once wandb's service has the records, not once its
+    writer has flushed them: read at once, the file is sometimes still being
+    written (seen here under load: no ``run`` record yet).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if any(rec.WhichOneof("record_type") == "exit" for rec in wandb_records(path)):
+                return
+        except Exception:  # a chunk still being written
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: wandb never wrote its exit record within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def csv_metrics(path: Path) -> list[dict]:
@@ -224,3 +262,61 @@ def align_env(**extra: str) -> dict[str, str]:
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     env.update(extra)
     return env
+
+
+# ---------------------------------------------------------------------------- DeepSpeed on CPU (gloo)
+
+
+from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402 - deepspeed itself is imported lazily
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """Test-only (``--trainer.strategy tests._training.CPUDeepSpeedStrategy``): Lightning's real
+    ``DeepSpeedStrategy`` on CPU ranks over gloo.
+
+    Lightning refuses any accelerator but CUDA; this skips that one check and otherwise runs the real
+    strategy: ``deepspeed.initialize``, ZeRO partitioning, the ZeRO checkpoint layout. Needs
+    ``DS_ACCELERATOR=cpu``. ``param_persistence_threshold=0`` forces ZeRO-3 to partition every parameter,
+    as it does every weight matrix of a real-size model (DeepSpeed's default, 1e5 elements, keeps each
+    tensor of the tiny model whole on every rank, which hides gathering bugs).
+    """
+
+    def __init__(self, stage: int = 2, param_persistence_threshold: int | None = None,
+                 process_group_backend: str = "gloo", logging_level: int = 40, **kwargs) -> None:
+        super().__init__(stage=stage, process_group_backend=process_group_backend, logging_level=logging_level,
+                         **kwargs)
+        if param_persistence_threshold is not None:
+            self.config["zero_optimization"]["stage3_param_persistence_threshold"] = param_persistence_threshold
+
+    def setup_environment(self) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # Indexed CPU devices: Lightning checks device index == local rank, and DeepSpeed takes the
+        # index as its device rank; torch treats cpu:i as the one CPU.
+        self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices or [None]))]
+        DDPStrategy.setup_environment(self)
+
+
+class EmbedAtTrainEnd(Callback):
+    """Test-only callback: at the end of training, the trained model's embeddings of ``texts`` (the run's
+    tokenizer, the engine's own forward: ZeRO-3 gathers each layer), saved by rank 0 to ``out``.
+
+    Every rank runs the forward (under ZeRO-3 it is a collective). What an export must reproduce.
+    """
+
+    def __init__(self, out: str, texts: list[str]) -> None:
+        self.out = out
+        self.texts = list(texts)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        tokenizer = trainer.datamodule.tokenizer
+        enc = tokenizer(self.texts, padding=True, return_tensors="pt").to(pl_module.device)
+        encoder = pl_module.encoder
+        was = encoder.training
+        encoder.eval()
+        with torch.no_grad():
+            emb = encoder.encode(enc["input_ids"], enc["attention_mask"])  # (N, D)
+        encoder.train(was)
+        if trainer.is_global_zero:
+            torch.save({"emb": emb.float().cpu(), "dtype": str(next(encoder.parameters()).dtype),
+                        "global_step": trainer.global_step}, self.out)

@@ -74,7 +74,9 @@ class EvalRunConfig:
     pivot: str = DEFAULT_PIVOT
     """Pivot language: trains the transfer probe, anchors Procrustes."""
     train_languages: str | None = None
-    """Comma-separated languages the model was trained on; tables then split seen / unseen / mixed pairs."""
+    """Comma-separated languages the model was (or will be) trained on; tables then split seen / unseen / mixed
+    pairs. The pivot counts as trained (every objective trains on it). Default: the languages recorded in an
+    export or checkpoint of `align fit`; without either, no split (with a warning)."""
     out: str = "eval"
     """Output folder for metrics.json, report.md and figures/."""
     procrustes_fit_rows: int | None = None
@@ -201,6 +203,36 @@ def check_data(config: EvalRunConfig, data: EvalData) -> None:
         )
 
 
+def training_languages(config: EvalRunConfig) -> tuple[str, ...] | None:
+    """The languages to count as seen: ``--train-languages`` plus the pivot, else what the model records.
+
+    Prints a note or warning on stderr saying where they came from, whenever they are not exactly the recorded
+    ones (a guess: the pivot added to a given list, a list that differs from the record, or no record at all).
+    """
+    from alignment.runs import recorded_training
+
+    found = recorded_training(config.model)
+    recorded = tuple(found[0].get("languages") or ()) if found else ()
+    given = parse_languages(config.train_languages, "--train-languages")
+    if given is not None:
+        languages = given
+        if config.pivot not in given:
+            languages = (*given, config.pivot)
+            print(f"align eval: note: counting the pivot {config.pivot} as a training language (every objective "
+                  "trains on the pivot); seen/unseen groups use " + ",".join(languages), file=sys.stderr)
+        if recorded and set(recorded) != set(languages):
+            print(f"align eval: warning: --train-languages {','.join(languages)} differs from the languages "
+                  f"recorded in {found[1]} ({','.join(recorded)}); using --train-languages", file=sys.stderr)
+        return languages
+    if recorded:
+        print(f"align eval: training languages from {found[1]}: {','.join(recorded)}", file=sys.stderr)
+        return recorded
+    print(f"align eval: warning: {config.model} records no training languages (not an export or checkpoint of "
+          "align fit): the tables are not split into seen / unseen; pass --train-languages to split them",
+          file=sys.stderr)
+    return None
+
+
 def _meta(config: EvalRunConfig, info: EncoderInfo, data: EvalData, prefix: str, speed: str) -> dict:
     enc = config.encode
     return {
@@ -234,7 +266,7 @@ def evaluate_data(config: EvalRunConfig) -> tuple[EvalResults, Path]:
     results, emb = evaluate_encoded(
         encoded,
         config.eval_config(),
-        training_languages=parse_languages(config.train_languages, "--train-languages"),
+        training_languages=training_languages(config),
         meta=_meta(config, info, data, prefix, speed),
     )
     paths = write_report(results, config.out, embeddings=emb, title=f"Evaluation of {Path(config.model).name}")

@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignment.commands.common import HelpFormatter, field_docs
+from alignment.resources import sbatch_template
 
 MARKER = "# @align-submit@"
-REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+REPO_TEMPLATE = sbatch_template("train.sbatch")  # the installed package's copy, or the checkout's slurm/
 
 EXAMPLES = """\
 examples:
@@ -271,7 +272,7 @@ def summary(config, alloc: Allocation) -> str:
 
 
 def default_template() -> Path:
-    """``$ALIGN_TEMPLATE``, else the repository's ``slurm/train.sbatch``."""
+    """``$ALIGN_TEMPLATE``, else the shipped ``slurm/train.sbatch``."""
     return Path(os.environ.get("ALIGN_TEMPLATE") or REPO_TEMPLATE)
 
 
@@ -354,7 +355,8 @@ def render(
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     docs = field_docs(Allocation)
     p.add_argument("--config", action="append", required=True, metavar="YAML",
-                   help="training config(s), as for `align fit --config` (repeat for several)")
+                   help="training config(s), as for `align fit --config` (repeat for several); a shipped recipe "
+                   "by name: recipe:xlm-roberta-base-multiway")
     p.add_argument("--nodes", type=int, default=_env_int("ALIGN_NODES", 1), help=docs["nodes"])
     p.add_argument("--gpus-per-node", type=int, default=_env_int("ALIGN_GPUS_PER_NODE", 1), help=docs["gpus_per_node"])
     p.add_argument("--tasks-per-node", type=int, default=_env_int("ALIGN_TASKS_PER_NODE", None),
@@ -405,6 +407,12 @@ def run(args: argparse.Namespace) -> int:
     if not template.is_file():
         return _error(f"sbatch template {template} not found: pass --template PATH (the repository's "
                       "slurm/train.sbatch) or set ALIGN_TEMPLATE")
+    from alignment.resources import resolve_config
+
+    try:
+        args.config = [resolve_config(c) for c in args.config]  # recipe:NAME -> the shipped file
+    except FileNotFoundError as exc:
+        return _error(str(exc))
     missing = [c for c in args.config if not Path(c).is_file()]
     if missing:
         return _error(f"--config {missing[0]}: no such file")
@@ -424,7 +432,10 @@ def run(args: argparse.Namespace) -> int:
     argv = [a for c in configs for a in ("--config", c)] + fit_args
     with warnings.catch_warnings():  # LightningCLI warns that these args are not sys.argv: on purpose here
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        config = parse_config(argv)  # a bad key or type exits 2 with the parser's message, as `align fit` would
+        try:
+            config = parse_config(argv)  # a bad key, type or choice: the parser's one-line message, as `align fit`
+        except SystemExit as stop:
+            return int(stop.code or 2)
     problems = check_allocation(config, alloc)
     if problems:
         for problem in problems:

@@ -116,6 +116,9 @@ class MultiWayRow:
     text_sources: dict[str, str] | None = field(default=None, compare=False, repr=False)
     """Per-language ``file:line`` when texts come from different files (aligned
     files, joined pairs, gettext catalogs); not stored in shards."""
+    provenance: dict[str, dict] | None = field(default=None, compare=False, repr=False)
+    """Per language, where its text came from: ``{"origin": "original"}`` or ``{"origin": "synthetic",
+    "model": .., "from": ..}`` (written by ``align translate``); stored in shards when present."""
 
     def source_of(self, language: str) -> str:
         """Where the text in ``language`` came from (falls back to :attr:`source`)."""
@@ -131,11 +134,16 @@ class MultiWayRow:
 
     def to_json(self) -> dict:
         """The payload stored in a shard sample."""
-        return {"id": self.id, "pivot": self.pivot, "texts": dict(self.texts)}
+        out = {"id": self.id, "pivot": self.pivot, "texts": dict(self.texts)}
+        if self.provenance:
+            out["provenance"] = {lang: p for lang, p in self.provenance.items() if lang in self.texts}
+        return out
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "") -> "MultiWayRow":
-        return cls(id=str(obj["id"]), texts=dict(obj["texts"]), pivot=obj.get("pivot", DEFAULT_PIVOT), source=source)
+        provenance = obj.get("provenance")
+        return cls(id=str(obj["id"]), texts=dict(obj["texts"]), pivot=obj.get("pivot", DEFAULT_PIVOT), source=source,
+                   provenance=provenance if isinstance(provenance, dict) else None)
 
 
 # ---------------------------------------------------------------------------
@@ -618,7 +626,7 @@ def _jsonl_row(obj: dict, source: str, default_id: str, pivot: str, report: Clea
             report.drop("malformed", source, level="row", detail='"texts" must be an object of language -> text')
             return None
     else:
-        raw_texts = {k: v for k, v in obj.items() if k not in ("id", "pivot")}
+        raw_texts = {k: v for k, v in obj.items() if k not in ("id", "pivot", "provenance")}
     texts: dict[str, str] = {}
     for key, value in raw_texts.items():
         try:
@@ -634,7 +642,15 @@ def _jsonl_row(obj: dict, source: str, default_id: str, pivot: str, report: Clea
             report.drop("alternative_translation", source, language=lang, detail=f"key {key!r} repeats {lang}")
         else:
             texts[lang] = value
-    return MultiWayRow(id=str(row_id), texts=texts, pivot=pivot, source=source)
+    return MultiWayRow(id=str(row_id), texts=texts, pivot=pivot, source=source, provenance=_provenance(obj, source))
+
+
+def _provenance(obj: dict, source: str) -> dict[str, dict] | None:
+    """The optional ``"provenance"`` of a JSONL row (``align translate``), keyed by canonical language."""
+    raw = obj.get("provenance")
+    if not isinstance(raw, dict):
+        return None
+    return {_language_or_error(k, source, "provenance key"): v for k, v in raw.items() if isinstance(v, dict)}
 
 
 # ---------------------------------------------------------------------------
@@ -1306,7 +1322,8 @@ def check_rows(rows: Iterable[MultiWayRow], config: CleaningConfig, report: Clea
             detail = f"{len(texts)} valid of {len(row.texts)} ({', '.join(sorted(texts)) or 'none'})"
             report.drop(reason, row.source, level="row", detail=detail)
             continue
-        yield MultiWayRow(id=row.id, texts=texts, pivot=config.pivot, source=row.source, text_sources=row.text_sources)
+        yield MultiWayRow(id=row.id, texts=texts, pivot=config.pivot, source=row.source, text_sources=row.text_sources,
+                          provenance=row.provenance)
 
 
 def drop_duplicates(

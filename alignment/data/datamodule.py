@@ -47,6 +47,7 @@ from alignment.data.stream import (
 
 TRAIN_SPLIT = "train"
 VAL_SPLIT = "validation"
+TEST_SPLIT = "test"
 ShardSpec = str | list[str]
 
 
@@ -59,6 +60,9 @@ class DataConfig(StreamConfig):
     a brace pattern, a tar path, or a list of those (row counts then come from scanning tar headers)."""
     val_shards: ShardSpec | None = None
     """Validation shards, same forms (a manifest's `validation` split); none: no validation."""
+    test_shards: ShardSpec | None = None
+    """Test shards for `align test` (a manifest's `test` split); none: the test split of the `val_shards`
+    manifest."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0: read in the training process). Finite mode needs at least
     ranks x workers shards."""
@@ -89,7 +93,7 @@ class DataConfig(StreamConfig):
                 f"{flag('val_language_policy')} must be one of {', '.join(LANGUAGE_POLICIES)}, "
                 f"got {self.val_language_policy!r}"
             )
-        for name in ("train_shards", "val_shards"):
+        for name in ("train_shards", "val_shards", "test_shards"):
             spec = getattr(self, name)
             if spec is not None and not isinstance(spec, (str, list, tuple)):
                 raise ValueError(f"{flag(name)} must be a path, pattern or list of paths, got {spec!r}")
@@ -217,7 +221,8 @@ class AlignmentDataModule(LightningDataModule):
     """Multi-way parallel shards as streamed, tokenised batches for ``Trainer.fit`` and ``Trainer.validate``.
 
     Args:
-        config: the data config (the ``--data.*`` flags).
+        config: the data config (``--data.config.*``; ``align fit --data.config.help DataConfig`` lists
+            every field with its documentation).
         tokenizer: a tokenizer object; default: ``AutoTokenizer.from_pretrained(config.tokenizer)``.
 
     Streams are built in :meth:`setup`, after the process group exists, so each
@@ -232,6 +237,7 @@ class AlignmentDataModule(LightningDataModule):
         self._tokenizer = tokenizer
         self.train_stream: MultiWayStream | None = None
         self.val_stream: MultiWayStream | None = None
+        self.test_stream: MultiWayStream | None = None
         self._epoch = 0
         self._pending_resume: tuple[int, int] | None = None
         self._train_epoch = 0
@@ -272,11 +278,18 @@ class AlignmentDataModule(LightningDataModule):
             )
         if stage in (None, "fit", "validate") and cfg.val_shards is not None and self.val_stream is None:
             self.val_stream = self._validation_stream(vocabulary)
+        if stage == "test" and self.test_stream is None:
+            spec = cfg.test_shards if cfg.test_shards is not None else cfg.val_shards
+            if spec is None:
+                raise ValueError(f"align test needs {flag('test_shards')} (or {flag('val_shards')}: the test split of "
+                                 "its manifest)")
+            field = "test_shards" if cfg.test_shards is not None else "val_shards"
+            self.test_stream = self._validation_stream(vocabulary, spec=spec, split=TEST_SPLIT, field=field)
 
     def _vocabulary(self) -> list[str]:
         if self.config.languages is not None:
             return list(self.config.languages)
-        for spec in (self.config.train_shards, self.config.val_shards):
+        for spec in (self.config.train_shards, self.config.val_shards, self.config.test_shards):
             found = manifest_languages(spec)
             if found:
                 return found
@@ -284,16 +297,18 @@ class AlignmentDataModule(LightningDataModule):
             f"no language vocabulary: set {flag('languages')} (the shards were not given through a manifest)"
         )
 
-    def _validation_stream(self, vocabulary: Sequence[str] | None) -> MultiWayStream:
+    def _validation_stream(self, vocabulary: Sequence[str] | None, *, spec: ShardSpec | None = None,
+                           split: str = VAL_SPLIT, field: str = "val_shards") -> MultiWayStream:
         from alignment import distributed
 
         cfg = self.config.validation_stream_config()
-        shards = resolve_shard_spec(cfg.val_shards, VAL_SPLIT, field="val_shards")
+        shards = resolve_shard_spec(cfg.val_shards if spec is None else spec, split, field=field)
         world = distributed.get_world_size()
         if len(shards) < world:
             raise ValueError(
-                f"{flag('val_shards')} has {len(shards)} shard(s) for {world} ranks: each rank needs one; "
-                "write the validation split with smaller shards"
+                f"{flag(field)} has {len(shards)} shard(s) of its {split} split for {world} ranks: "
+                "each rank needs one; "
+                f"write the {split} split with smaller shards"
             )
         # Validation sets are small: use fewer workers rather than refuse (one shard per reader at least).
         workers = min(cfg.num_workers, len(shards) // world)
@@ -328,6 +343,12 @@ class AlignmentDataModule(LightningDataModule):
         if self.val_stream is None:
             return []
         return StreamLoader(self.val_stream, before_iter=self._before_val_iter, **self._loader_kwargs(self.val_stream))
+
+    def test_dataloader(self) -> StreamLoader:
+        if self.test_stream is None:
+            raise RuntimeError("no test stream: call setup('test')")
+        stream = self.test_stream
+        return StreamLoader(stream, before_iter=self._before_val_iter, **self._loader_kwargs(stream))
 
     def _current_epoch(self) -> int:
         """The epoch the trainer is about to run (or :meth:`set_epoch`'s without a trainer).

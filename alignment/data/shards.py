@@ -75,6 +75,7 @@ from alignment.data.corpus import (
     short_hash,
     stable_hash64,
 )
+from alignment.progress import progress
 from alignment.staging import building_dir, check_replaceable, clean_stale, replace_dir
 
 MANIFEST_FORMAT = "multiway-align/shards/v1"
@@ -311,6 +312,7 @@ class SplitWriter:
         self.max_bytes = max_bytes
         self.shards: list[dict] = []
         self.languages: Counter = Counter()
+        self.provenance: Counter = Counter()  # (language, origin, model) of texts from `align translate`
         self._open: _Shard | None = None
 
     @property
@@ -336,6 +338,9 @@ class SplitWriter:
             self._open = _Shard(directory / f"{self.prefix}-{len(self.shards):06d}.tar")
         self._open.add(key, payload)
         self.languages.update(row.texts.keys())
+        for lang, p in (row.provenance or {}).items():
+            if lang in row.texts:
+                self.provenance[(lang, str(p.get("origin", "unknown")), str(p.get("model", "")))] += 1
 
     def _finish(self) -> None:
         assert self._open is not None
@@ -347,11 +352,26 @@ class SplitWriter:
         """Finish the open shard; the split's manifest entry."""
         if self._open is not None:
             self._finish()
-        return {
+        entry = {
             "rows": sum(s["rows"] for s in self.shards),
             "languages": dict(sorted(self.languages.items())),
             "shards": self.shards,
         }
+        if self.provenance:  # texts per language by origin (original / synthetic by model), only when recorded
+            entry["provenance"] = provenance_summary(self.provenance)
+        return entry
+
+
+def provenance_summary(counts: Counter) -> dict:
+    """``{(lang, origin, model): n}`` -> ``{lang: {"original": n, "synthetic": {model: n}}}``."""
+    out: dict[str, dict] = {}
+    for (lang, origin, model), n in sorted(counts.items()):
+        entry = out.setdefault(lang, {})
+        if origin == "synthetic":
+            entry.setdefault("synthetic", {})[model or "unknown"] = n
+        else:
+            entry[origin] = entry.get(origin, 0) + n
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -377,10 +397,11 @@ def _partition(
 ) -> array:
     """Pass 1: checked rows -> spill buckets by ``u``; returns the 64-bit hashes of all row ids."""
     id_hashes = array("Q")  # 8 bytes per row: the price of unique sample keys
-    for row in check_rows(rows, config.cleaning, report):
+    for row in progress(check_rows(rows, config.cleaning, report), "shards: reading rows", unit="row"):
         u = _split_unit(config.seed, row_split_key(row))
         id_hash = stable_hash64("id", row.id)
-        line = json.dumps([u, id_hash, row.id, row.source, row.texts], ensure_ascii=False)
+        line = json.dumps([u, id_hash, row.id, row.source, row.texts, *([row.provenance] if row.provenance else [])],
+                          ensure_ascii=False)
         spill.append(bucket_of(u, spill.n), line.encode("utf-8"))
         id_hashes.append(id_hash)
     spill.flush()
@@ -396,8 +417,9 @@ def _repeated(hashes: array) -> set[int]:
 def _load_bucket(spill: SpillBuckets, bucket: int, pivot: str) -> list[_Spilled]:
     spilled = []
     for line in spill.read(bucket):
-        u, id_hash, row_id, source, texts = json.loads(line)
-        spilled.append(_Spilled(u, id_hash, MultiWayRow(id=row_id, texts=texts, pivot=pivot, source=source)))
+        u, id_hash, row_id, source, texts, *provenance = json.loads(line)
+        row = MultiWayRow(id=row_id, texts=texts, pivot=pivot, source=source, provenance=(provenance or [None])[0])
+        spilled.append(_Spilled(u, id_hash, row))
     return spilled
 
 
@@ -493,7 +515,18 @@ def _manifest(
         "cleaning": report.to_dict(),
         "languages": dict(sorted(languages.items())),
         "splits": splits,
-    }
+    } | _manifest_provenance(splits)
+
+
+def _manifest_provenance(splits: dict[str, dict]) -> dict:
+    """The whole build's provenance (the splits' summed), when any row recorded one."""
+    counts: Counter = Counter()
+    for entry in splits.values():
+        for lang, origins in entry.get("provenance", {}).items():
+            for origin, value in origins.items():
+                for model, n in (value.items() if isinstance(value, dict) else [("", value)]):
+                    counts[(lang, origin, model)] += n
+    return {"provenance": provenance_summary(counts)} if counts else {}
 
 
 def _bucket_count(config: ShardBuildConfig, size_hint: int | None) -> int:
@@ -536,7 +569,7 @@ def _write_build(
         for s in SPLITS
     }
     assign, occurrences = _SplitAssigner(config.split), Counter()  # type: ignore[arg-type]
-    for bucket in range(n):
+    for bucket in progress(range(n), "shards: writing buckets", total=n, unit="bucket"):
         loaded = [item for spill in spills for item in _load_bucket(spill, bucket, config.cleaning.pivot)]
         spilled = _drop_duplicates(loaded, config, report)
         _write_bucket(spilled, bucket, config, writers, assign, repeated_ids, occurrences)
@@ -1084,7 +1117,7 @@ def verify_shards(manifest_path: str | os.PathLike) -> list[str]:
     root, problems = file.parent, []
     for name, entry in manifest["splits"].items():
         languages: Counter = Counter()
-        for shard in entry["shards"]:
+        for shard in progress(entry["shards"], f"shards: verifying {name}", total=len(entry["shards"]), unit="shard"):
             shard_languages, shard_problems = _verify_shard(root, shard)
             languages.update(shard_languages)
             problems += shard_problems

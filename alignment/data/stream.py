@@ -198,9 +198,10 @@ class StreamConfig:
     languages sampled per row) or `pivot_pair` (the pivot plus one sampled language: the En-X baseline)."""
     k: int = 2
     """Languages sampled per row with `--data.config.language_policy k` (rows with fewer usable languages keep all)."""
-    languages: list[str] | None = None
-    """Languages to train on (BCP-47; normalised and sorted). Texts in other languages are dropped. Also the
-    language vocabulary (language ids index this sorted list); default: the manifest's languages."""
+    languages: list[str] | str | None = None
+    """Languages to train on (BCP-47; normalised and sorted), as a list or comma-separated (`en,de,fr`). Texts in
+    other languages are dropped. Also the language vocabulary (language ids index this sorted list); default:
+    the manifest's languages."""
     pivot: str = "en"
     """The pivot language (English-centric baseline and evaluation); must be in the vocabulary."""
     max_length: int = 128
@@ -246,8 +247,8 @@ class StreamConfig:
         self._check_epoch_length()
 
     def _checked_languages(self, languages: Sequence[str]) -> list[str]:
-        if isinstance(languages, str):
-            raise ValueError(f"{flag('languages')} must be a list of language codes, got the string {languages!r}")
+        if isinstance(languages, str):  # `--data.config.languages en,de`, as every other command takes them
+            languages = [code.strip() for code in languages.split(",") if code.strip()]
         codes = sorted({_normalize_flag_language(code, "languages") for code in languages})
         if len(codes) < 2:
             raise ValueError(f"{flag('languages')} needs at least two languages, got {codes}")

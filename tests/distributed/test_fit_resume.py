@@ -4,12 +4,13 @@ Real processes, as a user runs them: ``align fit`` with ``trainer.devices=2``
 and DDP over gloo on CPU (Lightning's launcher starts the second rank), the
 tiny debug model on synthetic shards. The first run is SIGKILLed (its whole
 process group: both ranks) once a checkpoint exists; the second run resumes
-from ``last.ckpt``, ends at ``max_steps`` with a finite loss, and logs to the
-same wandb run.
+from ``last.ckpt``, ends at ``max_steps`` with a finite loss, logs to the
+same wandb run, and its end-of-fit export reproduces the trained model's embeddings.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.distributed
 
 MAX_STEPS = 10
 CKPT_EVERY = 2
+TEXTS = ["en_w1 en_w2 en_w3", "de_w4 de_w5", "fr_w7 fr_w8 fr_w9 fr_w10"]
 
 RUN_YAML = f"""\
 trainer:
@@ -40,6 +42,8 @@ trainer:
   callbacks:
     - class_path: tests._training.SlowDown
       init_args: {{seconds: 0.4}}
+    - class_path: tests._training.EmbedAtTrainEnd
+      init_args: {{out: trained.pt, texts: {json.dumps(TEXTS)}}}
 data:
   config:
     batch_size: 8
@@ -85,7 +89,8 @@ def test_killed_ddp_fit_resumes_to_max_steps(tmp_path):
     assert CKPT_EVERY <= killed_at < MAX_STEPS, f"killed at step {killed_at}: the kill came too late to test a resume"
     run_id = (tmp_path / "runs" / "debug" / "wandb_run_id.txt").read_text().strip()
 
-    proc, log = _launch(tmp_path, corpus, "--ckpt_path", "last")
+    assert not (tmp_path / "export").exists(), "a killed run must not export"
+    proc, log = _launch(tmp_path, corpus, "--ckpt_path", "last", "--export.dir", str(tmp_path / "export"))
     assert proc.wait(timeout=120) == 0, open(log).read()[-4000:]
     text = open(log).read()
     assert f"Restoring states from the checkpoint path at {last}" in text
@@ -96,6 +101,15 @@ def test_killed_ddp_fit_resumes_to_max_steps(tmp_path):
     assert not list(ckpt_dir.glob("*.partial")), "a partial checkpoint was left behind"
     for name, tensor in final["state_dict"].items():
         assert torch.isfinite(tensor).all(), name
+
+    # the end-of-fit export, loaded as a user does, reproduces the trained model (DDP: rank 0's weights)
+    from sentence_transformers import SentenceTransformer
+
+    trained = torch.load(tmp_path / "trained.pt", map_location="cpu")
+    assert trained["global_step"] == MAX_STEPS
+    exported = SentenceTransformer(str(tmp_path / "export"), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    cos = torch.nn.functional.cosine_similarity(exported.double(), trained["emb"].double(), dim=-1)
+    assert cos.min() >= 0.9999, cos.tolist()
 
     # the resumed run's CSV starts after the checkpoint and ends at max_steps with a finite loss
     versions = sorted((tmp_path / "runs" / "debug" / "csv").glob("version_*"))

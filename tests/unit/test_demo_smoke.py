@@ -41,6 +41,9 @@ def test_demo_script_runs_end_to_end_offline(tmp_path):
     after = json.loads((out / "eval-after" / "metrics.json").read_text())
     assert before["summary"]["num_rows"] == after["summary"]["num_rows"] == 40
     assert before["summary"]["encoding"] == after["summary"]["encoding"]  # same prefix, batch, length
+    # both tables group by the demo's training languages, pivot included (the second reads them from the export)
+    assert sorted(before["summary"]["training_languages"]) == sorted(after["summary"]["training_languages"])
+    assert {"en", "de", "zh-Hans"} <= set(after["summary"]["training_languages"])
     for name in ("retrieval_acc/seen_mean", "retrieval_acc/unseen_mean", "xsim/mean"):
         assert 0.0 <= after["metrics"][name] <= 1.0
     table = (out / "before_after.md").read_text()

@@ -150,8 +150,7 @@ def interrupted(corpus, tmp_path_factory):
     "change, message",
     [({"data": {"batch_size": 8}}, r"resuming with --data.config.batch_size = 8, but the checkpoint was trained "
                                    r"with 16"),
-     ({"loss": {"objective": "pairwise"}}, r"resuming with --model.loss.objective pairwise, but the checkpoint was "
-                                           r"trained with multi_positive")],
+     ({"loss": {"objective": "pairwise"}}, r"--model.loss.objective: checkpoint 'multi_positive', config 'pairwise'")],
     ids=["batch_size", "objective"],
 )
 def test_resume_with_changed_settings_is_refused(corpus, interrupted, tmp_path, change, message):

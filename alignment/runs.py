@@ -1,0 +1,310 @@
+"""One folder per run, and what a checkpoint records about the run that wrote it.
+
+``trainer.default_root_dir`` is the run folder. Unless set explicitly, every
+path of the run derives from it (:func:`derive_run_paths`, called by ``align
+fit|validate|test`` before anything is built)::
+
+    <run>/checkpoints/      --checkpoint.dirpath (last.ckpt, periodic checkpoints)
+    <run>/export/           --export.dir (the end-of-fit export; "" turns it off)
+    <run>/csv/, <run>/wandb/ every logger's save_dir
+    <run>/wandb_run_id.txt  the wandb run id (a resumed or requeued run logs to the same wandb run)
+    <run>/config.yaml       the full resolved config
+
+The run folder's default is ``runs/<stem of the first --config>`` (:func:`default_run_dir`), so
+each recipe has its own (``runs/xlm-roberta-base-multiway``); a config file or
+``--trainer.default_root_dir`` overrides it.
+
+Every checkpoint records the run's identity (:func:`describe_run`): model,
+objective, languages, tokenizer, data. Resuming (``--ckpt_path``) refuses a
+checkpoint whose identity differs from the new config (:func:`check_resume`),
+naming both values; ``--warm_start CKPT`` deliberately starts a new run from
+another run's encoder weights (no step, optimiser or data position).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+CKPT_RUN = "alignment_run"
+TRAINING_RECORD = "alignment_training.json"
+"""In an export: what the run trained on (languages with the pivot, objective, data, steps), for ``align eval``."""
+IDENTITY = ("model", "objective", "languages", "tokenizer", "data")
+_FLAGS = {
+    "model": "--model.encoder.name_or_path",
+    "objective": "--model.loss.objective",
+    "languages": "--data.config.languages",
+    "tokenizer": "--data.config.tokenizer",
+    "data": "--data.config.train_shards",
+}
+
+
+class RunMismatchError(ValueError):
+    """A checkpoint of another run was handed to ``--ckpt_path``."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _get(ns: Any, key: str, default: Any = None) -> Any:
+    getter = getattr(ns, "get", None)
+    return getter(key, default) if getter is not None else getattr(ns, key, default)
+
+
+def _loggers(trainer_cfg: Any) -> list[Any]:
+    loggers = _get(trainer_cfg, "logger")
+    if loggers is None or isinstance(loggers, bool):
+        return []
+    return list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
+
+
+def _is_wandb(class_path: str) -> bool:
+    return class_path.rsplit(".", 1)[-1] in ("WandbLogger", "ResumableWandbLogger")
+
+
+def derive_run_paths(cfg: Any, subcommand: str | None = None) -> Path:
+    """Fill every unset run path of a parsed ``align fit|validate|test`` config from its run folder.
+
+    ``cfg`` is the subcommand's ``jsonargparse.Namespace`` (``trainer``,
+    ``checkpoint``, ``export``...); it is changed in place. Under ``validate``
+    and ``test`` a wandb logger writes a new run in the training run's group,
+    with that job type, instead of appending to the training run. Returns the
+    run folder.
+    """
+    from alignment.loggers import persistent_run_id
+
+    trainer = cfg.trainer
+    root = Path(_get(trainer, "default_root_dir") or os.getcwd())
+    trainer.default_root_dir = str(root)
+    checkpoint = _get(cfg, "checkpoint")
+    if checkpoint is not None and not _get(checkpoint, "dirpath"):
+        checkpoint.dirpath = str(root / "checkpoints")
+    export = _get(cfg, "export")
+    if export is not None and _get(export, "dir") is None:
+        export.dir = str(root / "export") if subcommand in (None, "fit") else ""
+    for logger in _loggers(trainer):
+        init_args = _get(logger, "init_args")
+        if init_args is None:
+            continue
+        if _get(init_args, "save_dir") is None:
+            init_args.save_dir = str(root)
+        if _is_wandb(str(_get(logger, "class_path", ""))):
+            if _get(init_args, "name") is None:
+                init_args.name = root.name
+            if subcommand not in (None, "fit"):
+                import uuid
+
+                # A separate wandb run for the evaluation, grouped with the training run it evaluates.
+                init_args.group = _get(init_args, "group") or persistent_run_id(init_args.save_dir)
+                init_args.job_type = _get(init_args, "job_type") or subcommand
+                init_args.id = _get(init_args, "id") or f"{subcommand}-{uuid.uuid4().hex[:8]}"
+                init_args.name = f"{init_args.name}-{subcommand}"
+        elif subcommand not in (None, "fit") and _get(init_args, "name") in (None, "csv", "lightning_logs"):
+            init_args.name = subcommand  # <run>/validate/version_N, not the training run's csv/ folder
+    return root
+
+
+def default_run_dir(argv: list[str]) -> str | None:
+    """``runs/<stem of the first --config file>``, the default run folder of an ``align fit`` command line."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
+            arg[len("--config="):] if arg.startswith("--config=") else None)
+        if value:
+            return f"runs/{Path(value).stem}"
+    return None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, dirpath: str | None) -> Path | None:
+    """The checkpoint ``--ckpt_path`` names, when it exists (``last``: ``<dirpath>/last.ckpt``)."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        if not dirpath:
+            return None
+        path = Path(dirpath) / "last.ckpt"
+    elif ckpt_path in ("best", "hpc", "registry"):
+        return None
+    else:
+        path = Path(ckpt_path)
+    return path if path.exists() else None
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def manifest_checksum(spec: Any) -> str | None:
+    """sha256 of the ``manifest.json`` a shard spec names (the file, or the folder holding one); else None."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "manifest.json"
+    if not (path.is_file() and path.suffix == ".json"):
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _data_spec(spec: Any) -> Any:
+    """A shard spec with local paths made absolute (so ``data/x`` and ``./data/x`` compare equal)."""
+    if spec is None:
+        return None
+    if isinstance(spec, (list, tuple)):
+        return [_data_spec(s) for s in spec]
+    text = str(spec)
+    return text if "://" in text else os.path.abspath(text)
+
+
+def describe_run(module: Any, trainer: Any = None, datamodule: Any = None) -> dict[str, Any]:
+    """What a checkpoint and an export record about the run: identity, step, last evaluation, source.
+
+    ``module`` is the ``AlignmentModule``; the data side comes from ``datamodule``
+    (default: the trainer's). Before the datamodule is set up, the languages are
+    the configured ones or the training manifest's.
+    """
+    from alignment.data.datamodule import manifest_languages
+
+    enc, loss = module.encoder_config, module.loss_config
+    if datamodule is None and trainer is not None:
+        datamodule = getattr(trainer, "datamodule", None)
+    data = getattr(datamodule, "config", None)
+    languages = None
+    if datamodule is not None:
+        try:
+            languages = list(datamodule.languages)
+        except (RuntimeError, AttributeError):
+            configured = getattr(data, "languages", None)
+            languages = list(configured) if configured else manifest_languages(getattr(data, "train_shards", None))
+    spec = getattr(data, "train_shards", None)
+    return {
+        "model": enc.name_or_path,
+        "objective": loss.objective,
+        "languages": languages,
+        "pivot": getattr(data, "pivot", None),
+        "language_policy": getattr(data, "language_policy", None),
+        "tokenizer": getattr(data, "tokenizer", None),
+        "text_prefix": getattr(data, "text_prefix", ""),
+        "data": _data_spec(spec),
+        "data_manifest_sha256": manifest_checksum(spec),
+        "global_step": int(getattr(trainer, "global_step", 0) or 0) if trainer is not None else None,
+        "last_eval": dict(getattr(module, "last_eval", {}) or {}),
+        "source": dict(getattr(module.encoder, "card_extra", {}) or {}),
+    }
+
+
+def _differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in IDENTITY:
+        a, b = saved.get(key), current.get(key)
+        if key == "data":
+            sa, sb = saved.get("data_manifest_sha256"), current.get("data_manifest_sha256")
+            if a != b or (sa and sb and sa != sb):
+                out.append((key, a if a != b else f"{a} (manifest sha256 {sa[:12]})",
+                            b if a != b else f"{b} (manifest sha256 {sb[:12]})"))
+            continue
+        if a is None or b is None:  # unknown on one side (e.g. languages before set-up): nothing to compare
+            continue
+        if a != b:
+            out.append((key, a, b))
+    return out
+
+
+def check_resume(checkpoint: dict, current: dict, ckpt_name: str = "the checkpoint") -> None:
+    """Refuse to resume a checkpoint written by a different run (model, objective, languages, tokenizer, data).
+
+    A checkpoint that records nothing (written before this check existed) is
+    resumed with a warning.
+    """
+    saved = checkpoint.get(CKPT_RUN)
+    if not saved:
+        warnings.warn(f"{ckpt_name} records no run identity: resuming without checking that it is this run's",
+                      stacklevel=2)
+        return
+    diffs = _differences(saved, current)
+    if diffs:
+        lines = "; ".join(f"{_FLAGS[k]}: checkpoint {a!r}, config {b!r}" for k, a, b in diffs)
+        raise RunMismatchError(
+            f"refusing to resume {ckpt_name}: it belongs to another run ({lines}). Give this run its own folder "
+            "(--trainer.default_root_dir runs/NAME), or start it deliberately from those weights with "
+            "--warm_start CKPT (weights only: no step, optimiser or data position)"
+        )
+
+
+def check_resume_file(path: Path, current: dict) -> None:
+    """:func:`check_resume` on a ``.ckpt`` file before anything is built or logged (memory-mapped: cheap).
+    A DeepSpeed folder is checked later, when Lightning loads it."""
+    if not path.is_file():
+        return
+    import torch
+
+    try:  # tensors and plain containers only: a checkpoint is data, never code
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = found.group(1) if found else "objects beyond tensors and plain containers"
+        raise ValueError(f"--ckpt_path {path}: refusing to load it: unpickling it would need {what}, which can run "
+                         "code (load only checkpoints from sources you trust)") from None
+    check_resume(ckpt, current, str(path))
+
+
+# --------------------------------------------------------------------------- warm start
+
+
+def load_warm_start(module: Any, path: str | os.PathLike) -> int:
+    """Load another run's encoder weights (``--warm_start CKPT``) into ``module.encoder``; returns its step.
+
+    Only weights: the new run starts at step 0 with a fresh optimiser, schedule
+    and data position. The encoder architecture must match (strict load).
+    """
+    from alignment.export import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path)
+    state = {k[len("encoder."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("encoder.")}
+    if not state:
+        raise ValueError(f"--warm_start {path}: no encoder weights in it (not a multiway-align checkpoint)")
+    missing, unexpected = module.encoder.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".pooler." not in f".{k}"]
+    if missing or unexpected:
+        raise ValueError(f"--warm_start {path}: its encoder does not match --model.encoder "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return int(ckpt.get("global_step") or 0)
+
+
+# --------------------------------------------------------------------------- what a model was trained on
+
+
+def training_record(run: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run description an export keeps in :data:`TRAINING_RECORD`."""
+    keys = ("model", "objective", "languages", "pivot", "language_policy", "data", "data_manifest_sha256",
+            "global_step")
+    return {k: run.get(k) for k in keys}
+
+
+def recorded_training(spec: str | os.PathLike) -> tuple[dict[str, Any], str] | None:
+    """``(record, where)`` of what the model at ``spec`` was trained on, when it records it: an export
+    folder's :data:`TRAINING_RECORD`, or a Lightning checkpoint's run description. None otherwise."""
+    import json
+
+    path = Path(spec)
+    if path.is_dir() and (path / TRAINING_RECORD).is_file():
+        return json.loads((path / TRAINING_RECORD).read_text()), str(path / TRAINING_RECORD)
+    if path.is_file():
+        import torch
+
+        try:
+            try:  # tensors and plain containers only: a checkpoint is data, never code
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = found.group(1) if found else "objects beyond tensors and plain containers"
+        raise ValueError(f"--ckpt_path {path}: refusing to load it: unpickling it would need {what}, which can run "
+                         "code (load only checkpoints from sources you trust)") from None
+        except Exception:  # noqa: BLE001  (not a checkpoint: the loader reports that, not this)
+            return None
+        if isinstance(ckpt, dict) and ckpt.get(CKPT_RUN):
+            return training_record(ckpt[CKPT_RUN]), f"{path} (checkpoint)"
+    return None

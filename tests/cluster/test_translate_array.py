@@ -1,0 +1,52 @@
+"""``slurm/translate.sbatch`` on a real SLURM: an array job translates the parts, a dependent job merges them.
+
+Submitted the way a user does (``bash slurm/translate.sbatch ...`` on the login
+node submits both jobs), on CPU (``TRANSLATE_GPUS=0``) with a tiny random-weight
+NLLB-architecture model built here. The merged corpus must be the bytes of one
+``align translate run`` with the same flags, each part made by the task the
+round-robin assigns, and the merge must leave the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from tests import _training as T
+from tests import _translate as X
+from tests.cluster._slurm import job_env, job_logs
+
+pytestmark = pytest.mark.cluster
+
+TASKS = 3
+
+
+def test_translate_array_job_equals_the_single_process_run(slurm, tmp_path):
+    model = X.build_nllb(tmp_path / "models")
+    text = tmp_path / "news.en.txt"
+    text.write_text("\n".join(X.sentences(20)) + "\n", encoding="utf-8")
+    flags = [str(text), "--model", str(model), "--targets", "de,fr", "--part-rows", "3", "--beams", "2",
+             "--max-length", "12"]
+    env = job_env(slurm, TRANSLATE_TASKS=str(TASKS), TRANSLATE_GPUS="0", TRANSLATE_CPUS="1",
+                  TRANSLATE_LOG_DIR=str(tmp_path / "logs"), SBATCH_TIMELIMIT="10")
+    single = subprocess.run(["align", "translate", "run", *flags, "--out", "single"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+
+    submitted = subprocess.run(["bash", str(T.REPO / "slurm" / "translate.sbatch"), *flags, "--out", "array"],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    array_id, merge_id = map(int, re.search(r"array job (\d+) .* merge job (\d+)", submitted.stdout).groups())
+
+    info = slurm.wait_job(merge_id, timeout=300)
+    logs = job_logs(tmp_path / "logs", slurm)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{logs}"
+    assert [slurm.job(f"{array_id}_{i}")["JobState"] for i in range(TASKS)] == ["COMPLETED"] * TASKS
+    assert (tmp_path / "array" / "corpus.jsonl").read_bytes() == (tmp_path / "single" / "corpus.jsonl").read_bytes()
+    manifest = json.loads((tmp_path / "array" / "manifest.json").read_text())
+    assert [(p["part"], p["rank"]) for p in manifest["parts"]] == [(i, i % TASKS) for i in range(7)]
+    merge_log = (tmp_path / "logs" / f"align-translate-{merge_id}.out").read_text()
+    assert "wrote array/corpus.jsonl and array/manifest.json" in merge_log
