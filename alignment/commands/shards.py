@@ -152,7 +152,9 @@ def _configs(args: argparse.Namespace) -> tuple[CorpusSource, ShardBuildConfig]:
     return source, config
 
 
-def _error(command: str, exc: BaseException) -> int:
+def _error(command: str, exc: BaseException, out: object = None) -> int:
+    if isinstance(exc, OSError) and not exc.filename and out is not None:  # a failed write names no file
+        exc = OSError(f"{exc.strerror or exc} while writing the build of --out {out} (full disk or quota?)")
     print(f"align shards {command}: error: {exc}", file=sys.stderr)
     return 1
 
@@ -180,7 +182,7 @@ def run_build(args: argparse.Namespace) -> int:
                 size_hint=source.input_bytes() or None,
             )
     except (CorpusError, ValueError, OSError) as exc:  # OSError: a read-only or full disk, names the path
-        return _error("build", exc)
+        return _error("build", exc, args.out)
     _warn_missing_pivot(manifest, config.cleaning.pivot)
     print(report.format_table())
     print()

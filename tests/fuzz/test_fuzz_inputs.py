@@ -272,7 +272,7 @@ def test_shards_verify_and_eval_on_hostile_folders(base, tmp_path, case):
     rc, err = run_align(["shards", "verify", "shards"], sandbox, [])
     assert "Traceback" not in err, err
     assert rc == 1, f"verify passed a hostile folder ({name}):\n{err}"
-    assert all(line.startswith(("FAIL ", "align shards verify:")) for line in err.splitlines() if line.strip()), err
+    assert all(line.startswith(("FAIL ", "align shards verify:", "[")) for line in err.splitlines() if line.strip()), err
     out = sandbox / "eval"
     rc, err = run_align(["eval", "--model", str(model), "--data", "shards", "--split", "test", "--out", "eval",
                          "--quiet"], sandbox, [out])
