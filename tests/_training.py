@@ -258,6 +258,10 @@ def align_env(**extra: str) -> dict[str, str]:
     import os
 
     env = dict(os.environ)
+    # An in-process wandb run (an earlier test) leaves WANDB_SERVICE, the address of this
+    # process's wandb service, in os.environ; a child that inherits it logs through that
+    # service instead of its own, and its run files may never be written.
+    env.pop("WANDB_SERVICE", None)
     env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     env.update(extra)

@@ -1,4 +1,4 @@
-"""Shared fixtures: leftover process groups are destroyed after every test."""
+"""Shared fixtures: leftover process groups are destroyed and wandb's service address is dropped after every test."""
 
 from __future__ import annotations
 
@@ -19,3 +19,12 @@ def _destroy_process_group():
     yield
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _forget_wandb_service():
+    """An in-process wandb run stores its service's address in ``WANDB_SERVICE``; a later test's
+    subprocess (``align fit``, an sbatch job, which inherits the environment) would log through
+    that service instead of starting its own, and its offline files could then never appear."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
