@@ -292,6 +292,9 @@ def render(
     setup: str | None = None,
     align_cmd: str | None = None,
     template_name: str = "slurm/train.sbatch",
+    signal: bool = True,
+    array: int | None = None,
+    exports: dict[str, str] | None = None,
 ) -> str:
     """The template with this submission's ``#SBATCH`` values and settings filled in.
 
@@ -299,7 +302,9 @@ def render(
     is dropped for 0 GPUs); partition, account, cpus per task, ``--chdir`` and the
     ``--sbatch-arg`` extras, then ``export`` lines for the config, the log folder and
     (when given) the setup and align command, and the ``align fit`` overrides, go at
-    the ``# @align-submit@`` marker.
+    the ``# @align-submit@`` marker. ``signal=False`` for a template without ``--signal`` (the
+    translate job: a killed task loses only its part), ``array=N`` adds ``--array=0-(N-1)`` with one
+    log per task, ``exports`` more ``export`` lines (``configs`` may then be empty).
 
     Raises:
         ValueError: the template lacks the marker or a ``#SBATCH`` line this needs.
@@ -314,8 +319,10 @@ def render(
         "--gpus-per-node": str(alloc.gpus_per_node),
         "--time": alloc.time,
         "--signal": f"B:USR1@{alloc.signal_lead}",
-        "--output": f"{log_dir}/%x-%j.out",
+        "--output": f"{log_dir}/%x-%A_%a.out" if array else f"{log_dir}/%x-%j.out",
     }
+    if not signal:
+        del values["--signal"]
     seen, out = set(), []
     for line in lines:
         parsed = _sbatch_value(line)
@@ -327,13 +334,15 @@ def render(
             out.append(f"#SBATCH {key}={values[key]}")
         elif line.strip().startswith(MARKER):
             out.append(f"# rendered by align submit on {time.strftime('%Y-%m-%d %H:%M:%S')} from {template_name}")
-            extra = [f"--chdir={workdir}"]
+            extra = [f"--chdir={workdir}"] + ([f"--array=0-{array - 1}"] if array else [])
             extra += [f"--partition={alloc.partition}"] if alloc.partition else []
             extra += [f"--account={alloc.account}"] if alloc.account else []
             extra += [f"--cpus-per-task={alloc.cpus_per_task}"] if alloc.cpus_per_task else []
             out += [f"#SBATCH {arg}" for arg in [*extra, *alloc.extra]]
-            out.append(f"export ALIGN_CONFIG={shlex.quote(configs[0])}")
+            if configs:
+                out.append(f"export ALIGN_CONFIG={shlex.quote(configs[0])}")
             out.append(f"export ALIGN_LOG_DIR={shlex.quote(log_dir)}")
+            out += [f"export {key}={shlex.quote(value)}" for key, value in (exports or {}).items()]
             if setup:
                 out.append(f"export ALIGN_SETUP={shlex.quote(setup)}")
             if align_cmd:
@@ -354,9 +363,15 @@ def render(
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     docs = field_docs(Allocation)
-    p.add_argument("--config", action="append", required=True, metavar="YAML",
+    p.add_argument("--job", choices=("train", "translate"), default="train",
+                   help="train: `align fit` from --config (slurm/train.sbatch); translate: an array job of "
+                   "`align translate run` over --array-tasks tasks, then a dependent `align translate merge` "
+                   "(slurm/translate.sbatch); the arguments after -- are that command's")
+    p.add_argument("--config", action="append", default=None, metavar="YAML",
                    help="training config(s), as for `align fit --config` (repeat for several); a shipped recipe "
-                   "by name: recipe:xlm-roberta-base-multiway")
+                   "by name: recipe:xlm-roberta-base-multiway (--job train)")
+    p.add_argument("--array-tasks", type=int, default=_env_int("ALIGN_ARRAY_TASKS", 4), metavar="N",
+                   help="--job translate: array tasks; task I translates parts I, I+N, ...")
     p.add_argument("--nodes", type=int, default=_env_int("ALIGN_NODES", 1), help=docs["nodes"])
     p.add_argument("--gpus-per-node", type=int, default=_env_int("ALIGN_GPUS_PER_NODE", 1), help=docs["gpus_per_node"])
     p.add_argument("--tasks-per-node", type=int, default=_env_int("ALIGN_TASKS_PER_NODE", None),
@@ -403,6 +418,12 @@ def run(args: argparse.Namespace) -> int:
     fit_args = list(args.fit_args)
     if fit_args and fit_args[0] == "--":
         fit_args = fit_args[1:]
+    if args.job == "translate":
+        from alignment.commands.submit_translate import run_translate
+
+        return run_translate(args, fit_args)
+    if not args.config:
+        return _error("--config is required for --job train (the training config, as for `align fit`)")
     template = args.template or default_template()
     if not template.is_file():
         return _error(f"sbatch template {template} not found: pass --template PATH (the repository's "
@@ -454,19 +475,31 @@ def run(args: argparse.Namespace) -> int:
         print(script, end="")
         print(f"# dry run: would write {log_dir}/{alloc.job_name}-<time>.sbatch and run `sbatch` on it", file=sys.stderr)
         return 0
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        return _error("sbatch not found on PATH: run this on a SLURM login node, or use --dry-run")
-    log_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder: a missing one fails the job
     path = log_dir / f"{alloc.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
-    path.write_text(script)
-    result = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
-    if result.returncode != 0:
-        return _error(f"sbatch {path} failed (exit {result.returncode}): {result.stderr.strip()}")
-    job_id = result.stdout.strip().split(";")[0]
+    try:
+        job_id = sbatch_script(script, path)
+    except RuntimeError as exc:
+        return _error(str(exc))
     print(f"submitted job {job_id}: {path}")
     print(f"logs: {log_dir}/{alloc.job_name}-{job_id}.out, ranks: {log_dir}/{alloc.job_name}-{job_id}-restart*-rank*.log")
     return 0
+
+
+def sbatch_script(script: str, path: Path, *options: str) -> str:
+    """Save ``script`` at ``path`` (its folder is the log folder: created, SLURM does not) and sbatch it; the job id.
+
+    Raises:
+        RuntimeError: no sbatch on PATH, or sbatch refused the script (its message).
+    """
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise RuntimeError("sbatch not found on PATH: run this on a SLURM login node, or use --dry-run")
+    path.parent.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder: a missing one fails the job
+    path.write_text(script)
+    result = subprocess.run([sbatch, "--parsable", *options, str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch {path} failed (exit {result.returncode}): {result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]
 
 
 def register(subparsers) -> None:

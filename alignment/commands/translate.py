@@ -41,7 +41,8 @@ examples:
   # which codes does a model know?
   align translate codes --model facebook/nllb-200-distilled-600M --languages de,zh,pt-BR
 
-on a cluster: slurm/translate.sbatch (an array job, then a dependent merge)
+on a cluster: an array job of N tasks, then a dependent merge (slurm/translate.sbatch, rendered and submitted):
+  align submit --job translate --array-tasks 8 --time 04:00:00 -- news.en.txt --model M --targets de,fr --out data/syn
 """
 
 
@@ -51,18 +52,44 @@ def _defaults(cls: type) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
+RUN_DESCRIPTION = (
+    "Translate INPUT text into --targets with a seq2seq model, in deterministic parts that are published atomically "
+    "(a rerun resumes), filter the outputs, and merge the parts into OUT/corpus.jsonl "
+    "(rows for `align shards build --format jsonl`)."
+)
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="translate text into target languages: multi-way JSONL rows with provenance",
+                       description=RUN_DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    _run_arguments(p)
+
+
+class _ArgumentError(ValueError):
+    """A bad ``align translate run`` flag, raised instead of argparse's usage-and-exit."""
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise _ArgumentError(message)
+
+
+def parse_run_args(argv: list[str]) -> TranslateConfig:
+    """``align translate run`` flags -> a checked :class:`TranslateConfig`, without running anything.
+
+    ``align submit --job translate`` validates the job's arguments with this before sbatch.
+
+    Raises:
+        ValueError: an unknown or malformed flag (argparse's message, naming it) or a bad value.
+    """
+    parser = _RaisingParser(prog="align translate run", description=RUN_DESCRIPTION, add_help=False)
+    _run_arguments(parser)
+    return _config(parser.parse_args(argv))
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
     doc, gen, flt = field_docs(TranslateConfig), field_docs(GenerateConfig), field_docs(FilterConfig)
     run_d, gen_d = _defaults(TranslateConfig), _defaults(GenerateConfig)
-    p = sub.add_parser(
-        "run",
-        help="translate text into target languages: multi-way JSONL rows with provenance",
-        description="Translate INPUT text into --targets with a seq2seq model, in deterministic parts that are "
-        "published atomically (a rerun resumes), filter the outputs, and merge the parts into OUT/corpus.jsonl "
-        "(rows for `align shards build --format jsonl`).",
-        epilog=EXAMPLES,
-        formatter_class=HelpFormatter,
-    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=doc["inputs"])
     p.add_argument("--model", required=True, help=doc["model"])
     p.add_argument("--targets", required=True, help=doc["targets"])
