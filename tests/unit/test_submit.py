@@ -1,4 +1,5 @@
-"""``align submit`` without SLURM: the allocation checks, the rendering of ``slurm/train.sbatch``, ``--dry-run``.
+"""``align submit`` without SLURM: the allocation checks, the rendering of ``slurm/train.sbatch``, ``--dry-run``,
+and ``--job translate`` (``slurm/translate.sbatch`` as an array job and its merge).
 
 The checks run on configs parsed by the real ``align fit`` parser
 (``parse_config``) over shards built on the fly; the rendered scripts are
@@ -209,6 +210,80 @@ def test_missing_template_config_and_sbatch_are_clear_errors(corpus, tmp_path, m
         rc = main(["submit", "--config", str(T.DEBUG_YAML), "--gpus-per-node", "0", "--time", "30",
                    "--", "--data.config.train_shards", str(corpus.shards)])
         assert rc == 2 and "sbatch not found on PATH" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- --job translate
+
+
+def _split_translate(out):
+    array, merge = out.split("# ---- merge job: sbatch --dependency=afterok:<array job> --kill-on-invalid-dep=yes ----\n")
+    return array, merge
+
+
+def _sbatch_lines(script):
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+def test_translate_dry_run_renders_the_array_and_its_merge(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "news.en.txt").write_text("Hello.\n")
+    rc = main(["submit", "--job", "translate", "--array-tasks", "3", "--gpus-per-node", "1", "--cpus-per-task", "4",
+               "--time", "2:00:00", "--partition", "gpu", "--account", "proj", "--sbatch-arg=--mem=8G", "--dry-run",
+               "--", "news.en.txt", "--model", "/models/nllb", "--targets", "de,fr", "--out", "syn x",
+               "--beams", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    array, merge = _split_translate(out)
+    logs = tmp_path / "logs"
+    common = ["--job-name=align-translate", "--nodes=1", "--ntasks-per-node=1", "--time=2:00:00",
+              "--open-mode=append", f"--chdir={tmp_path}", "--partition=gpu", "--account=proj"]
+    assert sorted(_sbatch_lines(array)) == sorted(f"#SBATCH {v}" for v in [
+        *common, "--gpus-per-node=1", f"--output={logs}/%x-%A_%a.out", "--array=0-2", "--cpus-per-task=4",
+        "--mem=8G"])
+    assert sorted(_sbatch_lines(merge)) == sorted(f"#SBATCH {v}" for v in [  # no GPU, no array, one CPU
+        *common, f"--output={logs}/%x-%j.out", "--cpus-per-task=1", "--mem=8G"])
+    assert "export TRANSLATE_STAGE=run\nexport TRANSLATE_TASKS=3\n" in array
+    assert "export TRANSLATE_STAGE=merge\n" in merge
+    command = """set -- news.en.txt --model /models/nllb --targets de,fr --out 'syn x' --beams 2 "$@\""""
+    assert command in array and command in merge
+    for i, script in enumerate((array, merge)):
+        lines = script.splitlines()
+        first_command = next(j for j, line in enumerate(lines) if line and not line.startswith("#"))
+        assert all(j < first_command for j, line in enumerate(lines) if line.startswith("#SBATCH"))
+        (tmp_path / f"{i}.sbatch").write_text(script)
+        _bash_syntax_ok(tmp_path / f"{i}.sbatch")
+    assert "translate: 3 array task(s) x 1 GPU(s)" in err and "-> syn x/corpus.jsonl" in err
+    assert not logs.exists()
+
+
+@pytest.mark.parametrize(("translate_args", "submit_args", "message"), [
+    (["--beems", "2"], [], "align submit: error: align translate run: unrecognized arguments: --beems 2"),
+    (["--dtype", "fp8"], [], "align translate run: argument --dtype: invalid choice: 'fp8'"),
+    (["--part-rows", "0"], [], "align translate run: --part-rows must be >= 1, got 0"),
+    (["--rank", "0", "--world-size", "2"], [], "--rank / --world-size / --no-merge are set by the array job"),
+    (["--dtype", "bf16"], ["--gpus-per-node", "0"], "--dtype bf16 on CPU tasks (--gpus-per-node 0)"),
+    ([], ["--nodes", "2"], "--nodes 2 / --tasks-per-node None: a translate job runs one task per array element"),
+    ([], ["--config", "x.yaml"], "--config is for --job train"),
+])
+def test_bad_translate_arguments_exit_2_before_sbatch(tmp_path, monkeypatch, capsys, translate_args, submit_args,
+                                                      message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "news.en.txt").write_text("Hello.\n")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: reaching it would say "sbatch not found"
+    rc = main(["submit", "--job", "translate", *submit_args, "--", "news.en.txt", "--model", "m", "--targets", "de",
+               "--out", "syn", *translate_args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert len([line for line in err.splitlines() if line.startswith("align submit: error:")]) == 1
+    assert "sbatch" not in err and not (tmp_path / "logs").exists()
+
+
+def test_translate_without_the_input_names_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", "--job", "translate", "--dry-run", "--", "gone.txt", "--model", "m", "--targets", "de",
+                 "--out", "syn"]) == 2
+    assert "align submit: error: align translate run: INPUT gone.txt: no such file or folder" in capsys.readouterr().err
 
 
 def test_launch_shim_is_the_same_command():
