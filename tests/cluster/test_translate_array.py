@@ -1,10 +1,11 @@
-"""``slurm/translate.sbatch`` on a real SLURM: an array job translates the parts, a dependent job merges them.
+"""``align submit --job translate`` on a real SLURM: an array job translates the parts, a dependent job merges them.
 
-Submitted the way a user does (``bash slurm/translate.sbatch ...`` on the login
-node submits both jobs), on CPU (``TRANSLATE_GPUS=0``) with a tiny random-weight
-NLLB-architecture model built here. The merged corpus must be the bytes of one
-``align translate run`` with the same flags, each part made by the task the
-round-robin assigns, and the merge must leave the manifest.
+Submitted the way a user does (``align submit --job translate ... -- <align translate run flags>``
+on the login node renders ``slurm/translate.sbatch`` twice and submits both jobs), on CPU
+(``--gpus-per-node 0``) with a tiny random-weight NLLB-architecture model built here. The merged
+corpus must be the bytes of one ``align translate run`` with the same flags, each part made by the
+task the round-robin assigns, and the merge must leave the manifest. ``bash slurm/translate.sbatch``
+hands its arguments to the same command (``tests/unit/test_submit.py`` checks that without SLURM).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -30,21 +32,26 @@ def test_translate_array_job_equals_the_single_process_run(slurm, tmp_path):
     text.write_text("\n".join(X.sentences(20)) + "\n", encoding="utf-8")
     flags = [str(text), "--model", str(model), "--targets", "de,fr", "--part-rows", "3", "--beams", "2",
              "--max-length", "12"]
-    env = job_env(slurm, TRANSLATE_TASKS=str(TASKS), TRANSLATE_GPUS="0", TRANSLATE_CPUS="1",
-                  TRANSLATE_LOG_DIR=str(tmp_path / "logs"), SBATCH_TIMELIMIT="10")
+    env = job_env(slurm)
     single = subprocess.run(["align", "translate", "run", *flags, "--out", "single"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
 
-    submitted = subprocess.run(["bash", str(T.REPO / "slurm" / "translate.sbatch"), *flags, "--out", "array"],
-                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    submit = ["align", "submit", "--job", "translate", "--array-tasks", str(TASKS), "--gpus-per-node", "0",
+              "--cpus-per-task", "1", "--time", "10", "--log-dir", "logs"]
+    submitted = subprocess.run([*submit, "--", *flags, "--out", "array"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     array_id, merge_id = map(int, re.search(r"array job (\d+) .* merge job (\d+)", submitted.stdout).groups())
+    script = re.search(r": (\S+\.sbatch)$", submitted.stdout.splitlines()[0]).group(1)  # the two scripts submitted
+    assert sorted((tmp_path / "logs").glob("*.sbatch")) == sorted([Path(script), Path(script[:-7] + "-merge.sbatch")])
 
     info = slurm.wait_job(merge_id, timeout=300)
     logs = job_logs(tmp_path / "logs", slurm)
     assert info["JobState"] == "COMPLETED", f"{info}\n{logs}"
-    assert [slurm.job(f"{array_id}_{i}")["JobState"] for i in range(TASKS)] == ["COMPLETED"] * TASKS
+    tasks = [slurm.job(f"{array_id}_{i}") for i in range(TASKS)]
+    assert [t["JobState"] for t in tasks] == ["COMPLETED"] * TASKS
+    assert info["StartTime"] >= max(t["EndTime"] for t in tasks)  # afterok: the merge waited for every task
     assert (tmp_path / "array" / "corpus.jsonl").read_bytes() == (tmp_path / "single" / "corpus.jsonl").read_bytes()
     manifest = json.loads((tmp_path / "array" / "manifest.json").read_text())
     assert [(p["part"], p["rank"]) for p in manifest["parts"]] == [(i, i % TASKS) for i in range(7)]
