@@ -18,7 +18,9 @@ Then it renders the template (``--template``, default the repository's ``slurm/t
 ``align fit`` overrides given after ``--``. ``--dry-run`` prints that script; otherwise it is saved
 beside the logs and handed to ``sbatch``.
 
-``launch/submit.py`` runs the same :func:`main` without the ``align`` entry point.
+``--job translate`` renders ``slurm/translate.sbatch`` as an array job and its dependent merge instead
+(:mod:`alignment.commands.submit_translate`). ``launch/submit.py`` runs the same :func:`main` without
+the ``align`` entry point.
 """
 
 from __future__ import annotations
@@ -55,9 +57,13 @@ examples:
   # CPU nodes (gloo): one task per node, no GPUs
   align submit --config my-cpu.yaml --nodes 2 --gpus-per-node 0 --tasks-per-node 1 --time 30
 
+  # a translate job: 8 array tasks of `align translate run`, then `align translate merge` (afterok)
+  align submit --job translate --array-tasks 8 --gpus-per-node 1 --time 04:00:00 \\
+      -- news.en.txt --model /shared/models/nllb --targets de,fr --out /shared/data/syn
+
 every default above can also come from the environment: ALIGN_NODES, ALIGN_GPUS_PER_NODE,
 ALIGN_TASKS_PER_NODE, ALIGN_CPUS_PER_TASK, ALIGN_TIME, ALIGN_PARTITION, ALIGN_ACCOUNT,
-ALIGN_SIGNAL_LEAD, ALIGN_SETUP, ALIGN_CMD, ALIGN_TEMPLATE.
+ALIGN_SIGNAL_LEAD, ALIGN_SETUP, ALIGN_CMD, ALIGN_TEMPLATE, ALIGN_ARRAY_TASKS.
 """
 
 
@@ -390,18 +396,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align-cmd", default=os.environ.get("ALIGN_CMD") or None, metavar="CMD",
                    help="how the job runs align (default in the template: `align`), e.g. 'python -m alignment.cli'")
     p.add_argument("--template", type=Path, default=None,
-                   help=f"the sbatch template (default: $ALIGN_TEMPLATE, else {REPO_TEMPLATE})")
+                   help=f"the sbatch template (default: $ALIGN_TEMPLATE, else {REPO_TEMPLATE}; --job translate: "
+                   "the shipped translate.sbatch)")
     p.add_argument("--log-dir", default=None,
                    help="folder for the batch log, per-rank logs and the rendered script (default: <trainer.default_root_dir>/slurm)")
     p.add_argument("--dry-run", action="store_true", help="check and print the script; submit nothing")
     p.add_argument("fit_args", nargs=argparse.REMAINDER, metavar="-- FIT_ARGS",
-                   help="`align fit` overrides after --, e.g. -- --trainer.max_steps 5000")
+                   help="`align fit` overrides after --, e.g. -- --trainer.max_steps 5000 (--job translate: the "
+                   "`align translate run` arguments, e.g. -- in.txt --model M --targets de,fr --out DIR)")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="align submit")
     p.description = ("Check a training config against a SLURM allocation, render slurm/train.sbatch for it, "
-                     "and submit it with sbatch (--dry-run: print it).")
+                     "and submit it with sbatch (--dry-run: print it). --job translate: check `align translate run` "
+                     "arguments, render slurm/translate.sbatch as an array job and a dependent merge, submit both.")
     p.epilog = EXAMPLES
     p.formatter_class = HelpFormatter
     _add_arguments(p)

@@ -286,6 +286,27 @@ def test_translate_without_the_input_names_it(tmp_path, monkeypatch, capsys):
     assert "align submit: error: align translate run: INPUT gone.txt: no such file or folder" in capsys.readouterr().err
 
 
+def test_the_translate_script_submits_through_align_submit(tmp_path):
+    """``bash slurm/translate.sbatch ARGS`` on a login node is ``align submit --job translate -- ARGS``."""
+    (tmp_path / "news.en.txt").write_text("Hello.\n")
+    env = T.align_env(PATH=str(tmp_path), ALIGN_CMD=f"{sys.executable} -m alignment.cli", TRANSLATE_TASKS="2",
+                      TRANSLATE_GPUS="0")  # no sbatch on this PATH
+
+    def script(*args):
+        return subprocess.run([shutil.which("bash"), str(T.REPO / "slurm" / "translate.sbatch"), "news.en.txt",
+                               "--model", "m", "--targets", "de", "--out", "syn", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    typo = script("--beems", "2")
+    assert typo.returncode == 2
+    assert typo.stderr.strip().splitlines()[-1] == (
+        "align submit: error: align translate run: unrecognized arguments: --beems 2")
+    checked = script("--beams", "2")  # valid: rendered, then stopped only by the missing sbatch
+    assert checked.returncode == 2
+    assert "translate: 2 array task(s) x 0 GPU(s)" in checked.stderr
+    assert "align submit: error: sbatch not found on PATH" in checked.stderr
+
+
 def test_launch_shim_is_the_same_command():
     result = subprocess.run([sys.executable, str(T.REPO / "launch" / "submit.py"), "--help"], capture_output=True,
                             text=True, timeout=60)
