@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests import _training as T
 from tests import _translate as X
 from tests.cluster._slurm import job_env, job_logs
 
