@@ -94,6 +94,18 @@ def _step_of(ckpt: Path) -> int:
     return int(state["global_step"])
 
 
+def _wait_for_row(run_root: Path, step: int, proc, timeout: float = 30) -> None:
+    """Wait until the newest CSV version of ``run_root`` holds the ``train/loss`` row of ``step``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if step in _losses(run_root)[-1]:
+                return
+        except (OSError, ValueError, IndexError, KeyError):  # the file is being written
+            pass
+        time.sleep(0.02)
+
+
 def _losses(run_root: Path) -> list[dict[int, float]]:
     """Per CSV version (one per ``align fit``), ``{step: train/loss}``."""
     versions = sorted((run_root / "runs" / "debug" / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -129,7 +141,10 @@ def test_zero3_preempted_killed_and_resumed_equals_a_straight_run(tmp_path):
     while time.monotonic() < deadline and proc.poll() is None:
         if last.exists() and last.stat().st_ino != inode:
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
+    # Lightning saves a step's checkpoint (a callback) just before it logs and flushes that step's CSV
+    # row: kill once the row of the checkpoint's last step is on disk, or the segment's log misses it.
+    _wait_for_row(chain, _step_of(last) - 1, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert f"Restoring states from the checkpoint path at {last}" in Path(log).read_text()
