@@ -31,7 +31,8 @@ UNLOCKED_GRACE_S = 120.0
 """A build folder without a lock file is stale only when older than this (it may have been created a moment ago)."""
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def inside_folder(path: Path, folder: Path) -> bool:
+    """``path`` (symlinks followed) lies inside ``folder`` (symlinks followed)."""
     try:
         path.resolve().relative_to(folder.resolve())
     except (ValueError, OSError, RuntimeError):
@@ -58,7 +59,7 @@ def check_replaceable(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{flag} {out} is a file; choose a directory path")
     for item in inputs:
-        if out.exists() and _inside(Path(item), out):
+        if out.exists() and inside_folder(Path(item), out):
             raise FileExistsError(
                 f"{flag} {out} holds the input {item}: writing there would delete it; choose another {flag}"
             )

@@ -418,6 +418,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def refuse(problems: list[str]) -> int:
+    """Print each problem found before submitting as one ``align submit: error:`` line; exit status 2."""
+    for problem in problems:
+        print(f"align submit: error: {problem}", file=sys.stderr)
+    print(f"align submit: {len(problems)} problem(s); nothing submitted", file=sys.stderr)
+    return 2
+
+
 def _error(message: str) -> int:
     print(f"align submit: error: {message}", file=sys.stderr)
     return 2
@@ -468,10 +476,7 @@ def run(args: argparse.Namespace) -> int:
             return int(stop.code or 2)
     problems = check_allocation(config, alloc)
     if problems:
-        for problem in problems:
-            print(f"align submit: error: {problem}", file=sys.stderr)
-        print(f"align submit: {len(problems)} problem(s); nothing submitted", file=sys.stderr)
-        return 2
+        return refuse(problems)
     log_dir = Path(args.log_dir or Path(config.trainer.default_root_dir or ".") / "slurm").resolve()
     try:
         script = render(template.read_text(), alloc, configs=configs, fit_args=fit_args, log_dir=str(log_dir),

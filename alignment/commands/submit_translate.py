@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from alignment.commands.submit import Allocation, _error, render, sbatch_template, sbatch_script
+from alignment.commands.submit import Allocation, _error, refuse, render, sbatch_script, sbatch_template
 
 TEMPLATE = sbatch_template("translate.sbatch")
 MERGE_OPTIONS = ("--kill-on-invalid-dep=yes",)
@@ -75,10 +75,7 @@ def run_translate(args: argparse.Namespace, translate_args: list[str]) -> int:
         return _error(f"align translate run: {exc}")
     problems = _check(config, task)
     if problems:
-        for problem in problems:
-            print(f"align submit: error: {problem}", file=sys.stderr)
-        print(f"align submit: {len(problems)} problem(s); nothing submitted", file=sys.stderr)
-        return 2
+        return refuse(problems)
     log_dir = Path(args.log_dir or "logs").resolve()
     common = dict(configs=[], fit_args=translate_args, log_dir=str(log_dir), workdir=str(Path.cwd()),
                   setup=args.setup, align_cmd=args.align_cmd, template_name=str(template), signal=False)

@@ -44,7 +44,7 @@ import tempfile
 import unicodedata
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -249,7 +249,13 @@ DROP_REASONS: dict[str, DropReason] = {
 DROP_LEVELS = ("row", "text", "file")
 
 
-def _parse_languages(value: str | Sequence[str] | None, flag: str) -> tuple[str, ...] | None:
+def parse_languages(value: str | Sequence[str] | None, flag: str,
+                     normalize: Callable[[str], str] = normalize_language) -> tuple[str, ...] | None:
+    """``"de,fr,zh"`` (or a list) -> canonical codes, in order, without repeats; errors name ``flag``.
+
+    ``normalize`` maps one code (default :func:`normalize_language`; ``align translate`` also
+    accepts model-family spellings such as ``deu_Latn``).
+    """
     if value is None:
         return None
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -258,7 +264,7 @@ def _parse_languages(value: str | Sequence[str] | None, flag: str) -> tuple[str,
         if not str(item).strip():
             continue
         try:
-            code = normalize_language(str(item))
+            code = normalize(str(item).strip())
         except LanguageCodeError as exc:
             raise ValueError(f"{flag}: {exc}") from exc
         if code not in out:
@@ -290,7 +296,7 @@ class CleaningConfig:
             self.pivot = normalize_language(self.pivot)
         except LanguageCodeError as exc:
             raise ValueError(f"--pivot: {exc}") from exc
-        self.languages = _parse_languages(self.languages, "--languages")
+        self.languages = parse_languages(self.languages, "--languages")
         if self.min_languages < 2:
             raise ValueError(f"--min-languages must be >= 2 (a multi-way row), got {self.min_languages}")
         if self.max_chars < 1:

@@ -76,7 +76,7 @@ from alignment.data.corpus import (
     stable_hash64,
 )
 from alignment.progress import progress
-from alignment.staging import building_dir, check_replaceable, clean_stale, replace_dir
+from alignment.staging import building_dir, check_replaceable, clean_stale, inside_folder, replace_dir
 
 MANIFEST_FORMAT = "multiway-align/shards/v1"
 MANIFEST_NAME = "manifest.json"
@@ -894,15 +894,6 @@ def plain_relative_path(rel: str) -> bool:
         and not any(ord(c) < 32 or c == "\x7f" for c in rel)
         and all(part not in ("", ".", "..") and not part.startswith("-") for part in parts)
     )
-
-
-def inside_folder(path: Path, folder: Path) -> bool:
-    """``path`` (symlinks followed) lies inside ``folder`` (symlinks followed)."""
-    try:
-        path.resolve().relative_to(folder.resolve())
-    except (ValueError, OSError, RuntimeError):
-        return False
-    return True
 
 
 def load_manifest(path: str | os.PathLike) -> dict:

@@ -31,7 +31,7 @@ from typing import Literal, get_args
 
 import langcodes
 
-from alignment.data.corpus import LanguageCodeError, normalize_language
+from alignment.data.corpus import LanguageCodeError, normalize_language, parse_languages
 
 Family = Literal["nllb", "m2m100", "mbart50", "marian"]
 FAMILIES: tuple[str, ...] = get_args(Family)
@@ -205,21 +205,9 @@ def _canonical_or_none(code: str | None) -> str | None:
 
 
 def parse_language_list(value: str | list[str], flag: str) -> list[str]:
-    """``"de,fr,zh"`` -> canonical codes, in order, without repeats (errors name the flag)."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    out: list[str] = []
-    for item in items:
-        if not str(item).strip():
-            continue
-        try:
-            code = _family_code_to_canonical(str(item).strip())
-        except LanguageCodeError as exc:
-            raise ValueError(f"{flag}: {exc}") from exc
-        if code not in out:
-            out.append(code)
-    if not out:
-        raise ValueError(f"{flag} must name at least one language, got {value!r}")
-    return out
+    """``"de,fr,zh"`` -> canonical codes, in order, without repeats (errors name the flag); family
+    spellings (``deu_Latn``, ``de_DE``, ``en_XX``) accepted."""
+    return list(parse_languages(value, flag, normalize=_family_code_to_canonical))
 
 
 def _family_code_to_canonical(text: str) -> str:
