@@ -209,8 +209,7 @@ class AlignmentModule(LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self._log_skipped_grad_norm()
             return None
-        if self.optim_config.max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.optim_config.max_grad_norm, gradient_clip_algorithm="norm")
+        self._clip(optimizer)
         self._log_grad_norm()
         optimizer.step()
         scheduler.step()
@@ -312,8 +311,20 @@ class AlignmentModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.automatic_optimization:
+            # Gradients are unscaled here (Lightning's precision plugins unscale before this hook).
+            if not self._step_skipped:
+                self._clip(optimizer)
             # logged from this hook either way: a key logged from two hooks would re-log the stale one
             self._log_skipped_grad_norm() if self._step_skipped else self._log_grad_norm()
+
+    def _clip(self, optimizer) -> None:
+        """``--model.optim.max_grad_norm``: clip the total gradient 2-norm (both optimisation paths).
+
+        Under DeepSpeed the engine clips (``gradient_clipping``, set by :func:`strategies.prepare`) and
+        Lightning's clip call is a no-op, so this is skipped there."""
+        if self.optim_config.max_grad_norm and not strategies.clips_in_engine(self.trainer.strategy):
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim_config.max_grad_norm,
+                                gradient_clip_algorithm="norm")  # fmt: skip
 
     def _log_skipped_grad_norm(self) -> None:
         """A skipped step has no gradient: NaN, so that loggers do not repeat the previous step's norm."""
@@ -365,7 +376,8 @@ class AlignmentModule(LightningModule):
     def setup(self, stage: str) -> None:
         # Every rank, before the strategy wraps the model: refuse what the strategy cannot run.
         if stage == "fit" and self._trainer is not None:
-            strategies.prepare(self.trainer, self, gradcache_chunk_size=self.gradcache_config.chunk_size)
+            strategies.prepare(self.trainer, self, gradcache_chunk_size=self.gradcache_config.chunk_size,
+                               max_grad_norm=self.optim_config.max_grad_norm)  # fmt: skip
 
     def on_train_start(self) -> None:
         if self._gradcache is not None:

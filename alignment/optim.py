@@ -35,10 +35,10 @@ class OptimConfig:
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
-    warmup_steps: int = 0
-    """Linear warm-up steps; ``warmup_ratio`` is used instead when this is 0."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; 0 turns warm-up off; null (the default) uses ``warmup_ratio``."""
     warmup_ratio: float = 0.05
-    """Warm-up as a fraction of the total steps, when ``warmup_steps`` is 0."""
+    """Warm-up as a fraction of the total steps, when ``warmup_steps`` is null."""
     schedule: Schedule = "cosine"
     """Decay after warm-up: cosine, linear or constant."""
     min_lr_ratio: float = 0.0
@@ -46,8 +46,9 @@ class OptimConfig:
     layer_decay: float = 1.0
     """Layer-wise LR decay factor in (0, 1]; 1.0 turns it off."""
     max_grad_norm: float | None = None
-    """Gradient-norm clipping on the GradCache path (manual optimisation); otherwise use
-    ``--trainer.gradient_clip_val``, which Lightning (and DeepSpeed) apply."""
+    """Clip the total gradient 2-norm to this before each optimiser step (null: no clipping); with and without
+    GradCache, and under DeepSpeed (its ``gradient_clipping``). Lightning's ``--trainer.gradient_clip_val`` is
+    refused: this is the one clipping knob."""
     fused: bool = False
     """Use the fused AdamW kernel (CUDA only)."""
 
@@ -57,7 +58,7 @@ class OptimConfig:
             raise ValueError(f"--model.optim.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"--model.optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"--model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--model.optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -120,7 +121,7 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, num_layers: int) -> tor
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
     """Multiplier of each group's base lr at optimiser step ``step``."""
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
 
     def fn(step: int) -> float:
         if warmup and step < warmup:

@@ -7,6 +7,8 @@ The module, the callbacks and the YAMLs call these and know no strategy:
   line naming both flags, fills in DeepSpeed config defaults the streamed
   loader needs (:func:`deepspeed_config_defaults`) and turns DDP's per-step
   buffer broadcast off where it moves nothing (:func:`ddp_defaults`).
+- :func:`check_clipping`, :func:`clips_in_engine`, :func:`deepspeed_clipping`: one clipping knob,
+  ``--model.optim.max_grad_norm``; the module clips, except under DeepSpeed, whose engine clips.
 - :func:`disable_gradient_sync` (GradCache under DDP): DDP's reducer allows one
   backward per sync; GradCache runs several, so DDP's sync is switched off and
   the module averages gradients itself (``distributed.average_gradients_``).
@@ -94,6 +96,38 @@ def deepspeed_config_defaults(strategy) -> None:
         config.setdefault("zero_force_ds_cpu_optimizer", False)
 
 
+def check_clipping(trainer) -> None:
+    """Refuse Lightning's ``gradient_clip_val``: it does not work under manual optimisation (GradCache), so the
+    project has one clipping knob that works on every path, ``--model.optim.max_grad_norm``."""
+    if getattr(trainer, "gradient_clip_val", None) is not None:
+        raise ValueError(
+            f"--trainer.gradient_clip_val {trainer.gradient_clip_val} is not supported (Lightning cannot clip under "
+            "manual optimisation, which GradCache uses): set --model.optim.max_grad_norm instead, which clips "
+            "with and without GradCache and under DeepSpeed"
+        )
+
+
+def clips_in_engine(strategy) -> bool:
+    """Whether the strategy's engine clips gradients itself (DeepSpeed's ``gradient_clipping``)."""
+    return _is_deepspeed(strategy)
+
+
+def deepspeed_clipping(strategy, max_grad_norm: float | None) -> None:
+    """Hand ``--model.optim.max_grad_norm`` to DeepSpeed's ``gradient_clipping`` (no-op for other strategies).
+
+    Lightning writes ``gradient_clipping: 0.0`` into the config before this runs (from the refused
+    ``gradient_clip_val``); a different non-zero value in the user's DeepSpeed config is a conflict."""
+    if not max_grad_norm or not (_is_deepspeed(strategy) and isinstance(strategy.config, dict)):
+        return
+    given = strategy.config.get("gradient_clipping") or 0.0
+    if given and given != max_grad_norm:
+        raise ValueError(
+            f"--model.optim.max_grad_norm {max_grad_norm} conflicts with gradient_clipping {given} in the DeepSpeed "
+            "config: set one of them"
+        )
+    strategy.config["gradient_clipping"] = float(max_grad_norm)
+
+
 def ddp_defaults(strategy, module: torch.nn.Module) -> None:
     """DDP without its per-forward buffer broadcast, when no buffer of ``module`` holds running statistics.
 
@@ -122,12 +156,16 @@ def ddp_defaults(strategy, module: torch.nn.Module) -> None:
     kwargs[name] = False
 
 
-def prepare(trainer, module: torch.nn.Module, *, gradcache_chunk_size: int = 0) -> None:
+def prepare(
+    trainer, module: torch.nn.Module, *, gradcache_chunk_size: int = 0, max_grad_norm: float | None = None
+) -> None:
     """Every rank, at ``setup`` (before the strategy wraps ``module``): refuse unsupported combinations,
     then strategy defaults."""
     strategy = trainer.strategy
+    check_clipping(trainer)
     check_supported(strategy, gradcache_chunk_size=gradcache_chunk_size)
     deepspeed_config_defaults(strategy)
+    deepspeed_clipping(strategy, max_grad_norm)
     ddp_defaults(strategy, module)
 
 

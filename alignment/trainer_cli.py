@@ -18,6 +18,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
+from alignment import strategies
 from alignment.callbacks import AtomicModelCheckpoint, ExportOnFitEnd, RunMetadata, ThroughputLogger
 from alignment.data.datamodule import AlignmentDataModule
 from alignment.module import AlignmentModule
@@ -92,6 +93,7 @@ class AlignCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        strategies.check_clipping(cfg.get("trainer"))  # before anything is built: one clipping knob
         derive_run_paths(cfg, self.subcommand)
 
     def before_fit(self) -> None:
