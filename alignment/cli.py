@@ -3,12 +3,12 @@
 ``align fit|validate|test`` go to the Lightning CLI (training application);
 every other subcommand (``shards``, ``eval``, ``mine``, ``export``,
 ``offline-encoder``, ``submit``, ``translate``) is a module under ``alignment.commands``
-exposing ``register(subparsers)``.
+exposing ``HELP`` (one line), ``parser()`` (its jsonargparse parser; ``alignment.commands.common``)
+and ``main(argv)``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
@@ -26,22 +26,26 @@ COMMAND_MODULES = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="align",
-        description="Multi-way alignment of multilingual sentence encoders. "
-        "Training: `align fit --config configs/demo.yaml` (Lightning CLI; `align fit --help`).",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in COMMAND_MODULES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        module.register(sub)
-    return parser
+def command_module(name: str):
+    """The module of ``align NAME``, or None when it is not there."""
+    module_name = COMMAND_MODULES[name]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
+
+
+def usage() -> str:
+    lines = ["usage: align COMMAND [--config FILE] [flags] (align COMMAND --help)", "",
+             "Multi-way alignment of multilingual sentence encoders.", "", "commands:",
+             "  fit | validate | test   train / evaluate with the Lightning CLI (align fit --config configs/demo.yaml)"]
+    for name in COMMAND_MODULES:
+        module = command_module(name)
+        if module is not None:
+            lines.append(f"  {name:<23} {module.HELP}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         from alignment.trainer_cli import run_lightning_cli
 
         return run_lightning_cli(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+    module = command_module(argv[0]) if argv and argv[0] in COMMAND_MODULES else None
+    if module is None:
+        print(usage(), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"align: error: unknown command {argv[0]!r}", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except SystemExit as exc:  # --help, --print_config (0) and parse errors (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
 
 if __name__ == "__main__":

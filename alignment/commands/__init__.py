@@ -1,6 +1,6 @@
 """`align` subcommands that are not Lightning trainer commands.
 
-Each module exposes ``register(subparsers)`` which adds its parser and sets
-``func`` to a callable taking the parsed ``argparse.Namespace`` and returning
-an exit code.
+Each module exposes ``HELP`` (the one-line summary ``align --help`` lists), ``parser()`` (a jsonargparse
+parser built from the command's config dataclasses with :func:`alignment.commands.common.new_parser`) and
+``main(argv) -> int``.
 """

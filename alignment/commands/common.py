@@ -1,46 +1,111 @@
-"""What every ``align`` subcommand parser shares: the help formatter and flag help from field docstrings."""
+"""What every ``align`` subcommand that is not a Lightning command shares: one flag dialect.
+
+Each command builds a jsonargparse parser from the config dataclasses the library validates with
+(:func:`new_parser`, then ``add_class_arguments``), so a flag is the field path exactly as jsonargparse
+spells it (``--encode.batch_size``, ``--mining.margin``, ``--rows_per_shard``), the field docstrings are
+the help, and every command takes ``--config FILE`` and ``--print_config``. :func:`parse` turns every
+parse or validation failure into one line, ``align CMD: error: ...``, exit code 2, no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
+import dataclasses
 import re
-import textwrap
-from functools import lru_cache
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace, set_parsing_settings
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+TRUE_FALSE = ("true", "false", "True", "False", "yes", "no")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Examples kept as written; a flag's default appended to its help when it has a real one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        if action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
-            help_text += " (default: %(default)s)"
-        return help_text
+class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help (types, defaults, field docs) with the description and examples kept as written."""
 
 
-@lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the string literal after it), by field name."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = _plain(nxt.value.value)
-    return docs
+class UsageError(Exception):
+    """A command-line problem found after parsing; printed as ``align CMD: error: ...``, exit code 2."""
 
 
-def _plain(doc: str) -> str:
-    """A field docstring as CLI help: one line, no reST markup, no self-referencing ``(--flag)``."""
-    text = " ".join(doc.split())
-    text = re.sub(r" \(``--[a-z-]+``\)", "", text)
-    text = re.sub(r":\w+:`~?([\w.]+)`", r"\1()", text)
-    return text.replace("``", "").replace("%", "%%")
+def new_parser(command: str, description: str, epilog: str | None = None) -> ArgumentParser:
+    """An ``align COMMAND`` parser with ``--config FILE`` and ``--print_config``."""
+    parser = ArgumentParser(prog=f"align {command}", description=description, epilog=epilog,
+                            formatter_class=HelpFormatter, exit_on_error=False)  # fmt: skip
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of any of these flags (nested keys "
+                        "for dotted flags); flags after it override it.")  # fmt: skip
+    return parser
+
+
+def parse_error_message(exc: BaseException, command: str = "align fit") -> str:
+    """A parser error as the user reads it: the flag as typed (``--model.loss.objective``) and what is wrong;
+    a typo in a closed choice lists the allowed values."""
+    text = str(exc).strip()
+    choice = re.search(r"Expected a typing\.Literal\[(.*?)\]", text)
+    got = re.search(r"(?:Got|Given) value: (\S*)", text)
+    if choice and got:  # the keys of the nested parsers down to the failing choice: data + language_policy
+        key = ".".join(re.findall(r'Parser key "([^"]+)"', text[:choice.start()]))
+        allowed = ", ".join(v.strip().strip("'\"") for v in choice.group(1).split(","))
+        optional = " or null" if "NoneType" in text else ""
+        text = f"--{key}: must be one of {allowed}{optional}, got {got.group(1).strip()!r}"
+    else:
+        match = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
+        if match:
+            text = f"--{match.group(1)}: {match.group(2).strip()}"
+    return f"{command}: error: {text}\n(run `{command} --help` for every flag and its allowed values)"
+
+
+def _bool_flags(parser: ArgumentParser) -> set[str]:
+    flags = set()
+    for action in parser._actions:
+        if getattr(action, "_typehint", None) is bool or isinstance(action, argparse._StoreTrueAction):
+            flags.update(s for s in action.option_strings if s.startswith("--"))
+    return flags
+
+
+def with_bool_values(parser: ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--gold`` alone means ``--gold true``: a boolean flag keeps working as a switch."""
+    flags, out = _bool_flags(parser), []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--":
+            out.extend(argv[i + 1:])
+            break
+        if arg in flags and (i + 1 == len(argv) or argv[i + 1] not in TRUE_FALSE):
+            out.append("true")
+    return out
+
+
+def fail(command: str, message: object) -> SystemExit:
+    """Print ``align COMMAND: error: MESSAGE`` on stderr; the ``SystemExit(2)`` to raise."""
+    print(f"align {command}: error: {message}", file=sys.stderr, flush=True)
+    return SystemExit(2)
+
+
+def parse(parser: ArgumentParser, argv: Sequence[str], command: str) -> Namespace:
+    """Parse ``argv``; a bad flag, type, choice or value is one line on stderr and ``SystemExit(2)``."""
+    try:
+        return parser.parse_args(with_bool_values(parser, list(argv)))
+    except argparse.ArgumentError as exc:
+        print(parse_error_message(exc, f"align {command}"), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except (ValueError, TypeError) as exc:  # a nested dataclass's __post_init__, run during the parse
+        raise fail(command, exc) from None
+
+
+def build(parser: ArgumentParser, ns: Namespace, cls: type, command: str, **extra: Any) -> Any:
+    """``cls`` from the parsed flags (its nested dataclasses built too); a failed check is ``SystemExit(2)``."""
+    try:
+        values = parser.instantiate(ns)
+        kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values and f.init}
+        return cls(**(kwargs | extra))
+    except (ValueError, TypeError) as exc:
+        raise fail(command, exc) from None
+
+
+def add_config(parser: ArgumentParser, cls: type, *, skip: set[str] | None = None) -> None:
+    """Every field of ``cls`` as a top-level flag (nested dataclasses as ``--field.x``)."""
+    parser.add_class_arguments(cls, nested_key=None, skip=skip or set(), fail_untyped=True, sub_configs=True)

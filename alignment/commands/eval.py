@@ -10,14 +10,14 @@ flags' help) -> :func:`~alignment.evaluate.encode.load_encoder`,
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alignment.commands.common import HelpFormatter, field_docs
+from alignment.commands.common import add_config, build, new_parser, parse
 from alignment.data.corpus import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 from alignment.evaluate.datasets import EvalData, EvalDataError, load_eval_data, parse_languages
 from alignment.evaluate.encode import (
@@ -33,21 +33,24 @@ from alignment.evaluate.encode import (
     resolve_prefix,
     run_mteb,
 )
-from alignment.evaluate.procrustes import ProcrustesConfig
 from alignment.evaluate.report import EvalConfig, EvalResults, flat_metrics, markdown_table, write_report
-from alignment.model import POOLINGS
+from alignment.model import Pooling
 
 EXAMPLES = """\
 examples:
   # held-out test split of a shard build, seen/unseen languages split in the tables
   align eval --model runs/demo/export --data data/gettext --split test \\
-      --train-languages en,de,fr,es --out eval/demo
+      --train_languages en,de,fr,es --out eval/demo
 
   # a labelled multi-way JSONL (classification transfer) and Procrustes on 500 rows
-  align eval --model runs/demo/export --data xnli-dev.jsonl --pivot en --procrustes-fit-rows 500
+  align eval --model runs/demo/export --data xnli-dev.jsonl --pivot en --procrustes.fit_rows 500
 
   # an STS TSV (columns: en de score), a plain Hugging Face folder with CLS pooling
   align eval --model ./labse --pooling cls --data sts17-en-de.tsv --out eval/sts
+
+  # recall@1 and @5 only, a longer probe, no hubness; every flag from a YAML file
+  align eval --model runs/demo/export --data data/gettext --retrieval.ks [1,5] --probe.max_iter 200 --hubness_k 0
+  align eval --config eval.yaml --encode.batch_size 128
 
   # MTEB tasks (needs: pip install 'multiway-align[mteb]' and access to the Hugging Face hub)
   align eval --model runs/demo/export --mteb STS22.v2,Tatoeba --out eval/mteb
@@ -57,9 +60,10 @@ examples:
 USER_ERRORS = (EvalDataError, ModelLoadError, MtebUnavailableError, NotImplementedError, ValueError, FileNotFoundError)
 
 
-@dataclass
-class EvalRunConfig:
-    """What ``align eval`` does (one field per flag)."""
+@dataclass(kw_only=True)
+class EvalRunConfig(EvalConfig):
+    """What ``align eval`` does: what to evaluate and where, plus every :class:`EvalConfig` setting
+    (``--retrieval.*``, ``--probe.*``, ``--procrustes.*``, ``--hubness_k``, ``--diagnostics``)."""
 
     model: str
     """Encoder: an exported or saved encoder folder, a Hugging Face folder or hub name, a Lightning .ckpt
@@ -79,34 +83,29 @@ class EvalRunConfig:
     export or checkpoint of `align fit`; without either, no split (with a warning)."""
     out: str = "eval"
     """Output folder for metrics.json, report.md and figures/."""
-    procrustes_fit_rows: int | None = None
-    """Fit post-hoc Procrustes maps on this many rows having the pivot and report held-out before/after."""
     max_rows: int | None = None
     """Evaluate at most this many rows (the first ones; shard builds are shuffled)."""
     mteb: str | None = None
     """Comma-separated MTEB task names to run as well (needs the [mteb] extra and the Hugging Face hub)."""
-    pooling: str | None = None
-    """Override the pooling: mean, cls or last (default: the encoder meta's, else mean)."""
+    pooling: Pooling | None = None
+    """Override the pooling (default: the encoder meta's, else mean)."""
     device: str = "cpu"
     """Torch device to encode on (cpu, cuda, cuda:1 ...)."""
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     """Batching, truncation, prefix, seed, progress bars."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.data and not self.mteb:
             raise ValueError("--data is required (or --mteb TASKS to run MTEB only)")
-        if self.pooling is not None and self.pooling not in POOLINGS:
-            raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         try:
             self.pivot = normalize_language(self.pivot)
         except LanguageCodeError as exc:
             raise ValueError(f"--pivot: {exc}") from None
         parse_languages(self.languages, "--languages")
-        parse_languages(self.train_languages, "--train-languages")
-        if self.procrustes_fit_rows is not None and self.procrustes_fit_rows < 1:
-            raise ValueError(f"--procrustes-fit-rows must be >= 1, got {self.procrustes_fit_rows}")
+        parse_languages(self.train_languages, "--train_languages")
         if self.max_rows is not None and self.max_rows < 1:
-            raise ValueError(f"--max-rows must be >= 1, got {self.max_rows}")
+            raise ValueError(f"--max_rows must be >= 1, got {self.max_rows}")
         if self.mteb is not None and not self.mteb_tasks:
             raise ValueError(f"--mteb must name at least one task, got {self.mteb!r}")
         if Path(self.out).is_file():
@@ -117,44 +116,33 @@ class EvalRunConfig:
         return [t.strip() for t in (self.mteb or "").split(",") if t.strip()]
 
     def eval_config(self) -> EvalConfig:
-        procrustes = ProcrustesConfig(fit_rows=self.procrustes_fit_rows) if self.procrustes_fit_rows else None
-        return EvalConfig(procrustes=procrustes)
+        return EvalConfig(retrieval=self.retrieval, probe=self.probe, diagnostics=self.diagnostics,
+                          hubness_k=self.hubness_k, procrustes=self.procrustes)  # fmt: skip
 
     def command_line(self) -> str:
         """The run as one explicit ``align eval`` command, every setting spelled out, for the report."""
-        parts = ["align", "eval", "--model", self.model]
-        for name in ("data", "split", "languages", "pivot", "train_languages", "out", "procrustes_fit_rows",
-                     "max_rows", "mteb", "pooling", "device"):  # fmt: skip
-            value = getattr(self, name)
-            if value is not None:
-                parts += ["--" + name.replace("_", "-"), str(value)]
-        enc = self.encode
-        parts += ["--batch-size", str(enc.batch_size), "--max-length", str(enc.max_length), "--seed", str(enc.seed)]
-        if enc.prefix is not None:
-            parts += ["--prefix", enc.prefix]
-        return shlex.join(parts)
+        return command_line("eval", self)
 
 
-# --------------------------------------------------------------------------- shared encoder flags (also `align mine`)
+def _flag_values(prefix: str, value: object) -> list[tuple[str, object]]:
+    if hasattr(value, "__dataclass_fields__"):
+        return [kv for name in value.__dataclass_fields__ for kv in _flag_values(f"{prefix}.{name}".lstrip("."),
+                                                                                   getattr(value, name))]
+    return [(prefix, value)]
 
 
-def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--pooling``, ``--device`` and the :class:`EncodeConfig` flags."""
-    run, enc = field_docs(EvalRunConfig), field_docs(EncodeConfig)
-    parser.add_argument("--model", required=True, metavar="SPEC", help=run["model"])
-    parser.add_argument("--pooling", choices=POOLINGS, default=None, help=run["pooling"])
-    parser.add_argument("--device", default="cpu", help=run["device"])
-    parser.add_argument("--batch-size", type=int, default=64, help=enc["batch_size"])
-    parser.add_argument("--max-length", type=int, default=128, help=enc["max_length"])
-    parser.add_argument("--prefix", default=None, help=enc["prefix"])
-    parser.add_argument("--seed", type=int, default=0, help=enc["seed"])
-    parser.add_argument("--quiet", action="store_true", help=enc["quiet"])
-
-
-def encode_config(args: argparse.Namespace) -> EncodeConfig:
-    return EncodeConfig(
-        batch_size=args.batch_size, max_length=args.max_length, prefix=args.prefix, seed=args.seed, quiet=args.quiet
-    )
+def command_line(command: str, config: object, positional: Sequence[str] = ()) -> str:
+    """``config`` as one explicit ``align COMMAND`` line, every set field a flag, for reports."""
+    parts = ["align", command, *positional]
+    for name, value in _flag_values("", config):
+        if value is None or name in positional:
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, (tuple, list)):
+            value = "[" + ",".join(map(str, value)) + "]"
+        parts += [f"--{name}", str(value)]
+    return shlex.join(parts)
 
 
 def error(command: str, exc: BaseException) -> int:
@@ -166,24 +154,6 @@ def error(command: str, exc: BaseException) -> int:
 # --------------------------------------------------------------------------- the run
 
 
-def _config(args: argparse.Namespace) -> EvalRunConfig:
-    return EvalRunConfig(
-        model=args.model,
-        data=args.data,
-        split=args.split,
-        languages=args.languages,
-        pivot=args.pivot,
-        train_languages=args.train_languages,
-        out=args.out,
-        procrustes_fit_rows=args.procrustes_fit_rows,
-        max_rows=args.max_rows,
-        mteb=args.mteb,
-        pooling=args.pooling,
-        device=args.device,
-        encode=encode_config(args),
-    )
-
-
 def check_data(config: EvalRunConfig, data: EvalData) -> None:
     """Settings that need the data to be checked: the pivot for transfer, rows for Procrustes."""
     if data.labels is not None and config.pivot not in data.languages:
@@ -191,20 +161,20 @@ def check_data(config: EvalRunConfig, data: EvalData) -> None:
             f"--pivot {config.pivot}: the classification probe trains on the pivot, but {data.spec} has no "
             f"{config.pivot} text (languages: {', '.join(data.languages)})"
         )
-    if config.procrustes_fit_rows is None:
+    if config.procrustes is None:
         return
     if not data.rows:
-        raise ValueError(f"--procrustes-fit-rows needs translation rows; {data.spec} holds scored pairs only")
+        raise ValueError(f"--procrustes.fit_rows needs translation rows; {data.spec} holds scored pairs only")
     with_pivot = sum(config.pivot in row.texts for row in data.rows)
-    if config.procrustes_fit_rows >= with_pivot:
+    if config.procrustes.fit_rows >= with_pivot:
         raise ValueError(
-            f"--procrustes-fit-rows ({config.procrustes_fit_rows}) must be smaller than the {with_pivot} rows of "
+            f"--procrustes.fit_rows ({config.procrustes.fit_rows}) must be smaller than the {with_pivot} rows of "
             f"{data.spec} that have the pivot {config.pivot!r}, so that some rows are held out"
         )
 
 
 def training_languages(config: EvalRunConfig) -> tuple[str, ...] | None:
-    """The languages to count as seen: ``--train-languages`` plus the pivot, else what the model records.
+    """The languages to count as seen: ``--train_languages`` plus the pivot, else what the model records.
 
     Prints a note or warning on stderr saying where they came from, whenever they are not exactly the recorded
     ones (a guess: the pivot added to a given list, a list that differs from the record, or no record at all).
@@ -213,7 +183,7 @@ def training_languages(config: EvalRunConfig) -> tuple[str, ...] | None:
 
     found = recorded_training(config.model)
     recorded = tuple(found[0].get("languages") or ()) if found else ()
-    given = parse_languages(config.train_languages, "--train-languages")
+    given = parse_languages(config.train_languages, "--train_languages")
     if given is not None:
         languages = given
         if config.pivot not in given:
@@ -221,14 +191,14 @@ def training_languages(config: EvalRunConfig) -> tuple[str, ...] | None:
             print(f"align eval: note: counting the pivot {config.pivot} as a training language (every objective "
                   "trains on the pivot); seen/unseen groups use " + ",".join(languages), file=sys.stderr)
         if recorded and set(recorded) != set(languages):
-            print(f"align eval: warning: --train-languages {','.join(languages)} differs from the languages "
-                  f"recorded in {found[1]} ({','.join(recorded)}); using --train-languages", file=sys.stderr)
+            print(f"align eval: warning: --train_languages {','.join(languages)} differs from the languages "
+                  f"recorded in {found[1]} ({','.join(recorded)}); using --train_languages", file=sys.stderr)
         return languages
     if recorded:
         print(f"align eval: training languages from {found[1]}: {','.join(recorded)}", file=sys.stderr)
         return recorded
     print(f"align eval: warning: {config.model} records no training languages (not an export or checkpoint of "
-          "align fit): the tables are not split into seen / unseen; pass --train-languages to split them",
+          "align fit): the tables are not split into seen / unseen; pass --train_languages to split them",
           file=sys.stderr)
     return None
 
@@ -287,9 +257,25 @@ def summary_table(results: EvalResults) -> str:
     return markdown_table(("metric", "value"), [(k, v) for k, v in flat.items() if headline(k)])
 
 
-def run(args: argparse.Namespace) -> int:
+HELP = "evaluate an encoder: bitext retrieval, xSIM, diagnostics, transfer, STS, Procrustes, MTEB"
+
+
+def parser():
+    """``align eval``'s parser: every field of :class:`EvalRunConfig`."""
+    p = new_parser(
+        "eval",
+        "Encode evaluation data (batched, no gradients, deterministic) and write metrics.json, report.md and "
+        "figures/ (2-D projection by language, retrieval heatmap, per-language bars).",
+        EXAMPLES,
+    )
+    add_config(p, EvalRunConfig)
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    p = parser()
+    config = build(p, parse(p, argv, "eval"), EvalRunConfig, "eval")
     try:
-        config = _config(args)
         quiet_library_bars(config.encode)
         if config.mteb:
             problems = mteb_problems()  # fail before anything is loaded or encoded
@@ -308,28 +294,3 @@ def run(args: argparse.Namespace) -> int:
     except USER_ERRORS as exc:
         return error("eval", exc)
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``align eval``."""
-
-    docs = field_docs(EvalRunConfig)
-    p = subparsers.add_parser(
-        "eval",
-        help="evaluate an encoder: bitext retrieval, xSIM, diagnostics, transfer, STS, Procrustes, MTEB",
-        description="Encode evaluation data (batched, no gradients, deterministic) and write metrics.json, "
-        "report.md and figures/ (2-D projection by language, retrieval heatmap, per-language bars).",
-        epilog=EXAMPLES,
-        formatter_class=HelpFormatter,
-    )
-    add_encoder_arguments(p)
-    p.add_argument("--data", default=None, metavar="SPEC", help=docs["data"])
-    p.add_argument("--split", default="test", help=docs["split"])
-    p.add_argument("--languages", default=None, metavar="L1,L2,...", help=docs["languages"])
-    p.add_argument("--pivot", default=DEFAULT_PIVOT, help=docs["pivot"])
-    p.add_argument("--train-languages", default=None, metavar="L1,L2,...", help=docs["train_languages"])
-    p.add_argument("--out", default="eval", metavar="DIR", help=docs["out"])
-    p.add_argument("--procrustes-fit-rows", type=int, default=None, metavar="N", help=docs["procrustes_fit_rows"])
-    p.add_argument("--max-rows", type=int, default=None, metavar="N", help=docs["max_rows"])
-    p.add_argument("--mteb", default=None, metavar="TASKS", help=docs["mteb"])
-    p.set_defaults(func=run)

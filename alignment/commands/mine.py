@@ -4,7 +4,7 @@ Both files (one sentence per line) are embedded with the encoder, every source
 is margin-scored against its ``k`` nearest targets and every target against its
 ``k`` nearest sources (:func:`alignment.evaluate.mining.mine`; exact chunked
 search, or FAISS when installed and the search is large), and the pairs scoring
-at or above ``--threshold`` are written as a TSV sorted by score::
+at or above ``--mining.threshold`` are written as a TSV sorted by score::
 
     score   src_line  tgt_line  src_text  tgt_text
 
@@ -25,30 +25,25 @@ and left out; they never become pairs.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from alignment.commands.eval import USER_ERRORS, add_encoder_arguments, encode_config, error
-from alignment.commands.common import HelpFormatter, field_docs
+from alignment.commands.common import add_config, build, new_parser, parse
+from alignment.commands.eval import USER_ERRORS, error
 from alignment.evaluate.datasets import EvalDataError, TextLine, read_text_file
 from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder, quiet_library_bars, resolve_prefix
-from alignment.evaluate.mining import MARGIN_UPPER, MINING_MODES, MiningConfig, mine, score_aligned
+from alignment.evaluate.mining import MiningConfig, mine, score_aligned
 from alignment.evaluate.report import markdown_table
-from alignment.evaluate.retrieval import (
-    KNN_BACKENDS,
-    MARGINS,
-    invalid_vectors,
-    l2_normalize,
-    resolve_backend,
-)
+from alignment.evaluate.retrieval import invalid_vectors, l2_normalize, resolve_backend
+from alignment.model import Pooling
 
 TSV_HEADER = ("score", "src_line", "tgt_line", "src_text", "tgt_text")
 
@@ -65,47 +60,20 @@ class MineRunConfig:
     """Encoder spec (as for align eval)."""
     out: str
     """Output TSV: score, src line, tgt line, src text, tgt text; sorted by score (tabs in texts become spaces)."""
-    threshold: float = 1.06
-    """Keep pairs scoring at or above this; about 1.04-1.06 for the ratio margin (WikiMatrix, CCMatrix)."""
-    mode: str = "max-score"
-    """How forward and backward candidates combine: max-score (LASER's default, one-to-one), intersection
-    (mutual best), forward, backward."""
-    k: int = 4
-    """Neighbourhood size of the margin and candidates per sentence."""
-    margin: str = "ratio"
-    """Margin function: ratio, distance, or absolute (plain cosine)."""
-    backend: str = "auto"
-    """k-NN search: auto (FAISS when installed and the search is large), exact, faiss."""
-    chunk_size: int = 4096
-    """Queries scored per matmul; peak memory is chunk_size x the other file's size floats."""
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    """Margin, neighbourhood, threshold, combination mode, k-NN backend, chunking."""
     gold: bool = False
     """SRC and TGT are line-aligned translations: also report precision / recall / F1 of the mined pairs."""
     paired: bool = False
     """SRC and TGT are line-aligned: score each line pair (no search) and keep those above the threshold."""
-    pooling: str | None = None
-    """Override the pooling (mean, cls, last)."""
+    pooling: Pooling | None = None
+    """Override the pooling (default: the encoder meta's, else mean)."""
     device: str = "cpu"
     """Torch device to encode on."""
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     """Batching, truncation, prefix, seed, progress bars."""
 
     def __post_init__(self) -> None:
-        if self.mode not in MINING_MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MINING_MODES)}, got {self.mode!r}")
-        if self.margin not in MARGINS:
-            raise ValueError(f"--margin must be one of {', '.join(MARGINS)}, got {self.margin!r}")
-        if self.backend not in KNN_BACKENDS:
-            raise ValueError(f"--backend must be one of {', '.join(KNN_BACKENDS)}, got {self.backend!r}")
-        if self.k < 1:
-            raise ValueError(f"--k must be >= 1, got {self.k}")
-        if self.chunk_size < 1:
-            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
-        upper = MARGIN_UPPER.get(self.margin)
-        if upper is not None and self.threshold > upper:
-            raise ValueError(
-                f"--threshold {self.threshold} can never be reached with --margin {self.margin} "
-                f"(scores are at most {upper})"
-            )
         if self.gold and self.paired:
             raise ValueError("--gold and --paired exclude each other: --gold mines and checks, --paired only scores")
         if Path(self.out).is_dir():
@@ -114,12 +82,6 @@ class MineRunConfig:
     @property
     def aligned(self) -> bool:
         return self.gold or self.paired
-
-    def mining(self) -> MiningConfig:
-        return MiningConfig(
-            mode=self.mode, k=self.k, margin=self.margin, threshold=self.threshold,
-            chunk_size=self.chunk_size, backend=self.backend,
-        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- inputs
@@ -192,14 +154,14 @@ def mine_lines(x: Tensor, y: Tensor, x_ok: Tensor, y_ok: Tensor, config: MineRun
     if config.paired:
         both = _subset_index(x_ok & y_ok)  # (n,)
         xs, ys = l2_normalize(x[both]), l2_normalize(y[both])
-        scores = score_aligned(xs, ys, k=config.k, margin=config.margin, chunk_size=config.chunk_size,
-                               backend=config.backend)  # fmt: skip
-        keep = (scores >= config.threshold).nonzero().flatten()
+        m = config.mining
+        scores = score_aligned(xs, ys, k=m.k, margin=m.margin, chunk_size=m.chunk_size, backend=m.backend)
+        keep = (scores >= m.threshold).nonzero().flatten()
         order = sorted(keep.tolist(), key=lambda i: (-float(scores[i]), i))
         idx = [int(both[i]) for i in order]
         return ScoredLines(idx, idx, [float(scores[i]) for i in order])
     xi, yi = _subset_index(x_ok), _subset_index(y_ok)
-    pairs = mine(x[xi], y[yi], config.mining())
+    pairs = mine(x[xi], y[yi], config.mining)
     return ScoredLines([int(xi[s]) for s in pairs.src], [int(yi[t]) for t in pairs.tgt], pairs.scores.tolist())
 
 
@@ -239,12 +201,13 @@ def write_pairs(path: str | os.PathLike, found: ScoredLines, src: list[TextLine]
 def summary(config: MineRunConfig, src: list, tgt: list, found: ScoredLines, times: dict[str, float]) -> str:
     """The run as a Markdown table (counts, settings, score range, timing, gold scores)."""
     scores = torch.tensor(found.scores, dtype=torch.float64)
-    backend = "none (paired)" if config.paired else resolve_backend(config.backend, len(src) * len(tgt))
+    m = config.mining
+    backend = "none (paired)" if config.paired else resolve_backend(m.backend, len(src) * len(tgt))
     rows = [
         ("source sentences", len(src)),
         ("target sentences", len(tgt)),
-        ("mode", "paired scoring" if config.paired else config.mode),
-        ("margin / k / threshold", f"{config.margin} / {config.k} / {config.threshold}"),
+        ("mode", "paired scoring" if config.paired else m.mode),
+        ("margin / k / threshold", f"{m.margin} / {m.k} / {m.threshold}"),
         ("k-NN backend", backend),
         ("pairs written", len(found)),
     ]
@@ -263,17 +226,38 @@ def summary(config: MineRunConfig, src: list, tgt: list, found: ScoredLines, tim
 # --------------------------------------------------------------------------- the run
 
 
-def _config(args: argparse.Namespace) -> MineRunConfig:
-    return MineRunConfig(
-        src=args.src, tgt=args.tgt, model=args.model, out=args.out, threshold=args.threshold, mode=args.mode,
-        k=args.k, margin=args.margin, backend=args.backend, chunk_size=args.chunk_size, gold=args.gold,
-        paired=args.paired, pooling=args.pooling, device=args.device, encode=encode_config(args),
-    )  # fmt: skip
+HELP = "mine translation pairs between two monolingual text files with margin scoring"
+EXAMPLES = """\
+examples:
+  align mine news.de news.en --model runs/demo/export --out mined.de-en.tsv --mining.threshold 1.06
+  align mine test.de test.en --model runs/demo/export --out check.tsv --gold       # P/R/F1
+  align mine crawl.de crawl.en --model runs/demo/export --out clean.tsv --paired   # filter pairs
+  align mine a.de a.en --model runs/demo/export --out m.tsv --mining.margin distance --mining.threshold 0.1 \\
+      --mining.k 8 --encode.batch_size 128
+"""
 
 
-def run(args: argparse.Namespace) -> int:
+def parser():
+    """``align mine``'s parser: SRC, TGT and every other field of :class:`MineRunConfig`."""
+    p = new_parser(
+        "mine",
+        "Embed both files (one sentence per line), margin-score every source against its k nearest targets and "
+        "every target against its k nearest sources (exact search, or FAISS when installed and the search is "
+        "large), and write the pairs scoring at or above --mining.threshold as a TSV sorted by score: score, "
+        "src_line, tgt_line, src_text, tgt_text. --gold and --paired read the files as line-aligned.",
+        EXAMPLES,
+    )
+    p.add_argument("src", metavar="SRC", help="Source text file, one sentence per line (.gz/.bz2/.xz read compressed).")
+    p.add_argument("tgt", metavar="TGT", help="Target text file, one sentence per line.")
+    add_config(p, MineRunConfig, skip={"src", "tgt"})
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    p = parser()
+    ns = parse(p, argv, "mine")
+    config = build(p, ns, MineRunConfig, "mine", src=ns.src, tgt=ns.tgt)
     try:
-        config = _config(args)
         quiet_library_bars(config.encode)
         src, tgt = read_inputs(config)
         model, tokenizer, info = load_encoder(config.model, device=config.device, pooling=config.pooling)
@@ -293,36 +277,3 @@ def run(args: argparse.Namespace) -> int:
     print(summary(config, src, tgt, found, times))
     print(f"\nwrote {len(found)} pairs to {out}")
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``align mine``."""
-
-    docs = field_docs(MineRunConfig)
-    p = subparsers.add_parser(
-        "mine",
-        help="mine translation pairs between two monolingual text files with margin scoring",
-        description="Embed both files (one sentence per line), margin-score every source against its k nearest "
-        "targets and every target against its k nearest sources (exact search, or FAISS when installed and the "
-        "search is large), and write the pairs scoring at or above --threshold as a TSV sorted by score: "
-        "score, src_line, tgt_line, src_text, tgt_text. --gold and --paired read the files as line-aligned.",
-        epilog="examples:\n"
-        "  align mine news.de news.en --model runs/demo/export --out mined.de-en.tsv --threshold 1.06\n"
-        "  align mine test.de test.en --model runs/demo/export --out check.tsv --gold       # P/R/F1\n"
-        "  align mine crawl.de crawl.en --model runs/demo/export --out clean.tsv --paired   # filter pairs\n",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("src", metavar="SRC", help=docs["src"])
-    p.add_argument("tgt", metavar="TGT", help=docs["tgt"])
-    add_encoder_arguments(p)
-    p.add_argument("--out", required=True, metavar="PAIRS.tsv", help=docs["out"])
-    p.add_argument("--threshold", type=float, default=1.06, help=docs["threshold"])
-    p.add_argument("--mode", choices=MINING_MODES, default="max-score", help=docs["mode"])
-    p.add_argument("--k", type=int, default=4, help=docs["k"])
-    p.add_argument("--margin", choices=MARGINS, default="ratio", help=docs["margin"])
-    p.add_argument("--backend", choices=KNN_BACKENDS, default="auto", help=docs["backend"])
-    p.add_argument("--chunk-size", type=int, default=4096, help=docs["chunk_size"])
-    aligned = p.add_mutually_exclusive_group()
-    aligned.add_argument("--gold", action="store_true", help=docs["gold"])
-    aligned.add_argument("--paired", action="store_true", help=docs["paired"])
-    p.set_defaults(func=run)
