@@ -8,15 +8,17 @@ the flags' help), then :func:`~alignment.data.shards.build_shards`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import closing
 
-from alignment.commands.common import HelpFormatter, field_docs
-from alignment.data.corpus import FORMATS, CleaningConfig, CleaningReport, CorpusError, CorpusSource, read_corpus
+from jsonargparse import Namespace
+
+from alignment.commands.common import add_config, build, fail, new_parser, parse
+from alignment.data.corpus import CleaningConfig, CleaningReport, CorpusError, CorpusSource, read_corpus
 from alignment.data.shards import (
     SPLITTABLE_FORMATS,
     ManifestError,
@@ -36,11 +38,11 @@ from alignment.data.shards import (
 BUILD_EXAMPLES = """\
 examples:
   # the offline demo corpus: Django + Wagtail translation catalogs
-  align shards build --format gettext --from-package django wagtail --out data/gettext \\
+  align shards build --format gettext --from_package django wagtail --out data/gettext \\
       --languages en,de,fr,es,ru,zh-Hans,ar --split 0.9,0.05,0.05
 
   # JSONL / TSV files, 50k rows per shard, fixed-size validation and test
-  align shards build --format jsonl part-*.jsonl --out data/mw --rows-per-shard 50000 --split rest,2000,2000
+  align shards build --format jsonl part-*.jsonl --out data/mw --rows_per_shard 50000 --split rest,2000,2000
 
   # one file per language (Moses/OPUS), or explicit LANG=PATH
   align shards build --format aligned corpus.en corpus.de corpus.fr --out data/aligned
@@ -54,102 +56,59 @@ input forms by --format:
   tsv      FILE.tsv ...        header row of language codes, optional id column
   aligned  FILE.LANG ... | LANG=FILE ...   one file per language, line i of each = row i
   pairs    FILE.tsv | L1,L2=FILE.tsv | FILE.L1,FILE.L2 | L1=A,L2=B   (each INPUT one bitext)
-  gettext  FOLDER ... and/or --from-package NAME ...   <locale>/LC_MESSAGES/*.po|*.mo
+  gettext  FOLDER ... and/or --from_package NAME ...   <locale>/LC_MESSAGES/*.po|*.mo
   (.gz, .bz2 and .xz inputs are read compressed)
+
+every flag from a YAML file (keys as the flags, without --), flags after it override it:
+  align shards build --config build.yaml --seed 1
 """
 
 
-def _defaults(cls: type) -> dict[str, object]:
-    """Field defaults of a config dataclass: the CLI's defaults come from the config, never a second copy."""
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+def build_parser():
+    """``align shards build``: the fields of CorpusSource, CleaningConfig and ShardBuildConfig as flags."""
+    p = new_parser(
+        "shards build",
+        "Read a multi-way corpus, clean it (report printed and saved), split it by pivot text, shuffle it "
+        "deterministically and write WebDataset tar shards plus manifest.json.",
+        BUILD_EXAMPLES,
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="input files or folders; the forms per --format are below")
+    add_config(p, CorpusSource, skip={"inputs", "packages"})
+    p.add_argument("--from_package", nargs="+", default=[], metavar="NAME",
+                   help="Installed Python packages whose gettext catalogs to read (--format gettext).")
+    add_config(p, ShardBuildConfig, skip={"cleaning"})
+    add_config(p, CleaningConfig, skip={"languages", "deduplicate"})
+    p.add_argument("--languages", type=str | None, default=None,
+                   help="Comma-separated languages to keep (default: all); rows keep their other texts dropped.")
+    p.add_argument("--keep_duplicates", type=bool, default=False,
+                   help="Keep rows whose pivot text was already seen (default: drop them); duplicates still share "
+                   "one split.")
+    p.add_argument("--part", type=str | None, default=None, metavar="I/N",
+                   help="Parallel build, task I of N (e.g. $SLURM_ARRAY_TASK_ID/8): read, clean and partition the "
+                   "I-th slice of the INPUT files into <out>.parts; `align shards merge OUT` then writes the shards "
+                   "(jsonl and tsv only; see slurm/shards.sbatch).")
+    return p
 
 
-def _add_build(sub: argparse._SubParsersAction) -> None:
-    src, clean, build = field_docs(CorpusSource), field_docs(CleaningConfig), field_docs(ShardBuildConfig)
-    src_d, clean_d, build_d = _defaults(CorpusSource), _defaults(CleaningConfig), _defaults(ShardBuildConfig)
-    p = sub.add_parser(
-        "build",
-        help="clean a corpus and write train/validation/test WebDataset shards with a manifest",
-        description="Read a multi-way corpus, clean it (report printed and saved), split it by pivot text, "
-        "shuffle it deterministically and write WebDataset tar shards plus manifest.json.",
-        epilog=BUILD_EXAMPLES,
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument(
-        "inputs", nargs="*", metavar="INPUT", help="input files or folders; the forms per --format are below"
-    )
-    p.add_argument("--format", required=True, choices=FORMATS, help=src["format"])
-    p.add_argument("--from-package", nargs="+", default=[], metavar="NAME", dest="packages", help=src["packages"])
-    p.add_argument("--catalogs", default=src_d["catalogs"], choices=("auto", "po", "mo"), help=src["catalogs"])
-    p.add_argument("--out", required=True, help=build["out"])
-    p.add_argument("--pivot", default=clean_d["pivot"], help=clean["pivot"])
-    p.add_argument("--languages", default=None, help=clean["languages"])
-    p.add_argument("--min-languages", type=int, default=clean_d["min_languages"], help=clean["min_languages"])
-    p.add_argument("--max-chars", type=int, default=clean_d["max_chars"], help=clean["max_chars"])
-    p.add_argument(
-        "--keep-duplicates",
-        action="store_true",
-        help="keep rows whose pivot text was already seen (default: drop them); duplicates still share one split",
-    )
-    p.add_argument("--strict", action="store_true", help=clean["strict"])
-    p.add_argument("--rows-per-shard", type=int, default=None, help=build["rows_per_shard"])
-    p.add_argument(
-        "--bytes-per-shard", default=build_d["bytes_per_shard"], metavar="SIZE", help=build["bytes_per_shard"]
-    )
-    p.add_argument("--split", default=build_d["split"], help=build["split"])
-    p.add_argument("--seed", type=int, default=build_d["seed"], help=build["seed"])
-    p.add_argument("--prefix", default=build_d["prefix"], help=build["prefix"])
-    p.add_argument("--overwrite", action="store_true", help=build["overwrite"])
-    p.add_argument("--shuffle-buckets", type=int, default=None, metavar="N", help=build["shuffle_buckets"])
-    p.add_argument("--tmp-dir", default=None, help=build["tmp_dir"])
-    p.add_argument(
-        "--part",
-        default=None,
-        metavar="I/N",
-        help="parallel build, task I of N (e.g. $SLURM_ARRAY_TASK_ID/8): read, clean and partition the I-th "
-        "slice of the INPUT files into <out>.parts; `align shards merge OUT` then writes the shards "
-        "(jsonl and tsv only; see slurm/shards.sbatch)",
-    )
-    p.set_defaults(func=run_build)
-
-
-def _command_line(args: argparse.Namespace) -> str:
+def _command_line(ns: Namespace) -> str:
     """The build as one explicit command line, every setting spelled out, for the manifest."""
-    parts = ["align", "shards", "build", "--format", args.format, *args.inputs]
-    if args.packages:
-        parts += ["--from-package", *args.packages]
+    parts = ["align", "shards", "build", "--format", ns.format, *ns.inputs]
+    if ns.from_package:
+        parts += ["--from_package", *ns.from_package]
     for flag in ("catalogs", "out", "pivot", "languages", "min_languages", "max_chars", "rows_per_shard",
                  "bytes_per_shard", "split", "seed", "prefix", "shuffle_buckets", "tmp_dir"):  # fmt: skip
-        value = getattr(args, flag)
+        value = ns.get(flag)
         if value is not None:
-            parts += ["--" + flag.replace("_", "-"), str(value)]
-    parts += [f"--{f}" for f in ("keep-duplicates", "strict", "overwrite") if getattr(args, f.replace("-", "_"))]
+            parts += ["--" + flag, str(value)]
+    parts += [f"--{f}" for f in ("keep_duplicates", "strict", "overwrite") if ns.get(f)]
     return shlex.join(parts)
 
 
-def _configs(args: argparse.Namespace) -> tuple[CorpusSource, ShardBuildConfig]:
-    source = CorpusSource(format=args.format, inputs=args.inputs, packages=args.packages, catalogs=args.catalogs)
-    cleaning = CleaningConfig(
-        pivot=args.pivot,
-        languages=args.languages,
-        min_languages=args.min_languages,
-        max_chars=args.max_chars,
-        deduplicate=not args.keep_duplicates,
-        strict=args.strict,
-    )
-    config = ShardBuildConfig(
-        out=args.out,
-        prefix=args.prefix,
-        rows_per_shard=args.rows_per_shard,
-        bytes_per_shard=args.bytes_per_shard,
-        split=args.split,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        shuffle_buckets=args.shuffle_buckets,
-        tmp_dir=args.tmp_dir,
-        cleaning=cleaning,
-    )
-    return source, config
+def _configs(p, ns: Namespace) -> tuple[CorpusSource, ShardBuildConfig]:
+    source = build(p, ns, CorpusSource, "shards build", inputs=list(ns.inputs), packages=list(ns.from_package))
+    cleaning = build(p, ns, CleaningConfig, "shards build", languages=ns.languages,
+                     deduplicate=not ns.keep_duplicates)  # fmt: skip
+    return source, build(p, ns, ShardBuildConfig, "shards build", cleaning=cleaning)
 
 
 def _error(command: str, exc: BaseException, out: object = None) -> int:
@@ -159,10 +118,12 @@ def _error(command: str, exc: BaseException, out: object = None) -> int:
     return 1
 
 
-def run_build(args: argparse.Namespace) -> int:
+def run_build(argv: Sequence[str]) -> int:
     start = time.perf_counter()
+    p = build_parser()
+    args = parse(p, argv, "shards build")
+    source, config = _configs(p, args)
     try:
-        source, config = _configs(args)
         report = CleaningReport(config.cleaning)
         if args.part is not None:
             return _run_part(args, source, config, report, start)
@@ -220,7 +181,41 @@ def _run_part(args, source: CorpusSource, config: ShardBuildConfig, report: Clea
     return 0
 
 
-def run_merge(args: argparse.Namespace) -> int:
+def _path_parser(command: str, description: str, name: str, metavar: str, help: str):
+    p = new_parser(f"shards {command}", description)
+    p.add_argument(name, metavar=metavar, help=help)
+    return p
+
+
+def merge_parser():
+    return _path_parser(
+        "merge",
+        "Pass 2 of a parallel build: read the parts every `align shards build ... --part I/N` task left in "
+        "OUT.parts, drop duplicates across them, split, shuffle and write the shards and manifest.json to OUT (the "
+        "same bytes as one `align shards build` over all inputs), then delete the parts. "
+        "Example: align shards merge data/mw (see slurm/shards.sbatch)",
+        "out", "OUT", "the --out of the build tasks",
+    )
+
+
+def inspect_parser():
+    p = _path_parser("inspect", "Print a manifest: per split shards/rows/bytes, per language counts. "
+                     "Example: align shards inspect data/gettext", "path", "DIR|manifest.json", "a build or its manifest")
+    p.add_argument("--cleaning", type=bool, default=False, help="Also print the cleaning report.")
+    return p
+
+
+def verify_parser():
+    return _path_parser(
+        "verify",
+        "Re-hash every shard, re-count its samples and parse their JSON against the manifest. Exit 0 when all "
+        "good, 1 otherwise (each problem names the shard). Example: align shards verify data/gettext",
+        "path", "DIR|manifest.json", "a build or its manifest",
+    )
+
+
+def run_merge(argv: Sequence[str]) -> int:
+    args = parse(merge_parser(), argv, "shards merge")
     start = time.perf_counter()
     try:
         manifest = merge_parts(args.out)
@@ -233,7 +228,8 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_inspect(args: argparse.Namespace) -> int:
+def run_inspect(argv: Sequence[str]) -> int:
+    args = parse(inspect_parser(), argv, "shards inspect")
     try:
         manifest = load_manifest(args.path)
     except (OSError, ManifestError) as exc:
@@ -245,7 +241,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_verify(args: argparse.Namespace) -> int:
+def run_verify(argv: Sequence[str]) -> int:
+    args = parse(verify_parser(), argv, "shards verify")
     problems = verify_shards(args.path)
     if problems:
         for problem in problems:
@@ -259,41 +256,25 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``align shards`` with its ``build``, ``inspect`` and ``verify`` subcommands."""
-    parser = subparsers.add_parser(
-        "shards",
-        help="build, inspect and verify WebDataset shards of multi-way corpora",
-        description="WebDataset shards of multi-way parallel corpora (see `align shards build --help`).",
-    )
-    sub = parser.add_subparsers(dest="shards_command", metavar="{build,inspect,verify,merge}")
-    _add_build(sub)
-    inspect_p = sub.add_parser(
-        "inspect",
-        help="print a build's manifest as tables",
-        description="Print a manifest: "
-        "per split shards/rows/bytes, per language counts. Example: align shards inspect data/gettext",
-    )
-    inspect_p.add_argument("path", metavar="DIR|manifest.json")
-    inspect_p.add_argument("--cleaning", action="store_true", help="also print the cleaning report")
-    inspect_p.set_defaults(func=run_inspect)
-    verify_p = sub.add_parser(
-        "verify",
-        help="re-check checksums, row counts and sample JSON; exit 1 on any mismatch",
-        description="Re-hash every shard, re-count its samples and parse their JSON against "
-        "the manifest. Exit 0 when all good, 1 otherwise (each problem names the shard). "
-        "Example: align shards verify data/gettext",
-    )
-    verify_p.add_argument("path", metavar="DIR|manifest.json")
-    verify_p.set_defaults(func=run_verify)
-    merge_p = sub.add_parser(
-        "merge",
-        help="finish a parallel build: write the shards and manifest from the parts of `build --part I/N`",
-        description="Pass 2 of a parallel build: read the parts every `align shards build ... --part I/N` task left "
-        "in OUT.parts, drop duplicates across them, split, shuffle and write the shards and manifest.json to OUT "
-        "(the same bytes as one `align shards build` over all inputs), then delete the parts. "
-        "Example: align shards merge data/mw (see slurm/shards.sbatch)",
-    )
-    merge_p.add_argument("out", metavar="OUT", help="the --out of the build tasks")
-    merge_p.set_defaults(func=run_merge)
-    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
+HELP = "build, inspect and verify WebDataset shards of multi-way corpora"
+SUBCOMMANDS = {  # name: (one-line help, parser, run)
+    "build": ("clean a corpus and write train/validation/test WebDataset shards with a manifest",
+              build_parser, run_build),
+    "inspect": ("print a build's manifest as tables", inspect_parser, run_inspect),
+    "verify": ("re-check checksums, row counts and sample JSON; exit 1 on any mismatch", verify_parser, run_verify),
+    "merge": ("finish a parallel build: write the shards and manifest from the parts of `build --part I/N`",
+              merge_parser, run_merge),
+}
+
+
+def parser():
+    """``align shards`` itself: only --config/--print_config and the list of its subcommands."""
+    return new_parser("shards", "WebDataset shards of multi-way parallel corpora (align shards build --help).",
+                      "subcommands:\n" + "\n".join(f"  {k:<8} {v[0]}" for k, v in SUBCOMMANDS.items()))
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]][2](argv[1:])
+    parse(parser(), argv, "shards")  # --help, --print_config
+    raise fail("shards", f"expected a subcommand: {', '.join(SUBCOMMANDS)}")

@@ -83,8 +83,8 @@ def file_lines(path: Path) -> dict[int, str]:
 def test_planted_pairs_are_mined_with_their_line_numbers(capsys, tmp_path, model_dir, corpus):
     src, tgt = corpus
     out = tmp_path / "pairs.tsv"
-    code, stdout, err = run_cli(capsys, "mine", src, tgt, "--model", model_dir, "--out", out, "--threshold", "1.0",
-                                "--quiet")  # fmt: skip
+    code, stdout, err = run_cli(capsys, "mine", src, tgt, "--model", model_dir, "--out", out, "--mining.threshold", "1.0",
+                                "--encode.quiet")  # fmt: skip
     assert code == 0, err
     header, rows = read_pairs(out)
     assert header == ["score", "src_line", "tgt_line", "src_text", "tgt_text"]
@@ -103,8 +103,8 @@ def test_cli_output_equals_the_mining_library(capsys, tmp_path, model_dir, corpu
     """Same pairs and scores as encoding the non-blank lines by hand and calling ``mine``."""
     src, tgt = corpus
     out = tmp_path / "pairs.tsv"
-    code, _, err = run_cli(capsys, "mine", src, tgt, "--model", model_dir, "--out", out, "--threshold", "1.01",
-                           "--mode", "intersection", "--k", "3", "--quiet")  # fmt: skip
+    code, _, err = run_cli(capsys, "mine", src, tgt, "--model", model_dir, "--out", out, "--mining.threshold", "1.01",
+                           "--mining.mode", "intersection", "--mining.k", "3", "--encode.quiet")  # fmt: skip
     assert code == 0, err
     model, tokenizer, _ = load_encoder(model_dir)
     src_items = [(n, t) for n, t in file_lines(src).items() if t.strip()]
@@ -123,7 +123,7 @@ def test_gold_mode_reports_precision_recall(capsys, tmp_path, model_dir, sentenc
     src.write_text("\n".join(sentences[:80]) + "\n")
     tgt.write_text("\n".join(sentences[:80]) + "\n")
     code, stdout, err = run_cli(capsys, "mine", src, tgt, "--model", model_dir, "--out", tmp_path / "p.tsv",
-                                "--gold", "--threshold", "1.0", "--quiet")  # fmt: skip
+                                "--gold", "--mining.threshold", "1.0", "--encode.quiet")  # fmt: skip
     assert code == 0, err
     assert "| gold correct | 80 |" in stdout and "| gold recall | 1.0000 |" in stdout
     assert "| gold precision | 1.0000 |" in stdout
@@ -135,13 +135,13 @@ def test_paired_mode_scores_equal_mined_scores(capsys, tmp_path, model_dir, sent
     src.write_text("\n".join(sentences[:60]) + "\n")
     tgt.write_text("\n".join(sentences[:30] + sentences[200:230]) + "\n")  # second half: wrong pairs
     code, _, err = run_cli(capsys, "mine", src, tgt, "--model", model_dir, "--out", tmp_path / "paired.tsv",
-                           "--paired", "--threshold", "1.0", "--quiet")  # fmt: skip
+                           "--paired", "--mining.threshold", "1.0", "--encode.quiet")  # fmt: skip
     assert code == 0, err
     _, paired = read_pairs(tmp_path / "paired.tsv")
     assert all(s == t for _, s, t, _, _ in paired)
     assert {s for _, s, _, _, _ in paired} >= set(range(1, 31))  # every true pair passes the threshold
     code, _, err = run_cli(capsys, "mine", src, tgt, "--model", model_dir, "--out", tmp_path / "mined.tsv",
-                           "--gold", "--threshold", "1.0", "--quiet")  # fmt: skip
+                           "--gold", "--mining.threshold", "1.0", "--encode.quiet")  # fmt: skip
     assert code == 0, err
     _, mined = read_pairs(tmp_path / "mined.tsv")
     mined_scores = {(s, t): score for score, s, t, _, _ in mined}
@@ -166,8 +166,8 @@ def test_checkpoint_mines_like_its_export(capsys, tmp_path, sentences):
     outputs = []
     for model in (ckpt, tmp_path / "export"):
         out = tmp_path / f"{Path(model).name}.tsv"
-        code, _, err = run_cli(capsys, "mine", src, tgt, "--model", model, "--out", out, "--threshold", "1.0",
-                               "--quiet")  # fmt: skip
+        code, _, err = run_cli(capsys, "mine", src, tgt, "--model", model, "--out", out, "--mining.threshold", "1.0",
+                               "--encode.quiet")  # fmt: skip
         assert code == 0, err
         outputs.append(read_pairs(out)[1])
     assert [r[1:] for r in outputs[0]] == [r[1:] for r in outputs[1]] and len(outputs[0]) >= 20
@@ -176,14 +176,14 @@ def test_checkpoint_mines_like_its_export(capsys, tmp_path, sentences):
 
 def test_faiss_backend(capsys, tmp_path, model_dir, corpus):
     src, tgt = corpus
-    argv = ["mine", src, tgt, "--model", model_dir, "--threshold", "1.0", "--quiet"]
+    argv = ["mine", src, tgt, "--model", model_dir, "--mining.threshold", "1.0", "--encode.quiet"]
     if importlib.util.find_spec("faiss") is None:
-        code, _, err = run_cli(capsys, *argv, "--out", tmp_path / "f.tsv", "--backend", "faiss")
+        code, _, err = run_cli(capsys, *argv, "--out", tmp_path / "f.tsv", "--mining.backend", "faiss")
         assert code == 1 and "faiss is not installed (pip install faiss-cpu)" in err
         assert not (tmp_path / "f.tsv").exists()
         return
     for backend in ("exact", "faiss"):
-        assert run_cli(capsys, *argv, "--out", tmp_path / f"{backend}.tsv", "--backend", backend)[0] == 0
+        assert run_cli(capsys, *argv, "--out", tmp_path / f"{backend}.tsv", "--mining.backend", backend)[0] == 0
     exact, faiss = read_pairs(tmp_path / "exact.tsv")[1], read_pairs(tmp_path / "faiss.tsv")[1]
     assert [r[1:3] for r in exact] == [r[1:3] for r in faiss]
 
@@ -208,15 +208,16 @@ def test_bad_inputs_and_flags(capsys, tmp_path, model_dir, sentences):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(b"fine line\ncaf\xe9 au lait\n")
     cases = [
-        ([good, bad], "latin1.txt:2: not valid UTF-8"),
-        ([good, tmp_path / "missing.txt"], "missing.txt: no such file"),
-        ([good, good, "--margin", "absolute", "--threshold", "1.06"], "--threshold 1.06 can never be reached"),
-        ([good, good, "--k", "0"], "--k must be >= 1, got 0"),
-        ([good, good, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    ]
-    for args, message in cases:
+        ([good, bad], 1, "latin1.txt:2: not valid UTF-8"),
+        ([good, tmp_path / "missing.txt"], 1, "missing.txt: no such file"),
+        ([good, good, "--mining.margin", "absolute", "--mining.threshold", "1.06"], 2,
+         "--mining.threshold 1.06 can never be reached"),
+        ([good, good, "--mining.k", "0"], 2, "--mining.k must be >= 1, got 0"),
+        ([good, good, "--encode.batch_size", "0"], 2, "--encode.batch_size must be >= 1, got 0"),
+    ]  # 2: a flag's own check (at parse time); 1: the inputs
+    for args, status, message in cases:
         code, _, err = run_cli(capsys, "mine", *args, "--model", model_dir, "--out", tmp_path / "p.tsv")
-        assert code == 1 and message in err, (args, err)
+        assert code == status and message in err, (args, err)
     (tmp_path / "empty.txt").write_text("\n\n")
     code, _, err = run_cli(capsys, "mine", good, tmp_path / "empty.txt", "--model", model_dir, "--out", tmp_path / "o")
     assert code == 1 and "empty.txt: no sentences to mine" in err
@@ -235,8 +236,8 @@ def test_nan_embeddings_are_reported_by_line_and_never_paired(capsys, tmp_path, 
     src.write_text("\n".join(sentences[:50]) + "\n")
     tgt.write_text("\n".join(reversed(sentences[:50])) + "\n")
     broken = [n for n, text in enumerate(sentences[:50], 1) if word in text.split()]
-    code, _, err = run_cli(capsys, "mine", src, tgt, "--model", folder, "--out", tmp_path / "p.tsv", "--threshold",
-                           "1.0", "--quiet")  # fmt: skip
+    code, _, err = run_cli(capsys, "mine", src, tgt, "--model", folder, "--out", tmp_path / "p.tsv", "--mining.threshold",
+                           "1.0", "--encode.quiet")  # fmt: skip
     assert code == 0, err
     assert f"{src}: {len(broken)} NaN/inf embeddings (lines {', '.join(map(str, broken[:5]))}" in err
     _, rows = read_pairs(tmp_path / "p.tsv")
@@ -250,7 +251,7 @@ def test_tabs_in_text_do_not_break_the_tsv(capsys, tmp_path, model_dir, sentence
     src.write_text("\n".join(lines) + "\n")
     tgt.write_text("\n".join(lines) + "\n")
     code, _, err = run_cli(capsys, "mine", src, tgt, "--model", model_dir, "--out", tmp_path / "p.tsv",
-                           "--threshold", "1.0", "--quiet")  # fmt: skip
+                           "--mining.threshold", "1.0", "--encode.quiet")  # fmt: skip
     assert code == 0, err
     _, rows = read_pairs(tmp_path / "p.tsv")  # would raise on a sixth field
     assert rows[0][3] == lines[rows[0][1] - 1].replace("\t", " ")
@@ -262,7 +263,7 @@ def test_align_mine_as_a_subprocess(tmp_path, model_dir, corpus):
     out = tmp_path / "pairs.tsv"
     proc = subprocess.run(
         [sys.executable, "-m", "alignment.cli", "mine", str(src), str(tgt), "--model", str(model_dir),
-         "--out", str(out), "--threshold", "1.02"],
+         "--out", str(out), "--mining.threshold", "1.02"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
