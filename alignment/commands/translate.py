@@ -8,15 +8,23 @@ field docstrings are the flags' help), then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 
-from alignment.commands.common import HelpFormatter, field_docs
+from alignment.commands.common import (
+    add_config,
+    fail,
+    new_parser,
+    parse,
+    parse_error_message,
+    with_bool_values,
+)
 from alignment.data.corpus import CorpusError
-from alignment.translate.codes import FAMILIES, LanguageNotSupported
-from alignment.translate.filters import FilterConfig, format_filter_report
-from alignment.translate.generate import GenerateConfig
+from alignment.translate.codes import Family, LanguageNotSupported
+from alignment.translate.filters import format_filter_report
 from alignment.translate.parts import PartsError, format_manifest, merge
 from alignment.translate.run import TranslateConfig, run_rank
 
@@ -32,8 +40,13 @@ examples:
   # a killed run resumes where it stopped: the same command again (finished parts are kept)
 
   # with filters: language id, length ratio, round-trip chrF, embedding margin
-  align translate run news.en.txt --model M --targets de,fr --out data/syn --check-language \\
-      --max-length-ratio 3 --min-roundtrip-chrf 30 --similarity-model intfloat/multilingual-e5-small --min-margin 1.02
+  align translate run news.en.txt --model M --targets de,fr --out data/syn --filters.check_language \\
+      --filters.max_length_ratio 3 --filters.min_roundtrip_chrf 30 \\
+      --filters.similarity_model intfloat/multilingual-e5-small --filters.min_margin 1.02
+
+  # beam 5, bf16, smaller batches; every flag from a YAML file
+  align translate run news.en.txt --model M --targets de --out data/syn --generate.beams 5 --generate.dtype bf16
+  align translate run --config translate.yaml --generate.batch_tokens 8192
 
   # back-translation of monolingual Swahili: sw -> en, then en -> de, fr; rows anchored on the Swahili
   align translate run sw.txt --source sw --via en --targets en,de,fr --model M --out data/bt-sw
@@ -42,14 +55,8 @@ examples:
   align translate codes --model facebook/nllb-200-distilled-600M --languages de,zh,pt-BR
 
 on a cluster: an array job of N tasks, then a dependent merge (slurm/translate.sbatch, rendered and submitted):
-  align submit --job translate --array-tasks 8 --time 04:00:00 -- news.en.txt --model M --targets de,fr --out data/syn
+  align submit --job translate --array_tasks 8 --time 04:00:00 -- news.en.txt --model M --targets de,fr --out data/syn
 """
-
-
-def _defaults(cls: type) -> dict:
-    import dataclasses
-
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 RUN_DESCRIPTION = (
@@ -59,19 +66,22 @@ RUN_DESCRIPTION = (
 )
 
 
-def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="translate text into target languages: multi-way JSONL rows with provenance",
-                       description=RUN_DESCRIPTION, epilog=EXAMPLES, formatter_class=HelpFormatter)
-    _run_arguments(p)
+def run_parser():
+    """``align translate run``: INPUT... and every field of :class:`TranslateConfig` (``--generate.*``,
+    ``--filters.*``)."""
+    p = new_parser("translate run", RUN_DESCRIPTION, EXAMPLES)
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="Input files: plain text (one sentence per line), "
+                   "JSONL rows, or shards (a folder with manifest.json).")
+    add_config(p, TranslateConfig, skip={"inputs", "targets"})
+    p.add_argument("--targets", type=str, required=True, help="Target languages, comma-separated BCP-47 or the "
+                   "model's own codes (de,fr,zh or deu_Latn,...).")
+    return p
 
 
-class _ArgumentError(ValueError):
-    """A bad ``align translate run`` flag, raised instead of argparse's usage-and-exit."""
-
-
-class _RaisingParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise _ArgumentError(message)
+def _config(p, ns) -> TranslateConfig:
+    values = p.instantiate(ns)
+    kwargs = {f.name: values[f.name] for f in dataclasses.fields(TranslateConfig) if f.name in values}
+    return TranslateConfig(**kwargs)
 
 
 def parse_run_args(argv: list[str]) -> TranslateConfig:
@@ -80,60 +90,17 @@ def parse_run_args(argv: list[str]) -> TranslateConfig:
     ``align submit --job translate`` validates the job's arguments with this before sbatch.
 
     Raises:
-        ValueError: an unknown or malformed flag (argparse's message, naming it) or a bad value.
+        ValueError: an unknown or malformed flag (the parser's message, naming it) or a bad value.
     """
-    parser = _RaisingParser(prog="align translate run", description=RUN_DESCRIPTION, add_help=False)
-    _run_arguments(parser)
-    return _config(parser.parse_args(argv))
-
-
-def _run_arguments(p: argparse.ArgumentParser) -> None:
-    doc, gen, flt = field_docs(TranslateConfig), field_docs(GenerateConfig), field_docs(FilterConfig)
-    run_d, gen_d = _defaults(TranslateConfig), _defaults(GenerateConfig)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help=doc["inputs"])
-    p.add_argument("--model", required=True, help=doc["model"])
-    p.add_argument("--targets", required=True, help=doc["targets"])
-    p.add_argument("--out", required=True, help=doc["out"])
-    p.add_argument("--source", default=run_d["source"], help=doc["source"])
-    p.add_argument("--via", default=None, help=doc["via"])
-    p.add_argument("--pivot", default=None, help=doc["pivot"])
-    p.add_argument("--input-format", default=run_d["input_format"], choices=("auto", "lines", "jsonl", "shards"),
-                   help=doc["input_format"])
-    p.add_argument("--family", default=None, choices=FAMILIES, help=doc["family"])
-    p.add_argument("--part-rows", type=int, default=run_d["part_rows"], help=doc["part_rows"])
-    p.add_argument("--rank", type=int, default=None, help=doc["rank"])
-    p.add_argument("--world-size", type=int, default=None, help=doc["world_size"])
-    p.add_argument("--no-merge", action="store_true", help=doc["merge"])
-    g = p.add_argument_group("decoding")
-    g.add_argument("--beams", type=int, default=gen_d["beams"], help=gen["beams"])
-    g.add_argument("--max-length", type=int, default=gen_d["max_length"], help=gen["max_length"])
-    g.add_argument("--batch-tokens", type=int, default=gen_d["batch_tokens"], help=gen["batch_tokens"])
-    g.add_argument("--max-batch", type=int, default=gen_d["max_batch"], help=gen["max_batch"])
-    g.add_argument("--dtype", default=gen_d["dtype"], choices=("auto", "bf16", "fp16", "fp32"), help=gen["dtype"])
-    g.add_argument("--device", default=gen_d["device"], help=gen["device"])
-    f = p.add_argument_group("filters")
-    f.add_argument("--keep-bad", action="store_true", help=flt["drop_bad"])
-    f.add_argument("--max-length-ratio", type=float, default=None, help=flt["max_length_ratio"])
-    f.add_argument("--check-language", action="store_true", help=flt["check_language"])
-    f.add_argument("--min-roundtrip-chrf", type=float, default=None, help=flt["min_roundtrip_chrf"])
-    f.add_argument("--similarity-model", default=None, metavar="SPEC", help=flt["similarity_model"])
-    f.add_argument("--min-similarity", type=float, default=None, help=flt["min_similarity"])
-    f.add_argument("--min-margin", type=float, default=None, help=flt["min_margin"])
-    p.set_defaults(func=run)
-
-
-def _config(args: argparse.Namespace) -> TranslateConfig:
-    return TranslateConfig(
-        inputs=args.inputs, out=args.out, model=args.model, targets=args.targets, source=args.source, via=args.via,
-        pivot=args.pivot, input_format=args.input_format, family=args.family, part_rows=args.part_rows,
-        rank=args.rank, world_size=args.world_size, merge=not args.no_merge,
-        generate=GenerateConfig(beams=args.beams, max_length=args.max_length, batch_tokens=args.batch_tokens,
-                                max_batch=args.max_batch, dtype=args.dtype, device=args.device),
-        filters=FilterConfig(drop_bad=not args.keep_bad, max_length_ratio=args.max_length_ratio,
-                             check_language=args.check_language, min_roundtrip_chrf=args.min_roundtrip_chrf,
-                             similarity_model=args.similarity_model, min_similarity=args.min_similarity,
-                             min_margin=args.min_margin),
-    )  # fmt: skip
+    p = run_parser()
+    try:
+        ns = p.parse_args(with_bool_values(p, list(argv)))
+    except argparse.ArgumentError as exc:
+        message = parse_error_message(exc, "align translate run").split("\n")[0]
+        raise ValueError(message.removeprefix("align translate run: error: ")) from None
+    except SystemExit as exc:  # --help / --print_config
+        raise ValueError("--help and --print_config cannot be part of a submitted job") from exc
+    return _config(p, ns)
 
 
 def _error(command: str, exc: BaseException) -> int:
@@ -144,14 +111,16 @@ def _error(command: str, exc: BaseException) -> int:
 ERRORS = (ValueError, CorpusError, PartsError, LanguageNotSupported, FileNotFoundError)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(argv: Sequence[str]) -> int:
     from alignment.distributed import launcher_slot
     from alignment.evaluate.encode import EncodeConfig, quiet_library_bars
 
+    p = run_parser()
+    args = parse(p, argv, "translate run")
     quiet_library_bars(EncodeConfig())  # transformers' loading bars only on a terminal: batch logs stay clean
     start = time.perf_counter()
     try:
-        config = _config(args)
+        config = _config(p, args)
         rank, world = (config.rank, config.world_size) if config.rank is not None else launcher_slot()
         summary = run_rank(config, rank, world, command=shlex.join(["align", "translate", "run", *sys.argv[3:]])
                            if sys.argv[1:3] == ["translate", "run"] else None)  # fmt: skip
@@ -173,7 +142,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_merge(args: argparse.Namespace) -> int:
+def merge_parser():
+    p = new_parser("translate merge", "Check that every part of the run in OUT is finished and intact, then write "
+                   "OUT/corpus.jsonl (parts in order) and OUT/manifest.json (settings, filter report, provenance, "
+                   "speed). Example: align translate merge data/syn (see slurm/translate.sbatch)")
+    p.add_argument("out", metavar="OUT", help="the --out of the run")
+    return p
+
+
+def codes_parser():
+    p = new_parser("translate codes", "The language codes a model knows, and how BCP-47 codes map to them. "
+                   "Example: align translate codes --model DIR --languages de,zh,pt-BR")
+    p.add_argument("--model", type=str, required=True, help="Any Hugging Face seq2seq model: folder or hub name.")
+    p.add_argument("--family", type=Family | None, default=None, help="Language-code family; default: detected.")
+    p.add_argument("--languages", type=str | None, default=None, help="BCP-47 codes to map, comma-separated.")
+    return p
+
+
+def run_merge(argv: Sequence[str]) -> int:
+    args = parse(merge_parser(), argv, "translate merge")
     try:
         manifest = merge(args.out)
     except ERRORS as exc:
@@ -184,9 +171,10 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_codes(args: argparse.Namespace) -> int:
+def run_codes(argv: Sequence[str]) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
+    args = parse(codes_parser(), argv, "translate codes")
     from alignment.translate.codes import LanguageMap, detect_family, parse_language_list
 
     try:
@@ -201,28 +189,23 @@ def run_codes(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``align translate`` with ``run``, ``merge`` and ``codes``."""
-    parser = subparsers.add_parser(
-        "translate",
-        help="build a multi-way corpus by translating text with an NMT model (NLLB, M2M100, mBART-50, Marian)",
-        description="Synthetic multi-way corpora from source-language text (see `align translate run --help`).",
-    )
-    sub = parser.add_subparsers(dest="translate_command", metavar="{run,merge,codes}")
-    _add_run(sub)
-    merge_p = sub.add_parser(
-        "merge",
-        help="merge a run's finished parts into OUT/corpus.jsonl and OUT/manifest.json",
-        description="Check that every part of the run in OUT is finished and intact, then write OUT/corpus.jsonl "
-        "(parts in order) and OUT/manifest.json (settings, filter report, provenance, speed). "
-        "Example: align translate merge data/syn (see slurm/translate.sbatch)",
-    )
-    merge_p.add_argument("out", metavar="OUT", help="the --out of the run")
-    merge_p.set_defaults(func=run_merge)
-    codes_p = sub.add_parser("codes", help="the language codes a model knows, and how BCP-47 codes map to them",
-                             description="Example: align translate codes --model DIR --languages de,zh,pt-BR")
-    codes_p.add_argument("--model", required=True)
-    codes_p.add_argument("--family", default=None, choices=FAMILIES)
-    codes_p.add_argument("--languages", default=None, help="BCP-47 codes to map, comma-separated")
-    codes_p.set_defaults(func=run_codes)
-    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
+HELP = "build a multi-way corpus by translating text with an NMT model (NLLB, M2M100, mBART-50, Marian)"
+SUBCOMMANDS = {  # name: (one-line help, parser, run)
+    "run": ("translate text into target languages: multi-way JSONL rows with provenance", run_parser, run),
+    "merge": ("merge a run's finished parts into OUT/corpus.jsonl and OUT/manifest.json", merge_parser, run_merge),
+    "codes": ("the language codes a model knows, and how BCP-47 codes map to them", codes_parser, run_codes),
+}
+
+
+def parser():
+    """``align translate`` itself: only --config/--print_config and the list of its subcommands."""
+    return new_parser("translate", "Synthetic multi-way corpora from source-language text "
+                      "(align translate run --help).",
+                      "subcommands:\n" + "\n".join(f"  {k:<6} {v[0]}" for k, v in SUBCOMMANDS.items()))
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]][2](argv[1:])
+    parse(parser(), argv, "translate")  # --help, --print_config
+    raise fail("translate", f"expected a subcommand: {', '.join(SUBCOMMANDS)}")

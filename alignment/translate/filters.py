@@ -6,15 +6,15 @@ returns, per pair, a drop reason or None:
 ==================  ==========================================================  ===========================
 reason              what it drops                                               flag
 ==================  ==========================================================  ===========================
-``empty_output``    an output that is empty or whitespace                       on unless ``--keep-bad``
-``copied_source``   an output equal to its source (whitespace and NFC aside)    on unless ``--keep-bad``
-``length_ratio``    longer / shorter (in characters) above the bound            ``--max-length-ratio R``
-``wrong_language``  an output the language identifier (py3langid, model in      ``--check-language``
+``empty_output``    an output that is empty or whitespace                       on unless ``--filters.drop_bad false``
+``copied_source``   an output equal to its source (whitespace and NFC aside)    on unless ``--filters.drop_bad false``
+``length_ratio``    longer / shorter (in characters) above the bound            ``--filters.max_length_ratio R``
+``wrong_language``  an output the language identifier (py3langid, model in      ``--filters.check_language``
                     its wheel) gives to another language
-``roundtrip_chrf``  chrF (sacrebleu) of the output translated back, against      ``--min-roundtrip-chrf X``
+``roundtrip_chrf``  chrF (sacrebleu) of the output translated back, against      ``--filters.min_roundtrip_chrf X``
                     the source, under the bound
-``similarity``      cosine of source and output embeddings under the bound      ``--min-similarity C``
-``margin``          LASER ratio margin of the pair (within the part) under it   ``--min-margin M``
+``similarity``      cosine of source and output embeddings under the bound      ``--filters.min_similarity C``
+``margin``          LASER ratio margin of the pair (within the part) under it   ``--filters.min_margin M``
 ==================  ==========================================================  ===========================
 
 Filters run cheapest first, and a pair dropped by one is not scored by the
@@ -36,11 +36,11 @@ REASONS = {
     "empty_source": "an input row without text in the source language (nothing to translate)",
     "empty_output": "the model produced an empty translation",
     "copied_source": "the translation is the source text, copied",
-    "length_ratio": "longer / shorter text (characters) above --max-length-ratio",
+    "length_ratio": "longer / shorter text (characters) above --filters.max_length_ratio",
     "wrong_language": "the language identifier gives the translation to another language",
-    "roundtrip_chrf": "chrF of the back-translation against the source under --min-roundtrip-chrf",
-    "similarity": "embedding cosine of source and translation under --min-similarity",
-    "margin": "LASER ratio margin of source and translation under --min-margin",
+    "roundtrip_chrf": "chrF of the back-translation against the source under --filters.min_roundtrip_chrf",
+    "similarity": "embedding cosine of source and translation under --filters.min_similarity",
+    "margin": "LASER ratio margin of source and translation under --filters.min_margin",
     "too_few_languages": "a row left with fewer than two languages",
 }
 
@@ -50,7 +50,7 @@ class FilterConfig:
     """Which filters run (``align translate run`` flags); all but empty/copied output are off by default."""
 
     drop_bad: bool = True
-    """Drop empty outputs and outputs that copy the source (``--keep-bad`` keeps them)."""
+    """Drop empty outputs and outputs that copy the source (``--filters.drop_bad false`` keeps them)."""
     max_length_ratio: float | None = None
     """Drop pairs whose longer text has more than this many times the characters of the shorter (e.g. 3)."""
     check_language: bool = False
@@ -62,19 +62,19 @@ class FilterConfig:
     similarity_model: str | None = None
     """Encoder for the embedding filters (any spec align eval loads: folder, checkpoint, hub name)."""
     min_similarity: float | None = None
-    """Drop pairs whose embedding cosine (--similarity-model) is under this."""
+    """Drop pairs whose embedding cosine (--filters.similarity_model) is under this."""
     min_margin: float | None = None
     """Drop pairs whose ratio margin (k=4 neighbours within the part, LASER) is under this; ~1.0-1.06 usual."""
 
     def __post_init__(self) -> None:
         if self.max_length_ratio is not None and self.max_length_ratio < 1:
-            raise ValueError(f"--max-length-ratio must be >= 1, got {self.max_length_ratio}")
+            raise ValueError(f"--filters.max_length_ratio must be >= 1, got {self.max_length_ratio}")
         if self.min_roundtrip_chrf is not None and not 0 <= self.min_roundtrip_chrf <= 100:
-            raise ValueError(f"--min-roundtrip-chrf must be between 0 and 100, got {self.min_roundtrip_chrf}")
+            raise ValueError(f"--filters.min_roundtrip_chrf must be between 0 and 100, got {self.min_roundtrip_chrf}")
         if (self.min_similarity is not None or self.min_margin is not None) and not self.similarity_model:
-            raise ValueError("--min-similarity and --min-margin need --similarity-model SPEC (an encoder)")
+            raise ValueError("--filters.min_similarity and --filters.min_margin need --filters.similarity_model SPEC (an encoder)")
         if self.min_similarity is not None and not -1 <= self.min_similarity <= 1:
-            raise ValueError(f"--min-similarity is a cosine, between -1 and 1, got {self.min_similarity}")
+            raise ValueError(f"--filters.min_similarity is a cosine, between -1 and 1, got {self.min_similarity}")
 
 
 class FilterReport:
@@ -182,7 +182,7 @@ def _identifier():
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
     except ImportError as exc:
         raise ValueError(
-            "--check-language needs py3langid (offline, its model ships in the wheel): "
+            "--filters.check_language needs py3langid (offline, its model ships in the wheel): "
             "pip install 'multiway-align[translate]'"
         ) from exc
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
@@ -204,7 +204,7 @@ def chrf(hypothesis: str, reference: str) -> float:
     try:
         import sacrebleu
     except ImportError as exc:
-        raise ValueError("--min-roundtrip-chrf needs sacrebleu: pip install 'multiway-align[translate]'") from exc
+        raise ValueError("--filters.min_roundtrip_chrf needs sacrebleu: pip install 'multiway-align[translate]'") from exc
     return float(sacrebleu.sentence_chrf(hypothesis, [reference]).score)
 
 

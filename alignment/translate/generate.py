@@ -28,7 +28,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass
 class GenerateConfig:
-    """How sentences are batched and decoded (``--beams``, ``--max-length``, ``--batch-tokens``, ...)."""
+    """How sentences are batched and decoded (``--beams``, ``--max-length``, ``--generate.batch_tokens``, ...)."""
 
     beams: int = 4
     """Beam size (1 = greedy)."""
@@ -45,15 +45,15 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         if self.beams < 1:
-            raise ValueError(f"--beams must be >= 1, got {self.beams}")
+            raise ValueError(f"--generate.beams must be >= 1, got {self.beams}")
         if self.max_length < 2:
-            raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
+            raise ValueError(f"--generate.max_length must be >= 2, got {self.max_length}")
         if self.batch_tokens < 1:
-            raise ValueError(f"--batch-tokens must be >= 1, got {self.batch_tokens}")
+            raise ValueError(f"--generate.batch_tokens must be >= 1, got {self.batch_tokens}")
         if self.max_batch < 1:
-            raise ValueError(f"--max-batch must be >= 1, got {self.max_batch}")
+            raise ValueError(f"--generate.max_batch must be >= 1, got {self.max_batch}")
         if self.dtype not in ("auto", *_DTYPES):
-            raise ValueError(f"--dtype must be one of auto, {', '.join(_DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"--generate.dtype must be one of auto, {', '.join(_DTYPES)}, got {self.dtype!r}")
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:

@@ -100,7 +100,7 @@ def read_sources(inputs: list[str], source: str, input_format: str = "auto") -> 
         CorpusError: an unreadable input (names the file and line).
     """
     if input_format not in INPUT_FORMATS:
-        raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
+        raise ValueError(f"--input_format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
     for path in inputs:
         kind = detect_format(path) if input_format == "auto" else input_format
         if kind != "shards" and not Path(path).is_file():

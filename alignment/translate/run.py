@@ -63,10 +63,12 @@ class TranslateConfig:
     world_size: int | None = None
     """Number of ranks; default: from torchrun (WORLD_SIZE) or SLURM (array task count x SLURM_NTASKS)."""
     merge: bool = True
-    """Merge into OUT/corpus.jsonl when this rank finds every part finished (--no-merge leaves it to
+    """Merge into OUT/corpus.jsonl when this rank finds every part finished (--merge false leaves it to
     `align translate merge`)."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Decoding: beams, lengths, batching, dtype, device."""
     filters: FilterConfig = field(default_factory=FilterConfig)
+    """Which outputs are dropped: empty or copied, length ratio, language id, round-trip chrF, similarity."""
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -79,15 +81,15 @@ class TranslateConfig:
         self.via = _language(self.via, "--via") if self.via else None
         self.pivot = _language(self.pivot, "--pivot") if self.pivot else (self.via or self.source)
         if self.input_format not in INPUT_FORMATS:
-            raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+            raise ValueError(f"--input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
         if self.family is not None and self.family not in FAMILIES:
             raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.part_rows < 1:
-            raise ValueError(f"--part-rows must be >= 1, got {self.part_rows}")
+            raise ValueError(f"--part_rows must be >= 1, got {self.part_rows}")
         if (self.rank is None) != (self.world_size is None):
-            raise ValueError("--rank and --world-size go together (or neither: taken from torchrun / SLURM)")
+            raise ValueError("--rank and --world_size go together (or neither: taken from torchrun / SLURM)")
         if self.world_size is not None and not 0 <= self.rank < self.world_size:  # type: ignore[operator]
-            raise ValueError(f"--rank must be in [0, --world-size), got {self.rank} of {self.world_size}")
+            raise ValueError(f"--rank must be in [0, --world_size), got {self.rank} of {self.world_size}")
         self.steps: list[Step] = plan(self.source, self.targets, self.via)
         if self.pivot not in {self.source, self.via, *self.targets}:
             raise ValueError(f"--pivot {self.pivot} is not the --source, the --via or one of the --targets")
@@ -186,8 +188,8 @@ def _load(config: TranslateConfig) -> Translator:
                                   role="source")
         translator.languages.code(step.target, flag="--via" if step.target == config.via else "--targets")
         if config.filters.min_roundtrip_chrf is not None:  # the way back needs the reverse direction too
-            translator.languages.code(step.target, flag="--min-roundtrip-chrf: translating back from", role="source")
-            translator.languages.code(step.source, flag="--min-roundtrip-chrf: translating back into")
+            translator.languages.code(step.target, flag="--filters.min_roundtrip_chrf: translating back from", role="source")
+            translator.languages.code(step.source, flag="--filters.min_roundtrip_chrf: translating back into")
     return translator
 
 
