@@ -84,7 +84,7 @@ def base_license(run: dict[str, Any]) -> tuple[str | None, str]:
 
 def _eval_table(metrics: dict[str, float]) -> str:
     if not metrics:
-        return "No evaluation was recorded (no `--data.config.val_shards`, or exported before the first one)."
+        return "No evaluation was recorded (no `--data.val_shards`, or exported before the first one)."
     rows = ["| metric | value |", "| --- | ---: |"]
     rows += [f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items())]
     return "\n".join(rows)

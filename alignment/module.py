@@ -87,9 +87,9 @@ def check_global_batch(rows_per_rank: int, world_size: int) -> None:
     """Refuse a global batch with a single row: every candidate would be a positive, the loss has no negatives."""
     if rows_per_rank * world_size < 2:
         raise ValueError(
-            f"--data.config.batch_size {rows_per_rank} x {world_size} rank(s) is a global batch of "
+            f"--data.batch_size {rows_per_rank} x {world_size} rank(s) is a global batch of "
             f"{rows_per_rank * world_size} row: contrastive training needs other rows as negatives; "
-            "use --data.config.batch_size >= 2"
+            "use --data.batch_size >= 2"
         )
 
 
@@ -358,7 +358,7 @@ class AlignmentModule(LightningModule):
         if tokenizer is not None and len(tokenizer) > vocab:
             raise ValueError(
                 f"the tokenizer has {len(tokenizer)} tokens but the encoder's embedding table has {vocab} rows: "
-                "--data.config.tokenizer must be the model's tokenizer (or set --model.encoder.vocab_size)"
+                "--data.tokenizer must be the model's tokenizer (or set --model.encoder.vocab_size)"
             )
 
     def _check_max_length(self, max_length: int | None) -> None:
@@ -368,9 +368,9 @@ class AlignmentModule(LightningModule):
             limit = max_positions(tower.config)
             if max_length is not None and limit is not None and max_length > limit:
                 raise ValueError(
-                    f"--data.config.max_length {max_length} is longer than the model's {limit} positions "
+                    f"--data.max_length {max_length} is longer than the model's {limit} positions "
                     f"(max_position_embeddings of {self.encoder_config.name_or_path}): the first sentence over "
-                    f"{limit} tokens would crash the run; set --data.config.max_length {limit} or less"
+                    f"{limit} tokens would crash the run; set --data.max_length {limit} or less"
                 )
 
     def setup(self, stage: str) -> None:

@@ -38,9 +38,9 @@ IDENTITY = ("model", "objective", "languages", "tokenizer", "data")
 _FLAGS = {
     "model": "--model.encoder.name_or_path",
     "objective": "--model.loss.objective",
-    "languages": "--data.config.languages",
-    "tokenizer": "--data.config.tokenizer",
-    "data": "--data.config.train_shards",
+    "languages": "--data.languages",
+    "tokenizer": "--data.tokenizer",
+    "data": "--data.train_shards",
 }
 
 

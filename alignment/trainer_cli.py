@@ -1,5 +1,8 @@
 """``align fit|validate|test``: the Lightning CLI over AlignmentModule and AlignmentDataModule.
 
+The data options are :class:`~alignment.data.datamodule.DataConfig`'s fields directly under ``data``
+(``--data.batch_size``); the datamodule is built from that config after parsing.
+
 Every flag is a typed config field (``align fit --help``); ``--config`` takes the
 YAML recipes under ``configs/``; ``--print_config`` shows the resolved config.
 """
@@ -19,8 +22,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from alignment import strategies
+from alignment.commands.common import parse_error_message
 from alignment.callbacks import AtomicModelCheckpoint, ExportOnFitEnd, RunMetadata, ThroughputLogger
-from alignment.data.datamodule import AlignmentDataModule
+from alignment.data.datamodule import AlignmentDataModule, DataConfig
 from alignment.module import AlignmentModule
 from alignment.preemption import EXIT_REQUEUE, Preempted, PreemptionCheckpoint, install_handler
 from alignment.resources import resolve_config_args
@@ -72,6 +76,13 @@ class AlignCLI(LightningCLI):
         self._run_dir_default = run_dir_default
         super().__init__(*args, **kwargs)
 
+    def add_core_arguments_to_parser(self, parser) -> None:
+        """Trainer and model as Lightning adds them; ``data`` is :class:`DataConfig` itself (``--data.x``)."""
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_class_arguments(DataConfig, "data", fail_untyped=True, sub_configs=True)
+
     def add_arguments_to_parser(self, parser) -> None:
         if self._run_dir_default:
             parser.set_defaults({"trainer.default_root_dir": self._run_dir_default})
@@ -90,6 +101,11 @@ class AlignCLI(LightningCLI):
             "folder): weights only, from step 0 with a fresh optimiser, schedule and data position. Ignored when "
             "--ckpt_path finds this run's own checkpoint (a requeued warm-started run resumes normally).",
         )
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if isinstance(self.datamodule, DataConfig):  # `data` holds the config; the datamodule is built from it
+            self.datamodule = AlignmentDataModule(self.datamodule)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -122,28 +138,11 @@ class _ParseOnlyCLI(AlignCLI):
 def _cli_kwargs() -> dict[str, Any]:
     return dict(
         subclass_mode_model=False,
-        subclass_mode_data=False,
         save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "align", "exit_on_error": False},  # errors reach parse_error_message
         auto_configure_optimizers=False,
     )
-
-
-def parse_error_message(exc: BaseException, command: str = "align fit") -> str:
-    """A parser error as the user reads it: the flag as typed (``--model.loss.objective``) and what is wrong;
-    a typo in a closed choice lists the allowed values."""
-    text = str(exc).strip()
-    choice = re.search(r"Expected a typing\.Literal\[(.*?)\]\. Got value: (\S*)", text)
-    if choice:  # the keys of the nested parsers down to the failing choice: data.config + language_policy
-        key = ".".join(re.findall(r'Parser key "([^"]+)"', text[:choice.start()]))
-        allowed = ", ".join(v.strip().strip("'\"") for v in choice.group(1).split(","))
-        text = f"--{key}: must be one of {allowed}, got {choice.group(2).strip()!r}"
-    else:
-        match = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
-        if match:
-            text = f"--{match.group(1)}: {match.group(2).strip()}"
-    return f"{command}: error: {text}\n(run `{command} --help` for every flag and its allowed values)"
 
 
 def _args(argv: list[str]) -> list[str] | None:
@@ -162,7 +161,7 @@ def parse_config(argv: list[str]):
     """
     try:
         argv = resolve_config_args(list(argv))
-        return _ParseOnlyCLI(AlignmentModule, AlignmentDataModule, run=False, args=_args(argv),
+        return _ParseOnlyCLI(AlignmentModule, None, run=False, args=_args(argv),
                              run_dir_default=default_run_dir(argv), **_cli_kwargs()).config
     except (ArgumentError, FileNotFoundError) as exc:
         print(parse_error_message(exc), file=sys.stderr)
@@ -208,7 +207,7 @@ def run_lightning_cli(argv: list[str]) -> int:
         return 2
     install_handler()  # before model and data set-up: an unhandled USR1 would kill the process
     try:
-        AlignCLI(AlignmentModule, AlignmentDataModule, args=_args(argv), run_dir_default=default_run_dir(argv),
+        AlignCLI(AlignmentModule, None, args=_args(argv), run_dir_default=default_run_dir(argv),
                  **_cli_kwargs())
     except Preempted as stop:
         print(f"align: {stop}", flush=True)

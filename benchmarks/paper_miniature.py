@@ -8,11 +8,11 @@ for those and for languages never trained on (ja, ko, it, nl, pl, tr, uk,
 pt-BR, where the shards have them). Arms, each over ``--seeds`` seeds:
 
 - **zero-shot**: the starting encoder, no training;
-- **En-X**: ``--model.loss.objective en_x`` with ``--data.config.language_policy
+- **En-X**: ``--model.loss.objective en_x`` with ``--data.language_policy
   pivot_pair``: each row gives English plus one sampled X, only En-X pairs are
   trained (the bilingual baseline, e.g. LaBSE-style bitext training);
 - **multi-way**: ``--model.loss.objective multi_positive`` with
-  ``--data.config.language_policy k``: each row gives ``k`` sampled languages,
+  ``--data.language_policy k``: each row gives ``k`` sampled languages,
   every sentence is an anchor and the row's other sentences its positives
   (Fazili & Goswami 2026);
 - **En-X, equal sentences** (secondary): the En-X arm at the multi-way arm's
@@ -113,15 +113,15 @@ class Arm:
     objective: str
     policy: str
     rows: int
-    """Rows per step (``--data.config.batch_size``; one rank)."""
+    """Rows per step (``--data.batch_size``; one rank)."""
     k: int | None = None
     """Languages sampled per row (policy ``k``)."""
     role: str = "primary"
 
     def flags(self) -> list[str]:
-        out = ["--model.loss.objective", self.objective, "--data.config.language_policy", self.policy,
-               "--data.config.batch_size", str(self.rows)]
-        return out + (["--data.config.k", str(self.k)] if self.k is not None else [])
+        out = ["--model.loss.objective", self.objective, "--data.language_policy", self.policy,
+               "--data.batch_size", str(self.rows)]
+        return out + (["--data.k", str(self.k)] if self.k is not None else [])
 
     @property
     def nominal_pairs_per_row(self) -> int:
@@ -172,11 +172,11 @@ def fit_args(arm: Arm, seed: int, *, base_config: str, encoder: str, shards: str
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.logger", json.dumps(logger),
         "--model.encoder.name_or_path", encoder,
-        "--data.config.train_shards", shards,
-        "--data.config.val_shards", "null",
-        "--data.config.tokenizer", encoder,
-        "--data.config.languages", json.dumps(list(languages)),
-        "--data.config.seed", str(seed),
+        "--data.train_shards", shards,
+        "--data.val_shards", "null",
+        "--data.tokenizer", encoder,
+        "--data.languages", json.dumps(list(languages)),
+        "--data.seed", str(seed),
         *arm.flags(),
         "--checkpoint.dirpath", str(run_dir / "checkpoints"),
         "--checkpoint.every_n_train_steps", "0",
@@ -297,7 +297,7 @@ def replay_batches(argv: Sequence[str], steps: int) -> dict:
     from alignment.data.datamodule import AlignmentDataModule, DataConfig
 
     cfg = resolved_config(argv)
-    data = AlignmentDataModule(DataConfig(**cfg.data.config.as_dict()))
+    data = AlignmentDataModule(DataConfig(**cfg.data.as_dict()))
     data.setup("fit")
     pivot = data.train_stream.pivot_lang_id
     per_step: dict[str, list[int]] = {"rows": [], "sentences": [], "pairs": [], "pivot_pairs": [], "tokens": []}
@@ -319,7 +319,7 @@ def replay_batches(argv: Sequence[str], steps: int) -> dict:
             if len(per_step["rows"]) == steps:
                 break
         if len(per_step["rows"]) == before:
-            raise RuntimeError(f"epoch {epoch} of --data.config.train_shards {data.config.train_shards} yielded no batch")
+            raise RuntimeError(f"epoch {epoch} of --data.train_shards {data.config.train_shards} yielded no batch")
     totals = {name: sum(values) for name, values in per_step.items()}
     return {
         "steps": steps,
@@ -568,7 +568,7 @@ def markdown(report: dict) -> str:
         f"languages {', '.join(s['train_languages'])} (pivot {s['pivot']}); evaluated on the test split "
         f"({report['test_rows']} held-out rows) in {', '.join(s['eval_languages'])}"
         + (f"; not in the shards: {', '.join(s['missing_unseen'])}" if s["missing_unseen"] else ""),
-        f"- Seeds: {seeds} (`--seed_everything` and `--data.config.seed`: dropout, shuffling, language sampling); "
+        f"- Seeds: {seeds} (`--seed_everything` and `--data.seed`: dropout, shuffling, language sampling); "
         f"{s['steps']} steps per run; spread = sample standard deviation over seeds",
         "",
         "## Design: equal translation pairs per step, equal steps",
@@ -603,7 +603,7 @@ def markdown(report: dict) -> str:
         "## Commands",
         "",
         "Each run is `align fit` then `align eval` on its export (seed "
-        f"{s['seeds'][0]} shown; other seeds change `--seed_everything` and `--data.config.seed`). "
+        f"{s['seeds'][0]} shown; other seeds change `--seed_everything` and `--data.seed`). "
         "Full resolved configs are in the JSON file next to this one.",
         "",
     ]
@@ -653,7 +653,7 @@ def machine_tag(machine: dict) -> str:
 
 
 def base_summary(resolved: dict) -> str:
-    model, data = resolved["model"], resolved["data"]["config"]
+    model, data = resolved["model"], resolved["data"]
     optim, loss = model["optim"], model["loss"]
     return (f"AdamW lr {optim['lr']}, {optim['schedule']} schedule, warmup {optim['warmup_steps']} steps, "
             f"temperature {loss['temperature']}, max_length {data['max_length']}, "

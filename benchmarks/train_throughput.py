@@ -23,7 +23,7 @@ The loss, identical in all three: one-directional InfoNCE with in-batch
 negatives, anchor = English sentence, candidates = the German sentences of the
 batch, positive = its translation, scale 20 (temperature 0.05), mean over
 anchors. In the framework that is ``--model.loss.objective en_x
---model.loss.bidirectional false`` with ``--data.config.language_policy
+--model.loss.bidirectional false`` with ``--data.language_policy
 pivot_pair`` on en-de rows; in sentence-transformers it is
 ``MultipleNegativesRankingLoss(scale=20)`` (``directions=("query_to_doc",)``,
 cosine similarity). Before timing, the three losses are evaluated on the first

@@ -2,8 +2,8 @@
 # Run a training config on this machine, without SLURM: the same `align fit` the sbatch job runs.
 #
 #   launch/local.sh configs/debug.yaml [more align fit flags]
-#   launch/local.sh recipe:xlm-roberta-base-multiway --data.config.train_shards data/mw   (a shipped recipe by name)
-#   DEVICES=2 launch/local.sh configs/recipes/labse-multiway.yaml --data.config.train_shards data/mw
+#   launch/local.sh recipe:xlm-roberta-base-multiway --data.train_shards data/mw   (a shipped recipe by name)
+#   DEVICES=2 launch/local.sh configs/recipes/labse-multiway.yaml --data.train_shards data/mw
 #
 # Assumes: `align` on PATH or the repository's .venv (ALIGN_CMD overrides). Lightning starts one process per
 # device itself (DEVICES, default: the config's trainer.devices). Resumes from the run folder's last.ckpt when

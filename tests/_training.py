@@ -22,9 +22,9 @@ DEBUG_YAML = REPO / "configs" / "debug.yaml"
 @dataclass
 class Corpus:
     shards: Path
-    """Folder holding the shards and their manifest (``--data.config.train_shards``)."""
+    """Folder holding the shards and their manifest (``--data.train_shards``)."""
     tokenizer: Path
-    """Saved tiny tokenizer (``--data.config.tokenizer``)."""
+    """Saved tiny tokenizer (``--data.tokenizer``)."""
     vocab_size: int
     """Rows the tiny encoder's embedding table needs (``--model.encoder.vocab_size``)."""
 
@@ -41,7 +41,7 @@ def make_corpus(root: Path, rows: int = 240, rows_per_shard: int = 30, seed: int
             fh.write(json.dumps({"id": r.id, "texts": r.texts}) + "\n")
     shards = root / "shards"
     rc = main(["shards", "build", "--format", "jsonl", str(jsonl), "--out", str(shards),
-               "--rows-per-shard", str(rows_per_shard)])
+               "--rows_per_shard", str(rows_per_shard)])
     assert rc == 0, "align shards build failed"
     tok = tiny_tokenizer(save_dir=root / "tok")
     return Corpus(shards, root / "tok", len(tok))

@@ -195,7 +195,7 @@ def check_allocation(config, alloc: Allocation) -> list[str]:
     from alignment.module import check_global_batch
 
     problems = []
-    trainer, data = config.trainer, config.data.config
+    trainer, data = config.trainer, config.data
     accelerator = _accelerator(config)
     tasks = alloc.tasks_per_node
     if trainer.num_nodes != alloc.nodes:
@@ -266,7 +266,7 @@ def check_allocation(config, alloc: Allocation) -> list[str]:
 
 def summary(config, alloc: Allocation) -> str:
     """A few lines on what the job will be: ranks, global batch, steps, folders."""
-    data, trainer = config.data.config, config.trainer
+    data, trainer = config.data, config.trainer
     return "\n".join([
         f"allocation: {alloc.nodes} node(s) x {alloc.tasks_per_node} task(s) = {alloc.world_size} rank(s), "
         f"{alloc.gpus_per_node} GPU(s)/node, time limit {alloc.time}, USR1 {alloc.signal_lead} s before it",

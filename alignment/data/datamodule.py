@@ -221,7 +221,7 @@ class AlignmentDataModule(LightningDataModule):
     """Multi-way parallel shards as streamed, tokenised batches for ``Trainer.fit`` and ``Trainer.validate``.
 
     Args:
-        config: the data config (``--data.config.*``; ``align fit --data.config.help DataConfig`` lists
+        config: the data config (``--data.*``; ``align fit --help`` lists
             every field with its documentation).
         tokenizer: a tokenizer object; default: ``AutoTokenizer.from_pretrained(config.tokenizer)``.
 

@@ -323,9 +323,8 @@ trainer:
     class_path: lightning.pytorch.strategies.DDPStrategy
     init_args: {{process_group_backend: gloo}}
 {callbacks}data:
-  config:
-    batch_size: {rows_per_rank}
-    num_workers: 0
+  batch_size: {rows_per_rank}
+  num_workers: 0
 checkpoint:
   every_n_train_steps: 2
 export:
@@ -336,7 +335,7 @@ export:
 def submit_args(corpus: T.Corpus, *extra: str) -> list[str]:
     """``align submit`` flags for ``configs/debug.yaml`` + ``run.yaml`` (in the job's folder) on 2 CPU nodes,
     then the ``align fit`` overrides naming the generated corpus."""
-    return ["--config", str(T.DEBUG_YAML), "--config", "run.yaml", "--nodes", "2", "--gpus-per-node", "0",
-            "--time", "5", "--signal-lead", "60", "--align-cmd", f"{sys.executable} -m alignment.cli", "--",
-            "--data.config.train_shards", str(corpus.shards), "--data.config.tokenizer", str(corpus.tokenizer),
+    return ["--config", str(T.DEBUG_YAML), "--config", "run.yaml", "--nodes", "2", "--gpus_per_node", "0",
+            "--time", "5", "--signal_lead", "60", "--align_cmd", f"{sys.executable} -m alignment.cli", "--",
+            "--data.train_shards", str(corpus.shards), "--data.tokenizer", str(corpus.tokenizer),
             "--model.encoder.vocab_size", str(corpus.vocab_size), *extra]

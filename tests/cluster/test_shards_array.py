@@ -22,7 +22,7 @@ from tests.cluster._slurm import job_env, job_logs
 pytestmark = pytest.mark.cluster
 
 TASKS = 3
-FLAGS = ["--rows-per-shard", "20", "--split", "0.8,0.1,0.1"]
+FLAGS = ["--rows_per_shard", "20", "--split", "0.8,0.1,0.1"]
 
 
 def _manifest(path):

@@ -80,7 +80,7 @@ def test_train_sbatch_runs_two_nodes_and_writes_checkpoint_and_export(slurm, tmp
     eval_out = tmp_path / "eval"
     eval_job = slurm.sbatch(
         "--gpus-per-node=0", "--cpus-per-task=1", "--time=5", f"--output={log_dir}/%x-%j.out",
-        str(T.REPO / "slurm" / "eval.sbatch"), "--max-rows", "40",
+        str(T.REPO / "slurm" / "eval.sbatch"), "--max_rows", "40",
         env=job_env(slurm, EVAL_MODEL=str(last), EVAL_DATA=str(corpus.shards), EVAL_OUT=str(eval_out),
                     EVAL_SPLIT="validation", EVAL_DEVICE="cpu", ALIGN_CMD=f"{sys.executable} -m alignment.cli"),
         cwd=tmp_path,

@@ -2,7 +2,7 @@
 
 Submitted the way a user does (``align submit --job translate ... -- <align translate run flags>``
 on the login node renders ``slurm/translate.sbatch`` twice and submits both jobs), on CPU
-(``--gpus-per-node 0``) with a tiny random-weight NLLB-architecture model built here. The merged
+(``--gpus_per_node 0``) with a tiny random-weight NLLB-architecture model built here. The merged
 corpus must be the bytes of one ``align translate run`` with the same flags, each part made by the
 task the round-robin assigns, and the merge must leave the manifest. ``bash slurm/translate.sbatch``
 hands its arguments to the same command (``tests/unit/test_submit.py`` checks that without SLURM).
@@ -29,15 +29,15 @@ def test_translate_array_job_equals_the_single_process_run(slurm, tmp_path):
     model = X.build_nllb(tmp_path / "models")
     text = tmp_path / "news.en.txt"
     text.write_text("\n".join(X.sentences(20)) + "\n", encoding="utf-8")
-    flags = [str(text), "--model", str(model), "--targets", "de,fr", "--part-rows", "3", "--beams", "2",
-             "--max-length", "12"]
+    flags = [str(text), "--model", str(model), "--targets", "de,fr", "--part_rows", "3", "--generate.beams", "2",
+             "--generate.max_length", "12"]
     env = job_env(slurm)
     single = subprocess.run(["align", "translate", "run", *flags, "--out", "single"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
 
-    submit = ["align", "submit", "--job", "translate", "--array-tasks", str(TASKS), "--gpus-per-node", "0",
-              "--cpus-per-task", "1", "--time", "10", "--log-dir", "logs"]
+    submit = ["align", "submit", "--job", "translate", "--array_tasks", str(TASKS), "--gpus_per_node", "0",
+              "--cpus_per_task", "1", "--time", "10", "--log_dir", "logs"]
     submitted = subprocess.run([*submit, "--", *flags, "--out", "array"], cwd=tmp_path, env=env,
                                capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr

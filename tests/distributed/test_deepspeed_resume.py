@@ -55,9 +55,8 @@ trainer:
   callbacks:
     - class_path: tests._training.NoDropout
 data:
-  config:
-    batch_size: 8
-    num_workers: 0
+  batch_size: 8
+  num_workers: 0
 checkpoint:
   every_n_train_steps: {CKPT_EVERY}
 """
@@ -65,7 +64,7 @@ checkpoint:
 
 def _launch(root: Path, corpus, *extra: str):
     cmd = [sys.executable, "-m", "alignment.cli", "fit", "--config", str(T.DEBUG_YAML), "--config", str(root / "run.yaml"),
-           "--data.config.train_shards", str(corpus.shards), "--data.config.tokenizer", str(corpus.tokenizer),
+           "--data.train_shards", str(corpus.shards), "--data.tokenizer", str(corpus.tokenizer),
            "--model.encoder.vocab_size", str(corpus.vocab_size), *extra]
     log = open(root / f"log-{len(list(root.glob('log-*')))}.txt", "w")
     env = T.align_env(MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=EXTENSIONS)

@@ -45,9 +45,8 @@ trainer:
     - class_path: tests._training.EmbedAtTrainEnd
       init_args: {{out: trained.pt, texts: {json.dumps(TEXTS)}}}
 data:
-  config:
-    batch_size: 8
-    num_workers: 0
+  batch_size: 8
+  num_workers: 0
 checkpoint:
   every_n_train_steps: {CKPT_EVERY}
 """
@@ -55,7 +54,7 @@ checkpoint:
 
 def _launch(root, corpus, *extra):
     cmd = [sys.executable, "-m", "alignment.cli", "fit", "--config", str(T.DEBUG_YAML), "--config", str(root / "run.yaml"),
-           "--data.config.train_shards", str(corpus.shards), "--data.config.tokenizer", str(corpus.tokenizer),
+           "--data.train_shards", str(corpus.shards), "--data.tokenizer", str(corpus.tokenizer),
            "--model.encoder.vocab_size", str(corpus.vocab_size), *extra]
     log = open(root / f"log-{len(list(root.glob('log-*')))}.txt", "w")
     # own session: the kill reaches both ranks (Lightning's launcher forks rank 1 from rank 0)

@@ -48,8 +48,7 @@ model:
     random_init: true
     vocab_size: 250002
   optim: {lr: 2.0e-5, warmup_steps: 2}
-data:
-  config: {batch_size: 32, max_length: 128, num_workers: 1}
+data: {batch_size: 32, max_length: 128, num_workers: 1}
 checkpoint:
   every_n_train_steps: 4
 """ % json.dumps(TEXTS)
@@ -74,7 +73,7 @@ def test_bf16_fit_and_export_of_an_xlmr_base_sized_encoder(tmp_path, xlmr_base_c
     if strategy:
         cmd += ["--config", str(ROOT / "configs" / "deepspeed" / f"{strategy}.yaml")]
     cmd += ["--config", str(tmp_path / "run.yaml"), "--model.encoder.name_or_path", str(xlmr_base_config),
-            "--data.config.train_shards", str(corpus.shards), "--data.config.tokenizer", str(corpus.tokenizer),
+            "--data.train_shards", str(corpus.shards), "--data.tokenizer", str(corpus.tokenizer),
             "--export.dir", str(tmp_path / "export")]
     env = T.align_env(MASTER_PORT=str(free_port()))
     env.pop("DS_ACCELERATOR", None)  # the suite's conftest pins DeepSpeed to CPU for the gloo tests

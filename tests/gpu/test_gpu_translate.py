@@ -33,7 +33,7 @@ def test_bf16_generation_on_gpu_is_deterministic(tmp_path, capsys):
     text.write_text("\n".join(tiny.sentences(256)) + "\n", encoding="utf-8")
     for out in ("a", "b"):
         assert main(["translate", "run", str(text), "--model", str(model), "--targets", "de,zh", "--out",
-                     str(tmp_path / out), "--max-length", "32", "--keep-bad", "--part-rows", "128"]) == 0
+                     str(tmp_path / out), "--generate.max_length", "32", "--filters.drop_bad", "false", "--part_rows", "128"]) == 0
     assert "sentences/s" in capsys.readouterr().out
     assert (tmp_path / "a" / "corpus.jsonl").read_bytes() == (tmp_path / "b" / "corpus.jsonl").read_bytes()
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())

@@ -46,7 +46,7 @@ def _typed(config):
         ModelConfig(**model["encoder"]),
         LossConfig(**model["loss"]),
         OptimConfig(**model["optim"]),
-        DataConfig(**config.data.config.as_dict()),
+        DataConfig(**config.data.as_dict()),
     )
 
 
@@ -105,7 +105,7 @@ def test_deepspeed_config_composes_after_a_recipe(path):
     [
         ("model:\n  optim:\n    lrr: 1.0\n", "optim.lrr"),
         ("trainer:\n  max_steps: many\n", "trainer.max_steps"),
-        ("data:\n  config:\n    batch_size: [1, 2]\n", "data.config"),
+        ("data:\n  batch_size: [1, 2]\n", "data.batch_size"),
     ],
     ids=["unknown-key", "wrong-type", "wrong-type-nested"],
 )

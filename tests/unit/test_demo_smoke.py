@@ -27,7 +27,7 @@ def test_demo_script_runs_end_to_end_offline(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "ALIGN": str(bin_dir / "align"), "PY": sys.executable, "DEMO_OUT": str(out),
            "DEMO_LAYERS": "1", "DEMO_EVAL_ROWS": "40", "WANDB_MODE": "offline",
-           "DEMO_FIT_ARGS": "--trainer.max_steps 2 --trainer.log_every_n_steps 1 --data.config.num_workers 0"}
+           "DEMO_FIT_ARGS": "--trainer.max_steps 2 --trainer.log_every_n_steps 1 --data.num_workers 0"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

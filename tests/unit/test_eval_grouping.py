@@ -57,11 +57,11 @@ def test_recorded_languages_with_the_pivot_are_the_seen_group(capsys, trained, w
 
 def test_given_languages_count_the_pivot_as_trained(capsys, trained):
     root, corpus = trained
-    metrics, err = _eval(capsys, root / "export", corpus, root / "eval-given", "--train-languages", "de")
+    metrics, err = _eval(capsys, root / "export", corpus, root / "eval-given", "--train_languages", "de")
     assert "counting the pivot en as a training language" in err
     m, pairs = _groups(metrics)
     assert m["retrieval_acc/unseen_mean"] == pytest.approx((pairs["fr-es"] + pairs["es-fr"]) / 2)
-    _, err = _eval(capsys, root / "export", corpus, root / "eval-other", "--train-languages", "de,fr")
+    _, err = _eval(capsys, root / "export", corpus, root / "eval-other", "--train_languages", "de,fr")
     assert "differs from the languages recorded in" in err
 
 
@@ -73,5 +73,5 @@ def test_a_model_without_a_record_is_not_split_and_says_so(capsys, trained, tmp_
 
     AutoTokenizer.from_pretrained(str(corpus.tokenizer)).save_pretrained(str(tmp_path / "plain"))
     metrics, err = _eval(capsys, tmp_path / "plain", corpus, tmp_path / "eval")
-    assert "records no training languages" in err and "--train-languages" in err
+    assert "records no training languages" in err and "--train_languages" in err
     assert metrics["summary"]["training_languages"] is None

@@ -14,8 +14,8 @@ from tests import _training as T
 
 def _align(cwd, command, corpus, *extra):
     argv = [sys.executable, "-m", "alignment.cli", command, "--config", "recipe:debug",
-            "--data.config.train_shards", str(corpus.shards), "--data.config.val_shards", str(corpus.shards),
-            "--data.config.tokenizer", str(corpus.tokenizer), "--model.encoder.vocab_size", str(corpus.vocab_size),
+            "--data.train_shards", str(corpus.shards), "--data.val_shards", str(corpus.shards),
+            "--data.tokenizer", str(corpus.tokenizer), "--model.encoder.vocab_size", str(corpus.vocab_size),
             *extra]
     return subprocess.run(argv, cwd=cwd, env=T.align_env(), capture_output=True, text=True, timeout=300)
 

@@ -81,7 +81,7 @@ def test_max_length_over_the_models_positions_fails_before_any_step(corpus, tmp_
                   "--split", "1,0,0"]) == 0
     module = T.module(corpus)
     trainer = T.trainer(tmp_path / "run", max_steps=2)
-    with pytest.raises(ValueError, match=r"--data.config.max_length 250 is longer than the model's 128 positions"):
+    with pytest.raises(ValueError, match=r"--data.max_length 250 is longer than the model's 128 positions"):
         trainer.fit(module, datamodule=T.datamodule(corpus, train_shards=str(tmp_path / "shards"), max_length=250))
     assert trainer.global_step == 0
 
@@ -153,7 +153,7 @@ def interrupted(corpus, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"data": {"batch_size": 8}}, r"resuming with --data.config.batch_size = 8, but the checkpoint was trained "
+    [({"data": {"batch_size": 8}}, r"resuming with --data.batch_size = 8, but the checkpoint was trained "
                                    r"with 16"),
      ({"loss": {"objective": "pairwise"}}, r"--model.loss.objective: checkpoint 'multi_positive', config 'pairwise'")],
     ids=["batch_size", "objective"],
@@ -176,19 +176,19 @@ def test_resume_with_the_same_settings_still_works(corpus, interrupted, tmp_path
 
 
 def _fit_args(corpus, tmp_path, *extra) -> list[str]:
-    return ["fit", "--config", str(T.DEBUG_YAML), "--data.config.train_shards", str(corpus.shards),
-            "--data.config.tokenizer", str(corpus.tokenizer), "--model.encoder.vocab_size", str(corpus.vocab_size),
+    return ["fit", "--config", str(T.DEBUG_YAML), "--data.train_shards", str(corpus.shards),
+            "--data.tokenizer", str(corpus.tokenizer), "--model.encoder.vocab_size", str(corpus.vocab_size),
             "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
             "--trainer.logger", "false", "--trainer.max_steps", "1", *extra]
 
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--data.config.batch_size", "0"], "--data.config.batch_size must be >= 1 (rows per rank), got 0"),
+    [(["--data.batch_size", "0"], "--data.batch_size must be >= 1 (rows per rank), got 0"),
      (["--model.loss.temperature", "-1"], "--model.loss.temperature must be between"),
-     (["--data.config.tokenizer", "./no-such-tokenizer"],
-      "--data.config.tokenizer ./no-such-tokenizer: no such tokenizer folder"),
-     (["--data.config.train_shards", "./no-such-shards"], "--data.config.train_shards: ./no-such-shards")],
+     (["--data.tokenizer", "./no-such-tokenizer"],
+      "--data.tokenizer ./no-such-tokenizer: no such tokenizer folder"),
+     (["--data.train_shards", "./no-such-shards"], "--data.train_shards: ./no-such-shards")],
     ids=["batch_size", "temperature", "tokenizer-path", "shards-path"],
 )
 def test_align_fit_config_checks_are_one_line(corpus, tmp_path, capsys, monkeypatch, extra, message):
@@ -335,7 +335,7 @@ def test_checkpoint_from_a_relative_tokenizer_path_exports_from_another_director
                                                                                     capsys):
     import os
 
-    monkeypatch.chdir(corpus.tokenizer.parent)  # the run is started with --data.config.tokenizer tok
+    monkeypatch.chdir(corpus.tokenizer.parent)  # the run is started with --data.tokenizer tok
     trainer = T.trainer(tmp_path / "run", max_steps=1)
     trainer.fit(T.module(corpus), datamodule=T.datamodule(corpus, tokenizer=os.path.relpath(corpus.tokenizer)))
     trainer.save_checkpoint(tmp_path / "run.ckpt")

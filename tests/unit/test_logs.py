@@ -1,6 +1,6 @@
 """Logs a person reads: what a SLURM ``.out`` file and the loggers show of a real ``align fit`` (progress
 lines, learning rate, the full config, no known-irrelevant warnings), ``align fit --help`` with the fields'
-docstrings, ``--data.config.languages en,de``, and progress of ``align shards build`` / ``verify``."""
+docstrings, ``--data.languages en,de``, and progress of ``align shards build`` / ``verify``."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("logs")
     corpus = T.make_corpus(root / "data", rows=160, rows_per_shard=20)
     argv = [sys.executable, "-m", "alignment.cli", "fit", "--config", "recipe:debug",
-            "--data.config.train_shards", str(corpus.shards), "--data.config.val_shards", str(corpus.shards),
-            "--data.config.tokenizer", str(corpus.tokenizer), "--model.encoder.vocab_size", str(corpus.vocab_size),
-            "--data.config.languages", "en,de,fr,es", "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
+            "--data.train_shards", str(corpus.shards), "--data.val_shards", str(corpus.shards),
+            "--data.tokenizer", str(corpus.tokenizer), "--model.encoder.vocab_size", str(corpus.vocab_size),
+            "--data.languages", "en,de,fr,es", "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
             "--progress.every_n_steps", "2"]
     result = subprocess.run(argv, cwd=root, env=T.align_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -52,7 +52,7 @@ def test_learning_rate_and_full_config_reach_the_loggers(fitted):
     _, history = T.wandb_history(run)
     assert any("lr-AdamW/pg1" in row for row in history)
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["trainer"]["max_steps"] == 4 and saved["data"]["config"]["batch_size"] == 16
+    assert saved["trainer"]["max_steps"] == 4 and saved["data"]["batch_size"] == 16
     assert saved["checkpoint"]["dirpath"] == str(run / "checkpoints") or saved["checkpoint"]["dirpath"].endswith(
         "runs/debug/checkpoints")
     (wandb_file,) = T.wandb_files(run)
@@ -63,7 +63,7 @@ def test_learning_rate_and_full_config_reach_the_loggers(fitted):
             config.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.config.update})
     sent = config["config"]
     sent = sent.get("value", sent) if isinstance(sent, dict) else sent
-    assert sent["data"]["config"]["batch_size"] == 16 and sent["trainer"]["max_steps"] == 4
+    assert sent["data"]["batch_size"] == 16 and sent["trainer"]["max_steps"] == 4
     assert sent["model"]["loss"]["objective"] == "multi_positive"
 
 
@@ -83,11 +83,11 @@ def test_fit_help_shows_the_field_docstrings(capsys, monkeypatch):
     out = " ".join(capsys.readouterr().out.split())
     assert "``multi_positive`` (the multi-way method)" in out  # --model.loss.objective
     assert "Peak learning rate, reached at the end of warm-up." in out  # --model.optim.lr
-    assert "--data.config.help DataConfig`` lists every field" in out
+    assert "--data.help DataConfig`` lists every field" in out
     with pytest.raises(SystemExit) as stop:
-        main(["fit", "--data.config.help", "DataConfig"])
+        main(["fit", "--data.help", "DataConfig"])
     assert stop.value.code == 0
-    assert "comma-separated (`en,de,fr`)" in " ".join(capsys.readouterr().out.split())  # --data.config.languages
+    assert "comma-separated (`en,de,fr`)" in " ".join(capsys.readouterr().out.split())  # --data.languages
 
 
 def test_shard_commands_print_progress_lines_when_not_a_terminal(tmp_path, capsys, monkeypatch):

@@ -165,7 +165,7 @@ def test_model_that_cannot_load_names_the_flag(tmp_path):
 def test_single_row_batch_is_refused_before_compute(corpus, tmp_path):
     module = T.module(corpus)
     calls = _nan_on(module, set())  # only counts calls
-    with pytest.raises(ValueError, match="--data.config.batch_size 1 x 1 rank"):
+    with pytest.raises(ValueError, match="--data.batch_size 1 x 1 rank"):
         T.trainer(tmp_path, max_steps=1).fit(module, datamodule=T.datamodule(corpus, batch_size=1))
     assert calls == []
     check_global_batch(1, 2)  # one row per rank on two ranks: each row has one negative

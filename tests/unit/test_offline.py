@@ -477,7 +477,7 @@ def test_pruned_tokenizer_on_text_outside_its_vocabulary(pruned_dir):
 
 
 def test_cli_layers_and_vocab_from_jsonl_end_to_end(tmp_path, full_model, full_tokenizer):
-    """``align offline-encoder OUT --layers 4 --vocab-from-texts rows.jsonl`` in a fresh process.
+    """``align offline-encoder OUT --layers 4 --vocab_from_texts rows.jsonl`` in a fresh process.
 
     The 4-layer model is the full model cut: its output equals the full model's 4th hidden state.
     """
@@ -489,7 +489,7 @@ def test_cli_layers_and_vocab_from_jsonl_end_to_end(tmp_path, full_model, full_t
     out = tmp_path / "e5-small-4l"
     proc = subprocess.run(
         [sys.executable, "-m", "alignment.cli", "offline-encoder", str(out), "--layers", "4",
-         "--vocab-from-texts", str(rows)],
+         "--vocab_from_texts", str(rows)],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -566,7 +566,7 @@ def test_layers_out_of_range_is_an_error_naming_the_flag(tmp_path, e5_file, caps
             rebuild_e5_small(tmp_path / "enc", num_layers=bad)
     assert main(["offline-encoder", str(tmp_path / "enc"), "--layers", "13"]) == 2
     assert "--layers must be an integer between 1 and 12, got 13" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--vocab-from-texts gave no texts"):
+    with pytest.raises(ValueError, match="--vocab_from_texts gave no texts"):
         rebuild_e5_small(tmp_path / "enc", num_layers=1, vocab_from_texts=[])
     with pytest.raises(TypeError, match="vocab_from_texts item 1 is a int"):
         rebuild_e5_small(tmp_path / "enc", num_layers=1, vocab_from_texts=["ok", 5])
@@ -582,10 +582,10 @@ def test_texts_file_errors_name_file_and_line(tmp_path, capsys, e5_file):
         next(texts)
     lines = tmp_path / "texts.txt"
     lines.write_bytes(b"fine\n\n\xff\xfe broken\n")
-    assert main(["offline-encoder", str(tmp_path / "enc"), "--vocab-from-texts", str(lines)]) == 2
+    assert main(["offline-encoder", str(tmp_path / "enc"), "--vocab_from_texts", str(lines)]) == 2
     assert f"{lines}:3: not valid UTF-8" in capsys.readouterr().err
-    assert main(["offline-encoder", str(tmp_path / "enc"), "--vocab-from-texts", str(tmp_path / "missing.txt")]) == 2
-    assert "--vocab-from-texts: no such file" in capsys.readouterr().err
+    assert main(["offline-encoder", str(tmp_path / "enc"), "--vocab_from_texts", str(tmp_path / "missing.txt")]) == 2
+    assert "--vocab_from_texts: no such file" in capsys.readouterr().err
     assert not (tmp_path / "enc").exists()
 
 

@@ -1,5 +1,5 @@
 """``pip install`` gives a working ``align``: the wheel carries the recipes, the sbatch templates and the
-licence, and an installed ``align`` runs ``fit --print_config`` and ``submit --dry-run`` with a recipe by
+licence, and an installed ``align`` runs ``fit --print_config`` and ``submit --dry_run`` with a recipe by
 name from a directory that is not the checkout.
 
 The wheel is built from a copy of the package sources (nothing is written into the checkout) with the
@@ -81,9 +81,9 @@ def test_installed_align_works_from_any_directory(wheel, tmp_path):
     assert "default_root_dir: runs/xlm-roberta-base-multiway" in shown.stdout
     assert "objective: multi_positive" in shown.stdout and "process_group_backend: nccl" in shown.stdout
 
-    script = _run([align, "submit", "--config", "recipe:xlm-roberta-base-enx", "--nodes", "1", "--gpus-per-node", "2",
-                   "--dry-run", "--", "--trainer.devices", "2", "--data.config.num_workers", "2",
-                   "--data.config.train_shards", str(corpus.shards)],
+    script = _run([align, "submit", "--config", "recipe:xlm-roberta-base-enx", "--nodes", "1", "--gpus_per_node", "2",
+                   "--dry_run", "--", "--trainer.devices", "2", "--data.num_workers", "2",
+                   "--data.train_shards", str(corpus.shards)],
                   cwd=work, env=env)
     assert script.returncode == 0, script.stderr[-2000:]
     assert script.stdout.startswith("#!/usr/bin/env bash") and "#SBATCH --gpus-per-node=2" in script.stdout

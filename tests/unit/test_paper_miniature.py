@@ -47,7 +47,7 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
         for row in synthetic_rows(160, [*TRAIN, *UNSEEN_PRESENT], seed=3, missing_prob=0.2):
             fh.write(json.dumps({"id": row.id, "texts": row.texts}) + "\n")
     shards = root / "shards"
-    assert main(["shards", "build", "--format", "jsonl", str(jsonl), "--out", str(shards), "--rows-per-shard", "20",
+    assert main(["shards", "build", "--format", "jsonl", str(jsonl), "--out", str(shards), "--rows_per_shard", "20",
                  "--split", "0.6,0.1,0.3"]) == 0  # fmt: skip
     encoder = root / "encoder"
     tokenizer = tiny_tokenizer(save_dir=encoder)
@@ -68,7 +68,7 @@ def test_benchmark_end_to_end(assets, tmp_path, monkeypatch):
     for name, value in {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         monkeypatch.setenv(name, value)
     out, work = tmp_path / "out", tmp_path / "work"
-    rc = pm.main(["--shards", str(shards), "--encoder", str(encoder), "--train-languages", ",".join(TRAIN),
+    rc = pm.main(["--shards", str(shards), "--encoder", str(encoder), "--train_languages", ",".join(TRAIN),
                   "--unseen-languages", ",".join([*UNSEEN_PRESENT, ABSENT]), "--rows", "4", "--k", "3",
                   "--steps", "2", "--seeds", "0", "--work-dir", str(work), "--out", str(out)])  # fmt: skip
     assert rc == 0
@@ -94,7 +94,7 @@ def test_benchmark_end_to_end(assets, tmp_path, monkeypatch):
         assert acc["steps"] == 2 and run["log_check"]["steps_checked"] == 2
         assert run["log_check"]["matches"], run["log_check"]  # the trained batches are the replayed ones
         assert run["resolved_config"]["model"]["loss"]["objective"] == arms[name]["objective"]
-        assert run["resolved_config"]["data"]["config"]["language_policy"] == arms[name]["policy"]
+        assert run["resolved_config"]["data"]["language_policy"] == arms[name]["policy"]
         assert run["fit_command"].startswith("align fit --config configs/demo.yaml")
         # Real training happened: the export differs from the starting encoder.
         export = Path(run["fit_command"].split("--export.dir ")[1].split()[0])
@@ -168,7 +168,7 @@ def test_design_and_bad_input_name_the_flag(assets, tmp_path):
     with pytest.raises(ValueError, match="--k"):
         pm.design_arms(16, 1)
     shards, encoder = assets
-    with pytest.raises(ValueError, match=r"--train-languages en,ru: ru not in the test split of --shards"):
+    with pytest.raises(ValueError, match=r"--train_languages en,ru: ru not in the test split of --shards"):
         pm.check_languages(shards, ["en", "ru"], [])
     with pytest.raises(ValueError, match="--encoder .* no config.json"):
         pm.ensure_assets(shards, tmp_path, [])

@@ -64,8 +64,8 @@ def _fit(root, corpus, monkeypatch, *extra) -> int:
     (root / "csv.yaml").write_text(CSV_ONLY)
     monkeypatch.chdir(root)
     return main(["fit", "--config", str(T.DEBUG_YAML), "--config", "csv.yaml",
-                 "--data.config.train_shards", str(corpus.shards), "--data.config.tokenizer", str(corpus.tokenizer),
-                 "--model.encoder.vocab_size", str(corpus.vocab_size), "--data.config.batch_size", "8",
+                 "--data.train_shards", str(corpus.shards), "--data.tokenizer", str(corpus.tokenizer),
+                 "--model.encoder.vocab_size", str(corpus.vocab_size), "--data.batch_size", "8",
                  "--trainer.max_steps", str(MAX_STEPS), "--trainer.limit_val_batches", "0",
                  "--checkpoint.every_n_train_steps", "100", "--trainer.callbacks+=tests._training.NoDropout", *extra])
 

@@ -26,9 +26,9 @@ CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.stra
 def _fit(cwd, recipe, corpus, *extra, steps=2):
     argv = [sys.executable, "-m", "alignment.cli", "fit", "--config", f"recipe:{recipe}", *CPU,
             "--model.encoder.name_or_path", "tiny", "--model.encoder.vocab_size", str(corpus.vocab_size),
-            "--data.config.tokenizer", str(corpus.tokenizer), "--data.config.train_shards", str(corpus.shards),
-            "--data.config.batch_size", "8", "--data.config.num_workers", "0", "--data.config.max_length", "32",
-            "--data.config.shuffle_buffer", "16", "--model.optim.warmup_steps", "1",
+            "--data.tokenizer", str(corpus.tokenizer), "--data.train_shards", str(corpus.shards),
+            "--data.batch_size", "8", "--data.num_workers", "0", "--data.max_length", "32",
+            "--data.shuffle_buffer", "16", "--model.optim.warmup_steps", "1",
             "--trainer.max_steps", str(steps), "--ckpt_path", "last", *extra]
     return subprocess.run(argv, cwd=cwd, env=T.align_env(), capture_output=True, text=True, timeout=300)
 

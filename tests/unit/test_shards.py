@@ -387,14 +387,14 @@ def test_verify_catches_bad_sample_json_and_row_count(tmp_path):
     ("kwargs", "message"),
     [
         ({"prefix": "my.corpus"}, "--prefix must be letters"),
-        ({"rows_per_shard": 0}, "--rows-per-shard must be >= 1, got 0"),
-        ({"bytes_per_shard": "1kB"}, "--bytes-per-shard must be >= 20480"),
-        ({"bytes_per_shard": "lots"}, "--bytes-per-shard must be a size like 256MB"),
+        ({"rows_per_shard": 0}, "--rows_per_shard must be >= 1, got 0"),
+        ({"bytes_per_shard": "1kB"}, "--bytes_per_shard must be >= 20480"),
+        ({"bytes_per_shard": "lots"}, "--bytes_per_shard must be a size like 256MB"),
         ({"split": "0.9,0.2,0.05"}, "--split fractions must be >= 0 and sum to 1"),
         ({"split": "0.9,0.1"}, "--split needs three values"),
         ({"split": "rest,ten,5"}, "--split must be fractions like"),
         ({"seed": -1}, "--seed must be >= 0"),
-        ({"shuffle_buckets": 0}, "--shuffle-buckets must be >= 1"),
+        ({"shuffle_buckets": 0}, "--shuffle_buckets must be >= 1"),
     ],
 )
 def test_build_config_errors_name_the_flag(tmp_path, kwargs, message):
@@ -414,8 +414,8 @@ def test_parse_size_and_split_spec():
 
 def test_cli_build_inspect_verify_on_installed_django_and_wagtail_catalogs(tmp_path, capsys):
     out = tmp_path / "gettext"
-    argv = ["shards", "build", "--format", "gettext", "--from-package", "django", "wagtail", "--out", str(out)]
-    rc = main(argv + ["--languages", SIX, "--split", "0.9,0.05,0.05", "--rows-per-shard", "500"])
+    argv = ["shards", "build", "--format", "gettext", "--from_package", "django", "wagtail", "--out", str(out)]
+    rc = main(argv + ["--languages", SIX, "--split", "0.9,0.05,0.05", "--rows_per_shard", "500"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "rows in" in printed and "same_as_pivot" in printed and "train" in printed
@@ -423,7 +423,7 @@ def test_cli_build_inspect_verify_on_installed_django_and_wagtail_catalogs(tmp_p
     assert set(manifest["languages"]) == set(SIX.split(","))
     assert manifest["languages"]["zh-Hans"] >= 1700 and manifest["languages"]["en"] >= 2000
     assert manifest["source"]["format"] == "gettext" and manifest["source"]["packages"] == ["django", "wagtail"]
-    assert manifest["source"]["command"].startswith("align shards build --format gettext --from-package django wagtail")
+    assert manifest["source"]["command"].startswith("align shards build --format gettext --from_package django wagtail")
     assert [s["rows"] for s in manifest["splits"]["train"]["shards"]][:2] == [500, 500]
     full = [r for rs in all_rows(out).values() for r in rs if len(r.texts) == 7]
     assert len(full) >= 1700
@@ -458,10 +458,10 @@ def test_cli_build_jsonl_strict_and_errors(tmp_path, capsys):
     )
     assert load_manifest(out)["splits"]["train"]["rows"] == 21
     assert (
-        main(["shards", "build", "--format", "jsonl", str(good), "--out", str(tmp_path / "o2"), "--max-chars", "0"])
+        main(["shards", "build", "--format", "jsonl", str(good), "--out", str(tmp_path / "o2"), "--max_chars", "0"])
         == 1
     )
-    assert "--max-chars must be >= 1, got 0" in capsys.readouterr().err
+    assert "--max_chars must be >= 1, got 0" in capsys.readouterr().err
     assert main(["shards", "inspect", str(tmp_path / "nowhere")]) == 1
 
 
@@ -503,7 +503,7 @@ def test_cli_help_documents_formats_and_examples(capsys):
     with pytest.raises(SystemExit):
         main(["shards", "build", "--help"])
     text = capsys.readouterr().out
-    for needle in ("--from-package", "--rows-per-shard", "--bytes-per-shard", "--split", "examples:", "en,fr=tatoeba"):
+    for needle in ("--from_package", "--rows_per_shard", "--bytes_per_shard", "--split", "examples:", "en,fr=tatoeba"):
         assert needle in text
     assert main(["shards"]) == 2
 

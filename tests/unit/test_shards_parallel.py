@@ -16,7 +16,7 @@ from alignment.cli import main
 from alignment.data.shards import PartSpec, parts_dir
 from alignment.synthetic import synthetic_rows
 
-ARGS = ["--rows-per-shard", "15", "--shuffle-buckets", "4", "--split", "0.8,0.1,0.1"]
+ARGS = ["--rows_per_shard", "15", "--shuffle_buckets", "4", "--split", "0.8,0.1,0.1"]
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_merge_refuses_missing_and_mixed_parts(tmp_path, inputs, capsys):
     capsys.readouterr()
     assert main(["shards", "merge", str(out)]) == 1
     assert "1 of 3 parts missing (tasks 1); rerun those tasks, then merge" in capsys.readouterr().err
-    assert main(build[:-len(ARGS)] + ["--rows-per-shard", "99", "--shuffle-buckets", "4", "--part", "1/3"]) == 0
+    assert main(build[:-len(ARGS)] + ["--rows_per_shard", "99", "--shuffle_buckets", "4", "--part", "1/3"]) == 0
     capsys.readouterr()
     assert main(["shards", "merge", str(out)]) == 1
     assert "the tasks ran different builds" in capsys.readouterr().err

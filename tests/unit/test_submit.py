@@ -1,4 +1,4 @@
-"""``align submit`` without SLURM: the allocation checks, the rendering of ``slurm/train.sbatch``, ``--dry-run``,
+"""``align submit`` without SLURM: the allocation checks, the rendering of ``slurm/train.sbatch``, ``--dry_run``,
 and ``--job translate`` (``slurm/translate.sbatch`` as an array job and its merge).
 
 The checks run on configs parsed by the real ``align fit`` parser
@@ -42,8 +42,8 @@ def corpus(tmp_path_factory):
 
 
 def _config(corpus, *overrides):
-    return parse_config(["--config", str(T.DEBUG_YAML), "--data.config.train_shards", str(corpus.shards),
-                         "--data.config.tokenizer", str(corpus.tokenizer), *overrides])
+    return parse_config(["--config", str(T.DEBUG_YAML), "--data.train_shards", str(corpus.shards),
+                         "--data.tokenizer", str(corpus.tokenizer), *overrides])
 
 
 # ---------------------------------------------------------------------------- allocation
@@ -65,11 +65,11 @@ def test_allocation_defaults_and_errors():
     assert Allocation(gpus_per_node=8).tasks_per_node == 8  # one task per GPU
     assert Allocation(gpus_per_node=0).tasks_per_node == 1
     assert Allocation(nodes=4, gpus_per_node=8).world_size == 32
-    with pytest.raises(ValueError, match="--signal-lead 300 s is not shorter than --time 5 "):
+    with pytest.raises(ValueError, match="--signal_lead 300 s is not shorter than --time 5 "):
         Allocation(time="5")
     with pytest.raises(ValueError, match="--nodes must be >= 1"):
         Allocation(nodes=0)
-    with pytest.raises(ValueError, match="--sbatch-arg must be one long sbatch option"):
+    with pytest.raises(ValueError, match="--sbatch_arg must be one long sbatch option"):
         Allocation(extra=["-p gpu"])
 
 
@@ -82,13 +82,13 @@ def test_a_matching_config_has_no_problems(corpus):
 
 
 def test_every_mismatch_is_reported_with_its_fix(corpus):
-    config = _config(corpus, "--trainer.accelerator", "cpu", "--data.config.num_workers", "2",
+    config = _config(corpus, "--trainer.accelerator", "cpu", "--data.num_workers", "2",
                      "--checkpoint.dirpath", "null")
     problems = check_allocation(config, Allocation(nodes=2, gpus_per_node=4))
     text = "\n".join(problems)
     assert "--nodes 2 but the config's trainer.num_nodes is 1: add `-- --trainer.num_nodes 2`" in text
     assert "4 task(s) per node but the config's trainer.devices is 1" in text and "--trainer.devices 4" in text
-    assert "--gpus-per-node 4 requests GPUs for a run with trainer.accelerator cpu" in text
+    assert "--gpus_per_node 4 requests GPUs for a run with trainer.accelerator cpu" in text
     # 6 shards for 2 nodes x 4 tasks x 2 workers
     assert "has 6 shard(s) but a finite epoch needs one per reader: 2 node(s) x 4 task(s) x 2 worker(s) = 16" in text
     # an unset --checkpoint.dirpath is no longer a problem: it derives from the run folder (alignment/runs.py)
@@ -102,20 +102,20 @@ def test_gpu_runs_need_one_task_per_gpu_and_gpus(corpus):
     problems = check_allocation(config, Allocation(nodes=2, gpus_per_node=2, tasks_per_node=1))
     assert any("Lightning needs one task per GPU" in p for p in problems)
     problems = check_allocation(config, Allocation(nodes=2, gpus_per_node=0, tasks_per_node=2))
-    assert any("trainer.accelerator gpu but --gpus-per-node 0" in p for p in problems)
+    assert any("trainer.accelerator gpu but --gpus_per_node 0" in p for p in problems)
 
 
 def test_resampled_streams_and_global_batch_and_validation_shards(corpus):
-    config = _config(corpus, "--data.config.resampled", "true", "--data.config.steps_per_epoch", "10",
-                     "--data.config.num_workers", "4", "--trainer.devices", "2")
+    config = _config(corpus, "--data.resampled", "true", "--data.steps_per_epoch", "10",
+                     "--data.num_workers", "4", "--trainer.devices", "2")
     assert check_allocation(config, Allocation(gpus_per_node=0, tasks_per_node=2)) == []  # no per-reader limit
-    config = _config(corpus, "--data.config.batch_size", "1")
+    config = _config(corpus, "--data.batch_size", "1")
     assert any("global batch of 1 row" in p for p in check_allocation(config, Allocation(gpus_per_node=0)))
-    config = _config(corpus, "--data.config.val_shards", str(corpus.shards), "--trainer.num_nodes", "2")
+    config = _config(corpus, "--data.val_shards", str(corpus.shards), "--trainer.num_nodes", "2")
     assert any("val_shards has 1 shard(s) for 2 ranks" in p
                for p in check_allocation(config, Allocation(nodes=2, gpus_per_node=0)))
-    config = _config(corpus, "--data.config.train_shards", str(corpus.shards / "nothing-*.tar"))
-    assert any("--data.config.train_shards:" in p and "matches no shard files" in p
+    config = _config(corpus, "--data.train_shards", str(corpus.shards / "nothing-*.tar"))
+    assert any("--data.train_shards:" in p and "matches no shard files" in p
                for p in check_allocation(config, Allocation(gpus_per_node=0)))
 
 
@@ -139,7 +139,7 @@ def test_render_fills_the_template(tmp_path):
     alloc = Allocation(nodes=4, gpus_per_node=8, time="1-00:00:00", partition="gpu", account="proj",
                        cpus_per_task=12, signal_lead=600, job_name="align-labse", extra=["--constraint=a100"])
     script = render(REPO_TEMPLATE.read_text(), alloc, configs=["/cfg/a.yaml", "/cfg/b c.yaml"],
-                    fit_args=["--trainer.max_steps", "100", "--data.config.train_shards", "/data/x y"],
+                    fit_args=["--trainer.max_steps", "100", "--data.train_shards", "/data/x y"],
                     log_dir="/runs/r/slurm", workdir="/repo", setup="source /env/bin/activate")
     sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH")]
     for expected in ("--job-name=align-labse", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8",
@@ -150,7 +150,7 @@ def test_render_fills_the_template(tmp_path):
     assert len(sbatch) == 14  # each value once: nothing left from the template's defaults
     assert "export ALIGN_CONFIG=/cfg/a.yaml" in script
     assert "export ALIGN_SETUP='source /env/bin/activate'" in script
-    assert """set -- --config '/cfg/b c.yaml' --trainer.max_steps 100 --data.config.train_shards '/data/x y' "$@\"""" in script
+    assert """set -- --config '/cfg/b c.yaml' --trainer.max_steps 100 --data.train_shards '/data/x y' "$@\"""" in script
     # every #SBATCH line comes before the first command, or sbatch ignores it
     lines = script.splitlines()
     first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
@@ -178,8 +178,8 @@ def test_render_drops_gpus_for_cpu_nodes_and_refuses_other_templates():
 
 def test_dry_run_prints_the_checked_script_and_writes_nothing(corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc = main(["submit", "--config", str(T.DEBUG_YAML), "--nodes", "2", "--gpus-per-node", "0", "--time", "30",
-               "--dry-run", "--", "--trainer.num_nodes", "2", "--data.config.train_shards", str(corpus.shards)])
+    rc = main(["submit", "--config", str(T.DEBUG_YAML), "--nodes", "2", "--gpus_per_node", "0", "--time", "30",
+               "--dry_run", "--", "--trainer.num_nodes", "2", "--data.train_shards", str(corpus.shards)])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert out.startswith("#!/usr/bin/env bash") and "#SBATCH --nodes=2" in out
@@ -190,8 +190,8 @@ def test_dry_run_prints_the_checked_script_and_writes_nothing(corpus, tmp_path, 
 
 def test_mismatches_exit_2_before_anything_is_submitted(corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc = main(["submit", "--config", str(T.DEBUG_YAML), "--nodes", "2", "--gpus-per-node", "0",
-               "--", "--data.config.train_shards", str(corpus.shards)])
+    rc = main(["submit", "--config", str(T.DEBUG_YAML), "--nodes", "2", "--gpus_per_node", "0",
+               "--", "--data.train_shards", str(corpus.shards)])
     err = capsys.readouterr().err
     assert rc == 2
     assert "align submit: error: --nodes 2 but the config's trainer.num_nodes is 1" in err
@@ -201,14 +201,14 @@ def test_mismatches_exit_2_before_anything_is_submitted(corpus, tmp_path, monkey
 
 def test_missing_template_config_and_sbatch_are_clear_errors(corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["submit", "--config", str(T.DEBUG_YAML), "--template", "nowhere.sbatch", "--dry-run"]) == 2
+    assert main(["submit", "--config", str(T.DEBUG_YAML), "--template", "nowhere.sbatch", "--dry_run"]) == 2
     assert "sbatch template nowhere.sbatch not found: pass --template PATH" in capsys.readouterr().err
-    assert main(["submit", "--config", "missing.yaml", "--dry-run"]) == 2
+    assert main(["submit", "--config", "missing.yaml", "--dry_run"]) == 2
     assert "--config missing.yaml: no such file" in capsys.readouterr().err
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     if shutil.which("sbatch") is None:
-        rc = main(["submit", "--config", str(T.DEBUG_YAML), "--gpus-per-node", "0", "--time", "30",
-                   "--", "--data.config.train_shards", str(corpus.shards)])
+        rc = main(["submit", "--config", str(T.DEBUG_YAML), "--gpus_per_node", "0", "--time", "30",
+                   "--", "--data.train_shards", str(corpus.shards)])
         assert rc == 2 and "sbatch not found on PATH" in capsys.readouterr().err
 
 
@@ -227,8 +227,8 @@ def _sbatch_lines(script):
 def test_translate_dry_run_renders_the_array_and_its_merge(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "news.en.txt").write_text("Hello.\n")
-    rc = main(["submit", "--job", "translate", "--array-tasks", "3", "--gpus-per-node", "1", "--cpus-per-task", "4",
-               "--time", "2:00:00", "--partition", "gpu", "--account", "proj", "--sbatch-arg=--mem=8G", "--dry-run",
+    rc = main(["submit", "--job", "translate", "--array_tasks", "3", "--gpus_per_node", "1", "--cpus_per_task", "4",
+               "--time", "2:00:00", "--partition", "gpu", "--account", "proj", "--sbatch-arg=--mem=8G", "--dry_run",
                "--", "news.en.txt", "--model", "/models/nllb", "--targets", "de,fr", "--out", "syn x",
                "--beams", "2"])
     out, err = capsys.readouterr()
@@ -259,10 +259,10 @@ def test_translate_dry_run_renders_the_array_and_its_merge(tmp_path, monkeypatch
 @pytest.mark.parametrize(("translate_args", "submit_args", "message"), [
     (["--beems", "2"], [], "align submit: error: align translate run: unrecognized arguments: --beems 2"),
     (["--dtype", "fp8"], [], "align translate run: argument --dtype: invalid choice: 'fp8'"),
-    (["--part-rows", "0"], [], "align translate run: --part-rows must be >= 1, got 0"),
-    (["--rank", "0", "--world-size", "2"], [], "--rank / --world-size / --no-merge are set by the array job"),
-    (["--dtype", "bf16"], ["--gpus-per-node", "0"], "--dtype bf16 on CPU tasks (--gpus-per-node 0)"),
-    ([], ["--nodes", "2"], "--nodes 2 / --tasks-per-node None: a translate job runs one task per array element"),
+    (["--part_rows", "0"], [], "align translate run: --part_rows must be >= 1, got 0"),
+    (["--rank", "0", "--world_size", "2"], [], "--rank / --world_size / --merge false are set by the array job"),
+    (["--dtype", "bf16"], ["--gpus_per_node", "0"], "--dtype bf16 on CPU tasks (--gpus_per_node 0)"),
+    ([], ["--nodes", "2"], "--nodes 2 / --tasks_per_node None: a translate job runs one task per array element"),
     ([], ["--config", "x.yaml"], "--config is for --job train"),
 ])
 def test_bad_translate_arguments_exit_2_before_sbatch(tmp_path, monkeypatch, capsys, translate_args, submit_args,
@@ -281,7 +281,7 @@ def test_bad_translate_arguments_exit_2_before_sbatch(tmp_path, monkeypatch, cap
 
 def test_translate_without_the_input_names_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["submit", "--job", "translate", "--dry-run", "--", "gone.txt", "--model", "m", "--targets", "de",
+    assert main(["submit", "--job", "translate", "--dry_run", "--", "gone.txt", "--model", "m", "--targets", "de",
                  "--out", "syn"]) == 2
     assert "align submit: error: align translate run: INPUT gone.txt: no such file or folder" in capsys.readouterr().err
 
@@ -311,14 +311,14 @@ def test_launch_shim_is_the_same_command():
     result = subprocess.run([sys.executable, str(T.REPO / "launch" / "submit.py"), "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: align submit") and "--gpus-per-node" in result.stdout
+    assert result.stdout.startswith("usage: align submit") and "--gpus_per_node" in result.stdout
 
 
 def test_local_launcher_trains_and_resumes_like_a_requeued_job(tmp_path):
     corpus = T.make_corpus(tmp_path / "data", rows=120, rows_per_shard=20)
-    flags = ["--data.config.train_shards", str(corpus.shards), "--data.config.tokenizer", str(corpus.tokenizer),
+    flags = ["--data.train_shards", str(corpus.shards), "--data.tokenizer", str(corpus.tokenizer),
              "--model.encoder.vocab_size", str(corpus.vocab_size), "--trainer.logger", "false",
-             "--trainer.limit_val_batches", "0", "--data.config.batch_size", "8"]
+             "--trainer.limit_val_batches", "0", "--data.batch_size", "8"]
     env = T.align_env(ALIGN_CMD=f"{sys.executable} -m alignment.cli")
     launcher = str(T.REPO / "launch" / "local.sh")
     for steps in (2, 3):  # the second call continues the first run from its last.ckpt

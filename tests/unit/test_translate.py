@@ -27,7 +27,7 @@ from alignment.translate.generate import GenerateConfig, Translator, token_budge
 from tests import _training as T
 from tests import _translate as X
 
-FAST = ["--beams", "2", "--max-length", "12"]
+FAST = ["--generate.beams", "2", "--generate.max_length", "12"]
 EXPECTED_DE = {"nllb": "deu_Latn", "m2m100": "de", "mbart50": "de_DE", "marian": None}
 
 
@@ -100,9 +100,9 @@ def test_a_language_the_model_lacks_is_a_one_line_error_before_anything_is_writt
 
 def test_a_round_trip_the_model_cannot_make_is_refused_before_any_compute(models, english, tmp_path, capsys):
     assert main(["translate", "run", str(english), "--model", str(models["marian"]), "--targets", "de",
-                 "--min-roundtrip-chrf", "30", "--out", str(tmp_path / "run")]) == 1
+                 "--filters.min_roundtrip_chrf", "30", "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
-    assert "--min-roundtrip-chrf: translating back from de: " in err and "translates from en, not de" in err
+    assert "--filters.min_roundtrip_chrf: translating back from de: " in err and "translates from en, not de" in err
     assert not (tmp_path / "run" / "run.json").exists()
 
 
@@ -162,7 +162,7 @@ def test_batched_translation_lands_in_the_right_rows(models):
 def test_run_writes_rows_shards_build_takes_as_is_with_provenance(models, english, tmp_path, capsys, family):
     out = tmp_path / "syn"
     assert main(["translate", "run", str(english), "--model", str(models[family]), "--targets", "de", "--out",
-                 str(out), "--part-rows", "10", "--keep-bad", *FAST]) == 0
+                 str(out), "--part_rows", "10", "--filters.drop_bad", "false", *FAST]) == 0
     printed = capsys.readouterr().out
     assert "sentences/s" in printed and "Filters: 25 rows in, 24 written" in printed
     rows = rows_of(out / "corpus.jsonl")
@@ -179,7 +179,7 @@ def test_run_writes_rows_shards_build_takes_as_is_with_provenance(models, englis
 
     shards = tmp_path / "shards"
     assert main(["shards", "build", "--format", "jsonl", str(out / "corpus.jsonl"), "--out", str(shards),
-                 "--split", "rest,2,2", "--keep-duplicates"]) == 0
+                 "--split", "rest,2,2", "--keep_duplicates"]) == 0
     built = json.loads((shards / "manifest.json").read_text())
     assert built["cleaning"]["rows"]["in"] == 24
     kept = built["cleaning"]["rows"]["kept"]  # the kept empty outputs are the shard build's to drop
@@ -194,7 +194,7 @@ def test_run_writes_rows_shards_build_takes_as_is_with_provenance(models, englis
     # already hold is kept with its provenance, only the new language is generated
     again = tmp_path / "more"
     assert main(["translate", "run", str(shards), "--model", str(models[family]), "--targets", "de,fr", "--out",
-                 str(again), "--keep-bad", *FAST]) == 0
+                 str(again), "--filters.drop_bad", "false", *FAST]) == 0
     before = {r.id: r for split in ("train", "validation", "test") for s in resolve_shards(shards, split)
               for _, r in iter_shard_rows(s.url)}
     after = rows_of(again / "corpus.jsonl")
@@ -208,14 +208,14 @@ def test_run_writes_rows_shards_build_takes_as_is_with_provenance(models, englis
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text(json.dumps({"id": "r1", "texts": {"en": "enjl enpmx", "es": "hola"}}) + "\n")
     assert main(["translate", "run", str(jsonl), "--model", str(models[family]), "--targets", "de,es", "--out",
-                 str(tmp_path / "j"), "--keep-bad", *FAST]) == 0
+                 str(tmp_path / "j"), "--filters.drop_bad", "false", *FAST]) == 0
     (row,) = rows_of(tmp_path / "j" / "corpus.jsonl")
     assert row["texts"]["es"] == "hola" and row["provenance"]["es"] == {"origin": "original"}
     assert row["provenance"]["de"]["origin"] == "synthetic" and row["id"] == "r1"
 
 
 def test_two_ranks_write_the_bytes_of_one_and_the_last_one_merges(models, english, tmp_path):
-    args = [english, "--model", models["nllb"], "--targets", "de,fr", "--part-rows", "5", *FAST]
+    args = [english, "--model", models["nllb"], "--targets", "de,fr", "--part_rows", "5", *FAST]
     assert main(["translate", "run", *map(str, args), "--out", str(tmp_path / "one")]) == 0
     procs = [subprocess.Popen(translate_cmd(*args, "--out", tmp_path / "two"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=subprocess_env(RANK=str(r), WORLD_SIZE="2"))
@@ -229,8 +229,8 @@ def test_two_ranks_write_the_bytes_of_one_and_the_last_one_merges(models, englis
 
 
 def test_a_killed_run_resumes_without_redoing_or_duplicating_parts(models, english, tmp_path, capsys):
-    args = [english, "--model", models["m2m100"], "--targets", "de", "--part-rows", "2", "--beams", "2",
-            "--max-length", "32", "--batch-tokens", "8", "--keep-bad"]
+    args = [english, "--model", models["m2m100"], "--targets", "de", "--part_rows", "2", "--generate.beams", "2",
+            "--generate.max_length", "32", "--generate.batch_tokens", "8", "--filters.drop_bad", "false"]
     assert main(["translate", "run", *map(str, args), "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "run"
     proc = subprocess.Popen(translate_cmd(*args, "--out", out), env=subprocess_env(), stdout=subprocess.DEVNULL,
@@ -259,8 +259,8 @@ def test_a_killed_run_resumes_without_redoing_or_duplicating_parts(models, engli
 
     # other settings on the same folder: refused with the difference named, nothing touched
     corpus = (out / "corpus.jsonl").read_bytes()
-    assert main(["translate", "run", *map(str, args[:7]), "--max-length", "32", "--keep-bad", "--out", str(out),
-                 "--beams", "3"]) == 1
+    assert main(["translate", "run", *map(str, args[:7]), "--generate.max_length", "32", "--filters.drop_bad", "false", "--out", str(out),
+                 "--generate.beams", "3"]) == 1
     assert "holds a run with other settings (beams: 2 recorded, 3 now)" in capsys.readouterr().err
     assert (out / "corpus.jsonl").read_bytes() == corpus
 
@@ -268,7 +268,7 @@ def test_a_killed_run_resumes_without_redoing_or_duplicating_parts(models, engli
 def test_merge_names_the_missing_parts(models, english, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["translate", "run", str(english), "--model", str(models["nllb"]), "--targets", "de",
-                 "--part-rows", "10", "--rank", "0", "--world-size", "2", "--out", str(out), *FAST]) == 0
+                 "--part_rows", "10", "--rank", "0", "--world_size", "2", "--out", str(out), *FAST]) == 0
     assert not (out / "corpus.jsonl").exists()
     assert main(["translate", "merge", str(out)]) == 1
     assert "1 of 3 parts unfinished (parts 1)" in capsys.readouterr().err
@@ -334,7 +334,7 @@ def test_each_filter_drops_by_its_reason_and_the_report_counts_them(models, tmp_
 def test_filter_flags_reach_the_report_in_the_manifest(models, english, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["translate", "run", str(english), "--model", str(models["nllb"]), "--targets", "de,fr",
-                 "--check-language", "--max-length-ratio", "2", "--out", str(out), *FAST]) == 0
+                 "--filters.check_language", "--filters.max_length_ratio", "2", "--out", str(out), *FAST]) == 0
     printed = capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     filters = manifest["filters"]
@@ -344,10 +344,10 @@ def test_filter_flags_reach_the_report_in_the_manifest(models, english, tmp_path
     assert printed.startswith("[rank 0/1]") and "Filters: 25 rows in" in printed
     with pytest.raises(SystemExit):
         main(["translate", "run", str(english), "--model", "m", "--targets", "de", "--out", str(out),
-              "--max-length-ratio"])
+              "--filters.max_length_ratio"])
     assert main(["translate", "run", str(english), "--model", "m", "--targets", "de", "--out", str(tmp_path / "x"),
-                 "--min-margin", "1.0"]) == 1
-    assert "--min-similarity and --min-margin need --similarity-model" in capsys.readouterr().err
+                 "--filters.min_margin", "1.0"]) == 1
+    assert "--filters.min_similarity and --filters.min_margin need --filters.similarity_model" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- back-translation
@@ -358,7 +358,7 @@ def test_back_translation_rows_are_anchored_on_the_original_text(models, tmp_pat
     german.write_text("\n".join(X.sentences(6, lang="de")) + "\n", encoding="utf-8")
     out = tmp_path / "bt"
     assert main(["translate", "run", str(german), "--source", "de", "--via", "en", "--targets", "fr",
-                 "--model", str(models["nllb"]), "--out", str(out), "--keep-bad", *FAST]) == 0
+                 "--model", str(models["nllb"]), "--out", str(out), "--filters.drop_bad", "false", *FAST]) == 0
     model = str(models["nllb"])
     for row, line in zip(rows_of(out / "corpus.jsonl"), X.sentences(6, lang="de")):
         assert row["pivot"] == "en" and row["texts"]["de"] == line and row["id"].startswith("mono-")
@@ -377,7 +377,7 @@ def test_translate_shards_fit_eval_round_trip(models, english, tmp_path, monkeyp
                  "--out", str(out), *FAST]) == 0  # empty outputs dropped here: the shard build keeps every text
     corpus = {r["id"]: sorted(r["texts"]) for r in rows_of(out / "corpus.jsonl")}
     assert main(["shards", "build", "--format", "jsonl", str(out / "corpus.jsonl"), "--out", str(shards),
-                 "--split", "rest,4,4", "--rows-per-shard", "8", "--keep-duplicates"]) == 0
+                 "--split", "rest,4,4", "--rows_per_shard", "8", "--keep_duplicates"]) == 0
     from alignment.synthetic import tiny_tokenizer
 
     tok = tiny_tokenizer(save_dir=tmp_path / "tok")
@@ -386,9 +386,9 @@ def test_translate_shards_fit_eval_round_trip(models, english, tmp_path, monkeyp
     (tmp_path / "csv.yaml").write_text("trainer:\n  logger:\n    - class_path: lightning.pytorch.loggers.CSVLogger\n"
                                        "      init_args: {save_dir: runs/debug, name: csv}\n")
     rc = main(["fit", "--config", str(T.DEBUG_YAML), "--config", "csv.yaml",
-               "--data.config.train_shards", str(shards), "--data.config.val_shards", str(shards),
-               "--data.config.tokenizer", str(tmp_path / "tok"), "--model.encoder.vocab_size", str(len(tok)),
-               "--data.config.batch_size", "4", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+               "--data.train_shards", str(shards), "--data.val_shards", str(shards),
+               "--data.tokenizer", str(tmp_path / "tok"), "--model.encoder.vocab_size", str(len(tok)),
+               "--data.batch_size", "4", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
                "--trainer.callbacks+=tests._translate.RecordBatches", f"--trainer.callbacks.init_args.path={record}"])
     assert rc == 0
     seen = [json.loads(line) for line in record.read_text().splitlines()]

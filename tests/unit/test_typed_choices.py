@@ -1,5 +1,5 @@
 """Every closed choice of the training config is a ``Literal``: a typo is refused by the parser, naming the
-flag as typed and the allowed values, by ``align fit --print_config`` and by ``align submit --dry-run``
+flag as typed and the allowed values, by ``align fit --print_config`` and by ``align submit --dry_run``
 (before anything reaches the queue)."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ CHOICES = [
     ("--model.loss.drift_kind", "cosin", "cosine, mse"),
     ("--model.encoder.pooling", "clss", "mean, cls, last"),
     ("--model.optim.schedule", "cosinus", "cosine, linear, constant"),
-    ("--data.config.language_policy", "pivot-pair", "all, k, pivot_pair"),
-    ("--data.config.val_language_policy", "al", "all, k, pivot_pair"),
-    ("--data.config.multiprocessing_context", "forkserver", "fork, spawn"),
+    ("--data.language_policy", "pivot-pair", "all, k, pivot_pair"),
+    ("--data.val_language_policy", "al", "all, k, pivot_pair"),
+    ("--data.multiprocessing_context", "forkserver", "fork, spawn"),
 ]
 
 
@@ -37,7 +37,7 @@ def test_print_config_refuses_a_typo(capsys, flag, typo, allowed):
 @pytest.mark.parametrize(("flag", "typo", "allowed"), CHOICES[:3], ids=[c[0] for c in CHOICES[:3]])
 def test_submit_dry_run_refuses_a_typo(capsys, tmp_path, monkeypatch, flag, typo, allowed):
     monkeypatch.chdir(tmp_path)
-    rc = main(["submit", "--config", "recipe:xlm-roberta-base-multiway", "--gpus-per-node", "1", "--dry-run",
+    rc = main(["submit", "--config", "recipe:xlm-roberta-base-multiway", "--gpus_per_node", "1", "--dry_run",
                "--", flag, typo])
     out, err = capsys.readouterr()
     assert rc == 2 and "#SBATCH" not in out
