@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """``align submit`` as a script, for checkouts without the ``align`` entry point installed.
 
-    python launch/submit.py --config configs/recipes/labse-multiway.yaml --nodes 2 --gpus-per-node 8 --dry-run
+    python launch/submit.py --fit_config configs/recipes/labse-multiway.yaml --nodes 2 --gpus_per_node 8 --dry_run
 
 Same flags, same code: :func:`alignment.commands.submit.main`.
 """

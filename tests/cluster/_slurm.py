@@ -335,7 +335,7 @@ export:
 def submit_args(corpus: T.Corpus, *extra: str) -> list[str]:
     """``align submit`` flags for ``configs/debug.yaml`` + ``run.yaml`` (in the job's folder) on 2 CPU nodes,
     then the ``align fit`` overrides naming the generated corpus."""
-    return ["--config", str(T.DEBUG_YAML), "--config", "run.yaml", "--nodes", "2", "--gpus_per_node", "0",
+    return ["--fit_config", str(T.DEBUG_YAML), "--fit_config", "run.yaml", "--nodes", "2", "--gpus_per_node", "0",
             "--time", "5", "--signal_lead", "60", "--align_cmd", f"{sys.executable} -m alignment.cli", "--",
             "--data.train_shards", str(corpus.shards), "--data.tokenizer", str(corpus.tokenizer),
             "--model.encoder.vocab_size", str(corpus.vocab_size), *extra]

@@ -81,7 +81,7 @@ def test_installed_align_works_from_any_directory(wheel, tmp_path):
     assert "default_root_dir: runs/xlm-roberta-base-multiway" in shown.stdout
     assert "objective: multi_positive" in shown.stdout and "process_group_backend: nccl" in shown.stdout
 
-    script = _run([align, "submit", "--config", "recipe:xlm-roberta-base-enx", "--nodes", "1", "--gpus_per_node", "2",
+    script = _run([align, "submit", "--fit_config", "recipe:xlm-roberta-base-enx", "--nodes", "1", "--gpus_per_node", "2",
                    "--dry_run", "--", "--trainer.devices", "2", "--data.num_workers", "2",
                    "--data.train_shards", str(corpus.shards)],
                   cwd=work, env=env)

@@ -178,7 +178,7 @@ def test_render_drops_gpus_for_cpu_nodes_and_refuses_other_templates():
 
 def test_dry_run_prints_the_checked_script_and_writes_nothing(corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc = main(["submit", "--config", str(T.DEBUG_YAML), "--nodes", "2", "--gpus_per_node", "0", "--time", "30",
+    rc = main(["submit", "--fit_config", str(T.DEBUG_YAML), "--nodes", "2", "--gpus_per_node", "0", "--time", "30",
                "--dry_run", "--", "--trainer.num_nodes", "2", "--data.train_shards", str(corpus.shards)])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -190,7 +190,7 @@ def test_dry_run_prints_the_checked_script_and_writes_nothing(corpus, tmp_path, 
 
 def test_mismatches_exit_2_before_anything_is_submitted(corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc = main(["submit", "--config", str(T.DEBUG_YAML), "--nodes", "2", "--gpus_per_node", "0",
+    rc = main(["submit", "--fit_config", str(T.DEBUG_YAML), "--nodes", "2", "--gpus_per_node", "0",
                "--", "--data.train_shards", str(corpus.shards)])
     err = capsys.readouterr().err
     assert rc == 2
@@ -201,13 +201,13 @@ def test_mismatches_exit_2_before_anything_is_submitted(corpus, tmp_path, monkey
 
 def test_missing_template_config_and_sbatch_are_clear_errors(corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["submit", "--config", str(T.DEBUG_YAML), "--template", "nowhere.sbatch", "--dry_run"]) == 2
+    assert main(["submit", "--fit_config", str(T.DEBUG_YAML), "--template", "nowhere.sbatch", "--dry_run"]) == 2
     assert "sbatch template nowhere.sbatch not found: pass --template PATH" in capsys.readouterr().err
-    assert main(["submit", "--config", "missing.yaml", "--dry_run"]) == 2
+    assert main(["submit", "--fit_config", "missing.yaml", "--dry_run"]) == 2
     assert "--config missing.yaml: no such file" in capsys.readouterr().err
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     if shutil.which("sbatch") is None:
-        rc = main(["submit", "--config", str(T.DEBUG_YAML), "--gpus_per_node", "0", "--time", "30",
+        rc = main(["submit", "--fit_config", str(T.DEBUG_YAML), "--gpus_per_node", "0", "--time", "30",
                    "--", "--data.train_shards", str(corpus.shards)])
         assert rc == 2 and "sbatch not found on PATH" in capsys.readouterr().err
 
@@ -258,12 +258,12 @@ def test_translate_dry_run_renders_the_array_and_its_merge(tmp_path, monkeypatch
 
 @pytest.mark.parametrize(("translate_args", "submit_args", "message"), [
     (["--beems", "2"], [], "align submit: error: align translate run: unrecognized arguments: --beems 2"),
-    (["--dtype", "fp8"], [], "align translate run: argument --dtype: invalid choice: 'fp8'"),
+    (["--generate.dtype", "fp8"], [], "align translate run: --generate.dtype: must be one of auto, bf16, fp16, fp32, got 'fp8'"),
     (["--part_rows", "0"], [], "align translate run: --part_rows must be >= 1, got 0"),
     (["--rank", "0", "--world_size", "2"], [], "--rank / --world_size / --merge false are set by the array job"),
-    (["--dtype", "bf16"], ["--gpus_per_node", "0"], "--dtype bf16 on CPU tasks (--gpus_per_node 0)"),
+    (["--generate.dtype", "bf16"], ["--gpus_per_node", "0"], "--generate.dtype bf16 on CPU tasks (--gpus_per_node 0)"),
     ([], ["--nodes", "2"], "--nodes 2 / --tasks_per_node None: a translate job runs one task per array element"),
-    ([], ["--config", "x.yaml"], "--config is for --job train"),
+    ([], ["--fit_config", "x.yaml"], "--fit_config is for --job train"),
 ])
 def test_bad_translate_arguments_exit_2_before_sbatch(tmp_path, monkeypatch, capsys, translate_args, submit_args,
                                                       message):
@@ -301,7 +301,7 @@ def test_the_translate_script_submits_through_align_submit(tmp_path):
     assert typo.returncode == 2
     assert typo.stderr.strip().splitlines()[-1] == (
         "align submit: error: align translate run: unrecognized arguments: --beems 2")
-    checked = script("--beams", "2")  # valid: rendered, then stopped only by the missing sbatch
+    checked = script("--generate.beams", "2")  # valid: rendered, then stopped only by the missing sbatch
     assert checked.returncode == 2
     assert "translate: 2 array task(s) x 0 GPU(s)" in checked.stderr
     assert "align submit: error: sbatch not found on PATH" in checked.stderr

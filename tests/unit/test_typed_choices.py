@@ -37,7 +37,7 @@ def test_print_config_refuses_a_typo(capsys, flag, typo, allowed):
 @pytest.mark.parametrize(("flag", "typo", "allowed"), CHOICES[:3], ids=[c[0] for c in CHOICES[:3]])
 def test_submit_dry_run_refuses_a_typo(capsys, tmp_path, monkeypatch, flag, typo, allowed):
     monkeypatch.chdir(tmp_path)
-    rc = main(["submit", "--config", "recipe:xlm-roberta-base-multiway", "--gpus_per_node", "1", "--dry_run",
+    rc = main(["submit", "--fit_config", "recipe:xlm-roberta-base-multiway", "--gpus_per_node", "1", "--dry_run",
                "--", flag, typo])
     out, err = capsys.readouterr()
     assert rc == 2 and "#SBATCH" not in out
