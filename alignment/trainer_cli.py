@@ -9,8 +9,8 @@ YAML recipes under ``configs/``; ``--print_config`` shows the resolved config.
 
 from __future__ import annotations
 
+import argparse
 import os
-import re
 import sys
 from argparse import ArgumentError
 from pathlib import Path
@@ -68,6 +68,24 @@ class RunConfig(SaveConfigCallback):
             logger.log_hyperparams({"config": resolved})
 
 
+class _DataHelp(argparse.Action):
+    """``align fit --data.help [DataConfig]``: the data fields and their documentation, as Lightning's class help."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from jsonargparse import ArgumentParser
+
+        from alignment.commands.common import HelpFormatter
+
+        help_parser = ArgumentParser(prog="align fit", formatter_class=HelpFormatter, add_help=False,
+                                     description=AlignmentDataModule.__doc__)  # fmt: skip
+        help_parser.add_class_arguments(DataConfig, "data")
+        help_parser.print_help()
+        parser.exit(0)
+
+
 class AlignCLI(LightningCLI):
     """``align fit|validate|test``. ``run_dir_default``: the default ``--trainer.default_root_dir``
     (``runs/<first --config's stem>``); a config file or the flag overrides it."""
@@ -82,6 +100,9 @@ class AlignCLI(LightningCLI):
         parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
         parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
         parser.add_class_arguments(DataConfig, "data", fail_untyped=True, sub_configs=True)
+        parser.add_argument("--data.help", action=_DataHelp, nargs="?", metavar="DataConfig",
+                            help="``--data.help DataConfig`` lists every field of the data config (``--data.x``) "
+                            "with its documentation, then exits.")
 
     def add_arguments_to_parser(self, parser) -> None:
         if self._run_dir_default:

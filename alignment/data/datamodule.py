@@ -53,7 +53,8 @@ ShardSpec = str | list[str]
 
 @dataclass
 class DataConfig(StreamConfig):
-    """Training and validation data: shards, workers, tokenizer, plus everything in :class:`StreamConfig`."""
+    """Training and validation data: shards, workers, tokenizer, plus everything in :class:`StreamConfig`
+    (``align fit --data.x``; ``align fit --data.help DataConfig`` lists every field with its documentation)."""
 
     train_shards: ShardSpec | None = None
     """Training shards: a manifest.json or the folder holding one (its `train` split, with row counts), a glob,
@@ -221,7 +222,7 @@ class AlignmentDataModule(LightningDataModule):
     """Multi-way parallel shards as streamed, tokenised batches for ``Trainer.fit`` and ``Trainer.validate``.
 
     Args:
-        config: the data config (``--data.*``; ``align fit --help`` lists
+        config: the data config (``--data.*``; ``align fit --data.help DataConfig`` lists
             every field with its documentation).
         tokenizer: a tokenizer object; default: ``AutoTokenizer.from_pretrained(config.tokenizer)``.
 
