@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     try:
         return int(module.main(argv[1:]) or 0)
-    except SystemExit as exc:  # --help, --print_config (0) and parse errors (2)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except SystemExit as exc:  # --help and --print_config exit 0 as argparse does; a refused flag returns 2
+        if exc.code in (0, None):
+            raise
+        return exc.code if isinstance(exc.code, int) else 2
 
 
 if __name__ == "__main__":

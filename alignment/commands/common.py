@@ -23,8 +23,19 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 TRUE_FALSE = ("true", "false", "True", "False", "yes", "no")
 
 
+def plain(doc: str) -> str:
+    """A field docstring as CLI help: no reST markup (````x````, ``:func:`x```), no self-referencing ``(--flag)``."""
+    text = re.sub(r" \(``--[\w.-]+``\)", "", doc)
+    text = re.sub(r":\w+:`~?([\w.]+)`", r"\1()", text)
+    return text.replace("``", "")
+
+
 class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """jsonargparse's help (types, defaults, field docs) with the description and examples kept as written."""
+    """jsonargparse's help (types, defaults, field docs) with the description and examples kept as written,
+    and field docstrings shown as plain text (:func:`plain`)."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return plain(super()._expand_help(action))
 
 
 class UsageError(Exception):
