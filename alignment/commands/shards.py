@@ -16,22 +16,19 @@ import time
 from contextlib import closing
 
 from alignment.commands.common import HelpFormatter, field_docs
-from alignment.data.corpus import FORMATS, CleaningConfig, CleaningReport, CorpusError, CorpusSource, read_corpus
-from alignment.data.shards import (
-    SPLITTABLE_FORMATS,
+from alignment.data.build import SPLITTABLE_FORMATS, PartSpec, build_part, build_shards, merge_parts, parts_dir
+from alignment.data.cleaning import CleaningConfig, CleaningReport
+from alignment.data.manifest import (
     ManifestError,
-    PartSpec,
-    ShardBuildConfig,
-    build_part,
-    build_shards,
     format_cleaning,
     format_manifest,
     load_manifest,
     manifest_file,
-    merge_parts,
-    parts_dir,
     verify_shards,
 )
+from alignment.data.readers import FORMATS, CorpusSource, read_corpus
+from alignment.data.rows import CorpusError
+from alignment.data.shards_write import ShardBuildConfig
 
 BUILD_EXAMPLES = """\
 examples:

@@ -13,7 +13,7 @@ import sys
 import time
 
 from alignment.commands.common import HelpFormatter, field_docs
-from alignment.data.corpus import CorpusError
+from alignment.data.rows import CorpusError
 from alignment.translate.codes import FAMILIES, LanguageNotSupported
 from alignment.translate.filters import FilterConfig, format_filter_report
 from alignment.translate.generate import GenerateConfig

@@ -31,7 +31,7 @@ from typing import Literal, get_args
 
 import langcodes
 
-from alignment.data.corpus import LanguageCodeError, normalize_language, parse_languages
+from alignment.languages import LanguageCodeError, normalize_language, parse_languages
 
 Family = Literal["nllb", "m2m100", "mbart50", "marian"]
 FAMILIES: tuple[str, ...] = get_args(Family)

@@ -153,7 +153,7 @@ def interrupted(corpus, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"data": {"batch_size": 8}}, r"resuming with --data.config.batch_size = 8, but the checkpoint was trained "
+    [({"data": {"batch_size": 8}}, r"resuming with --data.batch_size = 8, but the checkpoint was trained "
                                    r"with 16"),
      ({"loss": {"objective": "pairwise"}}, r"--model.loss.objective: checkpoint 'multi_positive', config 'pairwise'")],
     ids=["batch_size", "objective"],
@@ -184,11 +184,11 @@ def _fit_args(corpus, tmp_path, *extra) -> list[str]:
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--data.config.batch_size", "0"], "--data.config.batch_size must be >= 1 (rows per rank), got 0"),
+    [(["--data.config.batch_size", "0"], "--data.batch_size must be >= 1 (rows per rank), got 0"),
      (["--model.loss.temperature", "-1"], "--model.loss.temperature must be between"),
      (["--data.config.tokenizer", "./no-such-tokenizer"],
-      "--data.config.tokenizer ./no-such-tokenizer: no such tokenizer folder"),
-     (["--data.config.train_shards", "./no-such-shards"], "--data.config.train_shards: ./no-such-shards")],
+      "--data.tokenizer ./no-such-tokenizer: no such tokenizer folder"),
+     (["--data.config.train_shards", "./no-such-shards"], "--data.train_shards: ./no-such-shards")],
     ids=["batch_size", "temperature", "tokenizer-path", "shards-path"],
 )
 def test_align_fit_config_checks_are_one_line(corpus, tmp_path, capsys, monkeypatch, extra, message):

@@ -1,4 +1,4 @@
-"""WebDataset shards: build, splits, shuffle, atomic output, resolve, verify, inspect, CLI (alignment.data.shards)."""
+"""WebDataset shards: build, splits, shuffle, atomic output, resolve, verify, inspect, CLI (alignment.data.build etc.)."""
 
 from __future__ import annotations
 
@@ -12,25 +12,28 @@ import pytest
 import webdataset as wds
 
 from alignment.cli import main
-from alignment.data.corpus import CleaningConfig, CorpusError, MultiWayRow, bucket_of, split_key
-from alignment.data.shards import (
+from alignment.data.build import _split_unit, build_shards
+from alignment.data.cleaning import CleaningConfig
+from alignment.data.manifest import (
     MANIFEST_FORMAT,
     ManifestError,
-    ShardBuildConfig,
     ShardInfo,
-    SplitSpec,
-    SplitWriter,
-    _split_unit,
-    build_shards,
-    encode_sample,
     iter_shard_rows,
     load_manifest,
-    parse_size,
     resolve_shards,
-    sample_key,
-    ustar_header,
     verify_shards,
 )
+from alignment.data.rows import CorpusError, MultiWayRow, split_key
+from alignment.data.shards_write import (
+    ShardBuildConfig,
+    SplitSpec,
+    SplitWriter,
+    encode_sample,
+    parse_size,
+    sample_key,
+    ustar_header,
+)
+from alignment.data.spill import bucket_of
 from alignment.synthetic import synthetic_rows
 
 SIX = "en,de,fr,es,ru,zh-Hans,ar"
@@ -387,14 +390,14 @@ def test_verify_catches_bad_sample_json_and_row_count(tmp_path):
     ("kwargs", "message"),
     [
         ({"prefix": "my.corpus"}, "--prefix must be letters"),
-        ({"rows_per_shard": 0}, "--rows-per-shard must be >= 1, got 0"),
-        ({"bytes_per_shard": "1kB"}, "--bytes-per-shard must be >= 20480"),
-        ({"bytes_per_shard": "lots"}, "--bytes-per-shard must be a size like 256MB"),
+        ({"rows_per_shard": 0}, "--rows_per_shard must be >= 1, got 0"),
+        ({"bytes_per_shard": "1kB"}, "--bytes_per_shard must be >= 20480"),
+        ({"bytes_per_shard": "lots"}, "--bytes_per_shard must be a size like 256MB"),
         ({"split": "0.9,0.2,0.05"}, "--split fractions must be >= 0 and sum to 1"),
         ({"split": "0.9,0.1"}, "--split needs three values"),
         ({"split": "rest,ten,5"}, "--split must be fractions like"),
         ({"seed": -1}, "--seed must be >= 0"),
-        ({"shuffle_buckets": 0}, "--shuffle-buckets must be >= 1"),
+        ({"shuffle_buckets": 0}, "--shuffle_buckets must be >= 1"),
     ],
 )
 def test_build_config_errors_name_the_flag(tmp_path, kwargs, message):
@@ -461,7 +464,7 @@ def test_cli_build_jsonl_strict_and_errors(tmp_path, capsys):
         main(["shards", "build", "--format", "jsonl", str(good), "--out", str(tmp_path / "o2"), "--max-chars", "0"])
         == 1
     )
-    assert "--max-chars must be >= 1, got 0" in capsys.readouterr().err
+    assert "--max_chars must be >= 1, got 0" in capsys.readouterr().err
     assert main(["shards", "inspect", str(tmp_path / "nowhere")]) == 1
 
 
@@ -512,7 +515,7 @@ def test_every_build_setting_is_documented_where_the_cli_reads_it():
     import dataclasses
 
     from alignment.commands.common import field_docs
-    from alignment.data.corpus import CorpusSource
+    from alignment.data.readers import CorpusSource
 
     for cls in (CorpusSource, CleaningConfig, ShardBuildConfig):
         docs = field_docs(cls)

@@ -117,7 +117,7 @@ def test_pipe_shard_name_runs_nothing_in_fit(corpus, tmp_path, monkeypatch):
     folder = _hostile_folder(corpus, tmp_path, "pipe:touch PWNED")
     monkeypatch.chdir(folder)  # `align fit --data.config.train_shards .` from inside the folder
     trainer = T.trainer(tmp_path / "run", max_steps=1)
-    with pytest.raises(ValueError, match=r"--data.config.train_shards: .*must be relative inside the folder"):
+    with pytest.raises(ValueError, match=r"--data.train_shards: .*must be relative inside the folder"):
         trainer.fit(T.module(corpus), datamodule=T.datamodule(corpus, train_shards="."))
     assert not (folder / "PWNED").exists(), "the manifest's 'pipe:' shard name ran as a shell command"
 
