@@ -24,8 +24,6 @@ SKIP_REASONS: dict[str, str] = {
 """Why a sample (or a shard) is skipped; the keys of ``Batch.skip_counts``."""
 
 
-
-
 @dataclass
 class Batch:
     """A collated local batch of multi-way rows.

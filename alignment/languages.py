@@ -22,7 +22,6 @@ class LanguageCodeError(ValueError):
     """A language code that is not a valid BCP-47 tag."""
 
 
-
 @lru_cache(maxsize=4096)
 def normalize_language(code: str) -> str:
     """Return the canonical BCP-47 form of a language code.
@@ -52,7 +51,6 @@ def normalize_language(code: str) -> str:
         script = lang.script or lang.maximize().script
         return f"zh-{script}"
     return std
-
 
 
 def parse_languages(value: str | Sequence[str] | None, flag: str,

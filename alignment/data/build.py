@@ -174,7 +174,6 @@ def _write_bucket(
             writers[split].write(sample_key(item.row.id, occurrence), item.row)
 
 
-
 def _check_out(config: ShardBuildConfig, source: dict | None = None) -> None:
     check_replaceable(config.out, overwrite=config.overwrite, flag="--out", is_ours=is_shard_build,
                       what=f"a shard build (no {MANIFEST_NAME} of format {MANIFEST_FORMAT})",

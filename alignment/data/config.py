@@ -20,8 +20,6 @@ FLAG_PREFIX = "--data."
 LanguagePolicy = Literal["all", "k", "pivot_pair"]
 LANGUAGE_POLICIES: tuple[str, ...] = ("all", "k", "pivot_pair")
 
-# --------------------------------------------------------------------------- config
-
 
 def flag(name: str) -> str:
     """A config field as the user types it: ``flag('batch_size') == '--data.batch_size'``."""
@@ -41,7 +39,7 @@ class StreamConfig:
 
     ``DataConfig`` (in ``alignment.data.datamodule``) extends it with shard specs,
     workers and the tokenizer; the fields here are everything a
-    :class:`MultiWayStream` needs.
+    :class:`~alignment.data.stream.MultiWayStream` needs.
     """
 
     batch_size: int = 32

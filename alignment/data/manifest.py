@@ -47,11 +47,6 @@ def is_shard_build(folder: Path) -> bool:
         return False
     return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
 
-# ---------------------------------------------------------------------------
-# Reading back: manifest, shard lists, verification
-# ---------------------------------------------------------------------------
-
-
 def manifest_file(path: str | os.PathLike) -> Path:
     """``DIR`` or ``DIR/manifest.json`` -> the manifest file path."""
     p = Path(path)

@@ -22,7 +22,6 @@ class CorpusError(ValueError):
     """Bad corpus input: the message names the file (and line) and what is wrong."""
 
 
-
 @dataclass
 class MultiWayRow:
     """One sentence and its translations.

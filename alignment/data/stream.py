@@ -1,6 +1,6 @@
-"""Streaming training batches from WebDataset shards.
+"""Streaming training batches from WebDataset shards: :class:`MultiWayStream`, one rank's share.
 
-The contract with the rest of the framework is :class:`Batch`: one flat
+The contract with the rest of the framework is :class:`~alignment.batch.Batch`: one flat
 ``[N, T]`` token tensor holding every sentence of every row in the local batch,
 plus, per sentence, the batch-local row index and the language index, so a loss
 knows which embeddings translate one another.
@@ -17,9 +17,15 @@ The pipeline, per DataLoader worker of each rank::
       -> one fast-tokenizer call per batch (or per bucket), padding
       -> Batch
 
+Where each step lives: :mod:`~alignment.data.plan` (the epoch plan),
+:mod:`~alignment.data.samples` (tar members -> parsed rows, skip counting),
+:mod:`~alignment.data.collate` (language selection, tokenising, collation),
+:mod:`~alignment.data.config` (:class:`~alignment.data.config.StreamConfig`);
+this module wires them into an ``IterableDataset``.
+
 Equal batch counts on every rank (finite mode). A rank that yields fewer
 batches than the others hangs or aborts the next collective (gloo dies with
-SIGABRT). :func:`plan_epoch` therefore plans the whole epoch from the per-shard
+SIGABRT). :func:`~alignment.data.plan.plan_epoch` therefore plans the whole epoch from the per-shard
 row counts before any worker starts: every rank computes the same plan, yields
 exactly ``EpochPlan.batches_per_rank`` batches, and no row is read twice.
 Ranks with fewer rows get smaller batches rather than fewer batches. A worker
@@ -42,7 +48,7 @@ uninterrupted run would have produced (the interleaving of workers may
 differ); in resampled mode the stream is reseeded by ``(seed, epoch,
 start_batch)``, which is reproducible but not a continuation.
 
-Skipped samples are counted by reason (:data:`SKIP_REASONS`) in each worker,
+Skipped samples are counted by reason (:data:`~alignment.batch.SKIP_REASONS`) in each worker,
 warned once per reason per worker and epoch with the shard and sample key, and
 each Batch carries its worker's cumulative counts (``Batch.skip_counts``) so
 the main process can aggregate them (see ``AlignmentDataModule.skip_counts``).
