@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from alignment import distributed
-from alignment.data.stream import Batch
+from alignment.batch import Batch
 from alignment.losses import total_loss
 
 

@@ -2,7 +2,7 @@
 
 Architecture only: no Lightning, no ranks, no loss. One shared encoder embeds
 every language (the LaBSE / multilingual-E5 setup); every sentence of a
-:class:`~alignment.data.stream.Batch` is encoded in one forward pass::
+:class:`~alignment.batch.Batch` is encoded in one forward pass::
 
     input_ids (N, T) --backbone--> hidden (N, T, H) --pool--> (N, H)
         --[projection]--> (N, D) --[L2 normalise]--> (N, D), at least float32
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alignment.data.stream import Batch
+from alignment.batch import Batch
 
 Pooling = Literal["mean", "cls", "last"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)

@@ -39,7 +39,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from alignment import distributed, preemption, strategies
-from alignment.data.stream import SKIP_REASONS, Batch
+from alignment.batch import SKIP_REASONS, Batch
 from alignment.gradcache import GradCache, GradCacheConfig
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
 from alignment.model import DualEncoder, ModelConfig, max_positions, transformer_layers

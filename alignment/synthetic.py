@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from alignment.data.corpus import MultiWayRow
+from alignment.data.rows import MultiWayRow
 
 SYNTHETIC_LANGUAGES = ("en", "de", "fr", "es", "ru", "zh-Hans", "ar", "ja")
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -100,7 +100,7 @@ def tiny_tokenizer(
 
 
 def rows_to_batch(tokenizer, rows, languages, pivot: str = "en"):
-    """Tokenise ``rows`` into the flat :class:`~alignment.data.stream.Batch` the model consumes.
+    """Tokenise ``rows`` into the flat :class:`~alignment.batch.Batch` the model consumes.
 
     Every language of every row in one ``[N, T]`` tensor; row ids are the rows'
     positions, language ids index ``languages`` (the vocabulary). A direct,
@@ -108,7 +108,7 @@ def rows_to_batch(tokenizer, rows, languages, pivot: str = "en"):
     """
     import torch
 
-    from alignment.data.stream import Batch
+    from alignment.batch import Batch
 
     languages = tuple(languages)
     texts, row_ids, lang_ids = [], [], []

@@ -128,7 +128,8 @@ def synthetic_shards(directory: Path, rows: int) -> Path:
     manifest (row counts, languages) are what training reads; 2500 rows a shard,
     everything in the train split.
     """
-    from alignment.data.shards import ShardBuildConfig, build_shards
+    from alignment.data.build import build_shards
+    from alignment.data.shards_write import ShardBuildConfig
     from alignment.synthetic import SYNTHETIC_LANGUAGES, synthetic_rows
 
     data = synthetic_rows(rows, SYNTHETIC_LANGUAGES, seed=0, missing_prob=0.2)
@@ -152,7 +153,8 @@ def batch_texts(shards, config, languages) -> tuple[list[list[str]], int]:
     """The same rows' sentences in batches of ``batch_size`` rows, in file order (the raw baseline's input), and the row count."""
     import random
 
-    from alignment.data.stream import SkipTally, iter_shard_payloads, parse_payload, select_languages
+    from alignment.data.collate import select_languages
+    from alignment.data.samples import SkipTally, iter_shard_payloads, parse_payload
 
     tally, rng, vocabulary = SkipTally(), random.Random(0), frozenset(languages)
     texts: list[list[str]] = []
@@ -225,7 +227,7 @@ def median_of(runs: list[Measurement]) -> Measurement:
 
 def run(args: argparse.Namespace) -> dict:
     """Every measurement ``--repeats`` times, interleaved so that load from other jobs hits them alike."""
-    from alignment.data.stream import StreamConfig
+    from alignment.data.config import StreamConfig
 
     tokenizer, tokenizer_name = load_tokenizer(args.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:

@@ -128,7 +128,7 @@ def child_gather(size: int, dim: int) -> dict:
 def child_gradcache(chunk: int, sentences: int, seq_len: int) -> dict:
     import torch
 
-    from alignment.data.stream import Batch
+    from alignment.batch import Batch
     from alignment.gradcache import GradCache
     from alignment.losses import GlobalCandidates, MultiWayContrastiveLoss, total_loss
     from alignment.model import DualEncoder

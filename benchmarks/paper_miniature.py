@@ -229,7 +229,7 @@ def run_align(argv: list[str], what: str) -> float:
 
 def check_languages(shards: Path, trained: Sequence[str], unseen: Sequence[str]) -> tuple[list[str], list[str]]:
     """The unseen languages the test split has, and those it lacks; every trained one must be there."""
-    from alignment.data.shards import load_manifest
+    from alignment.data.manifest import load_manifest
 
     manifest = load_manifest(shards)
     test = manifest.get("splits", {}).get("test", {})
@@ -273,7 +273,7 @@ def ensure_assets(shards: Path, encoder: Path, languages: Sequence[str]) -> list
 
 def write_corpus_texts(shards: Path, out: Path, prefix: str) -> None:
     """Every text of every split as the encoder sees it (the demo's vocabulary source for pruning)."""
-    from alignment.data.shards import iter_shard_rows, resolve_shards
+    from alignment.data.manifest import iter_shard_rows, resolve_shards
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as fh:
@@ -746,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_langs = [*args.train, *unseen_present]
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
-    from alignment.data.shards import load_manifest
+    from alignment.data.manifest import load_manifest
     from alignment.evaluate.encode import load_encoder
 
     test_rows = load_manifest(args.shards)["splits"]["test"]["rows"]

@@ -196,14 +196,15 @@ class FlopModel:
 
 def cleaning_config():
     """The shard builder's cleaning, without its 1,000-character cap: long rows fill ``--max-length`` for MFU runs."""
-    from alignment.data.corpus import CleaningConfig
+    from alignment.data.cleaning import CleaningConfig
 
     return CleaningConfig(pivot=PIVOT, languages=(PIVOT, OTHER), max_chars=1_000_000)
 
 
 def corpus_rows(corpus: str, n: int, min_words: int, max_words: int, seed: int) -> list:
     """``n`` clean, distinct en-de rows (synthetic, or gettext catalogs of the Django and Wagtail wheels)."""
-    from alignment.data.corpus import clean_rows, read_gettext
+    from alignment.data.cleaning import clean_rows
+    from alignment.data.readers.gettext import read_gettext
     from alignment.synthetic import synthetic_rows
 
     if corpus == "synthetic":
@@ -222,7 +223,8 @@ def corpus_rows(corpus: str, n: int, min_words: int, max_words: int, seed: int) 
 
 def write_shards(rows: list, folder: Path, batch_size: int, seed: int) -> Path:
     """The rows as WebDataset shards of exactly one batch each (``align shards``' writer, all in train)."""
-    from alignment.data.shards import ShardBuildConfig, build_shards
+    from alignment.data.build import build_shards
+    from alignment.data.shards_write import ShardBuildConfig
 
     manifest = build_shards(rows, ShardBuildConfig(out=folder, rows_per_shard=batch_size, split="1,0,0", seed=seed,
                                                      cleaning=cleaning_config()))

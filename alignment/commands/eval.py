@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from alignment.commands.common import add_config, build, new_parser, parse
-from alignment.data.corpus import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 from alignment.evaluate.datasets import EvalData, EvalDataError, load_eval_data, parse_languages
 from alignment.evaluate.encode import (
     EncodeConfig,
@@ -34,6 +33,7 @@ from alignment.evaluate.encode import (
     run_mteb,
 )
 from alignment.evaluate.report import EvalConfig, EvalResults, flat_metrics, markdown_table, write_report
+from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 from alignment.model import Pooling
 
 EXAMPLES = """\

@@ -1,9 +1,9 @@
 """``align shards build | inspect | verify``: WebDataset shards from multi-way corpora.
 
-A thin layer: flags -> :class:`~alignment.data.corpus.CorpusSource`,
-:class:`~alignment.data.corpus.CleaningConfig` and
-:class:`~alignment.data.shards.ShardBuildConfig` (whose field docstrings are
-the flags' help), then :func:`~alignment.data.shards.build_shards`.
+A thin layer: flags -> :class:`~alignment.data.readers.CorpusSource`,
+:class:`~alignment.data.cleaning.CleaningConfig` and
+:class:`~alignment.data.shards_write.ShardBuildConfig` (whose field docstrings are
+the flags' help), then :func:`~alignment.data.build.build_shards`.
 """
 
 from __future__ import annotations
@@ -18,22 +18,19 @@ from contextlib import closing
 from jsonargparse import Namespace
 
 from alignment.commands.common import add_config, build, fail, new_parser, parse
-from alignment.data.corpus import CleaningConfig, CleaningReport, CorpusError, CorpusSource, read_corpus
-from alignment.data.shards import (
-    SPLITTABLE_FORMATS,
+from alignment.data.build import SPLITTABLE_FORMATS, PartSpec, build_part, build_shards, merge_parts, parts_dir
+from alignment.data.cleaning import CleaningConfig, CleaningReport
+from alignment.data.manifest import (
     ManifestError,
-    PartSpec,
-    ShardBuildConfig,
-    build_part,
-    build_shards,
     format_cleaning,
     format_manifest,
     load_manifest,
     manifest_file,
-    merge_parts,
-    parts_dir,
     verify_shards,
 )
+from alignment.data.readers import CorpusSource, read_corpus
+from alignment.data.rows import CorpusError
+from alignment.data.shards_write import ShardBuildConfig
 
 BUILD_EXAMPLES = """\
 examples:

@@ -22,7 +22,7 @@ from alignment.commands.common import (
     parse_error_message,
     with_bool_values,
 )
-from alignment.data.corpus import CorpusError
+from alignment.data.rows import CorpusError
 from alignment.translate.codes import Family, LanguageNotSupported
 from alignment.translate.filters import format_filter_report
 from alignment.translate.parts import PartsError, format_manifest, merge

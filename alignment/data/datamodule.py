@@ -35,15 +35,10 @@ from typing import Any, Literal
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from alignment.data.stream import (
-    LANGUAGE_POLICIES,
-    Batch,
-    LanguagePolicy,
-    MultiWayStream,
-    ShardRef,
-    StreamConfig,
-    flag,
-)
+from alignment.batch import Batch
+from alignment.data.config import LANGUAGE_POLICIES, LanguagePolicy, StreamConfig, flag
+from alignment.data.plan import ShardRef
+from alignment.data.stream import MultiWayStream
 
 TRAIN_SPLIT = "train"
 VAL_SPLIT = "validation"
@@ -113,7 +108,7 @@ def manifest_languages(spec: Any) -> list[str] | None:
     """The top-level ``languages`` of the manifest a spec names (a manifest file or its folder), else None."""
     if not isinstance(spec, (str, os.PathLike)):
         return None
-    from alignment.data.shards import MANIFEST_NAME, load_manifest
+    from alignment.data.manifest import MANIFEST_NAME, load_manifest
 
     path = Path(spec)
     if not ((path.is_dir() and (path / MANIFEST_NAME).is_file()) or (path.is_file() and path.suffix == ".json")):
@@ -131,7 +126,7 @@ def resolve_shard_spec(spec: ShardSpec, split: str, field: str = "train_shards")
         FileNotFoundError: nothing matches; the message names the flag (``field``) and the path.
         ValueError: an invalid manifest, a URL or ``pipe:`` spec, a shard linking out of its folder (names the flag).
     """
-    from alignment.data.shards import resolve_shards
+    from alignment.data.manifest import resolve_shards
 
     try:
         infos = resolve_shards(spec, split=split)

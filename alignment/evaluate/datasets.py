@@ -48,14 +48,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from alignment.data.corpus import (
-    DEFAULT_PIVOT,
-    CorpusError,
-    LanguageCodeError,
-    MultiWayRow,
-    iter_lines,
-    normalize_language,
-)
+from alignment.data.readers.lines import iter_lines
+from alignment.data.rows import CorpusError, MultiWayRow
+from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 
 DATA_FORMATS = ("shards", "tsv", "jsonl")
 """Evaluation data formats (``--data``), see the module docstring."""
@@ -177,7 +172,7 @@ def detect_format(spec: str | os.PathLike) -> str:
 
 def _require_manifest(path: Path) -> None:
     """A ``.json`` --data must be a shard manifest; JSON Lines files are told apart by their suffix."""
-    from alignment.data.shards import MANIFEST_FORMAT
+    from alignment.data.manifest import MANIFEST_FORMAT
 
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -578,7 +573,7 @@ def read_shards(spec: str, split: str = "test") -> EvalData:
     Raises:
         EvalDataError: no shards, an unreadable shard, or a bad sample (shard and key named).
     """
-    from alignment.data.shards import ManifestError, resolve_shards
+    from alignment.data.manifest import ManifestError, resolve_shards
 
     try:
         shards = resolve_shards(spec, split)

@@ -43,11 +43,11 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
-from alignment.data.corpus import DEFAULT_PIVOT
-from alignment.data.stream import pad_sequences, tokenize
+from alignment.data.collate import pad_sequences, tokenize
 from alignment.evaluate.datasets import EvalData
 from alignment.evaluate.report import EvalConfig, EvalResults, evaluate_embeddings
 from alignment.evaluate.retrieval import MultiWayEmbeddings, invalid_vectors, training_language_tuple
+from alignment.languages import DEFAULT_PIVOT
 from alignment.model import ENCODER_META, POOLINGS, PROJECTION_FILE, DualEncoder, max_positions
 
 SPEC_KINDS = ("alignment-folder", "hf-folder", "hub", "lightning-checkpoint", "deepspeed-checkpoint")

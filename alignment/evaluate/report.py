@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignment.data.corpus import DEFAULT_PIVOT
 from alignment.evaluate.probes import (
     CosGapResult,
     HubnessResult,
@@ -56,6 +55,7 @@ from alignment.evaluate.retrieval import (
     language_group,
     training_language_tuple,
 )
+from alignment.languages import DEFAULT_PIVOT
 
 METRIC_NAMES = {"accuracy": "retrieval_acc", "mrr": "mrr", "xsim_error": "xsim"}
 """Flat-metric names of the retrieval metrics; ``recall@k`` keeps its name."""

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignment.data.corpus import DEFAULT_PIVOT, normalize_language
+from alignment.languages import DEFAULT_PIVOT, normalize_language
 
 ArrayLike = Tensor | np.ndarray
 

@@ -23,14 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from alignment.data.corpus import (
-    CleaningConfig,
-    CleaningReport,
-    CorpusError,
-    _plain_name,
-    iter_lines,
-    read_jsonl,
-)
+from alignment.data.cleaning import CleaningConfig, CleaningReport
+from alignment.data.readers.jsonl_tsv import read_jsonl
+from alignment.data.readers.lines import iter_lines, plain_name as _plain_name
+from alignment.data.rows import CorpusError
 
 InputFormat = Literal["auto", "lines", "jsonl", "shards"]
 INPUT_FORMATS = ("auto", "lines", "jsonl", "shards")
@@ -81,7 +77,7 @@ def _rows(rows, source: str) -> Iterator[SourceRow]:
 
 
 def _shards(spec: str, source: str) -> Iterator[SourceRow]:
-    from alignment.data.shards import MANIFEST_NAME, iter_shard_rows, load_manifest, resolve_shards
+    from alignment.data.manifest import MANIFEST_NAME, iter_shard_rows, load_manifest, resolve_shards
 
     path = Path(spec)
     if path.is_dir() and (path / MANIFEST_NAME).is_file() or path.suffix == ".json":

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignment.data.corpus import DEFAULT_PIVOT, LanguageCodeError, normalize_language
+from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 from alignment.translate.backtranslate import Step, plan
 from alignment.translate.codes import FAMILIES, Family, parse_language_list
 from alignment.translate.filters import FilterConfig, FilterReport, FilterRunner, check_config

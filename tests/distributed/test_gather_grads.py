@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from _spawn import run_world
 from torch import nn
 
-from alignment.data.stream import Batch
+from alignment.batch import Batch
 from alignment.distributed import gather_candidates
 from alignment.gradcache import GradCache, split_batch
 from alignment.losses import GlobalCandidates, LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss

@@ -59,7 +59,8 @@ def _rank_main(rank: int, port: int, shards: list[str], context: str, out_dir: s
     from torch.utils.data import DataLoader
 
     from alignment import distributed
-    from alignment.data.stream import MultiWayStream, StreamConfig
+    from alignment.data.config import StreamConfig
+    from alignment.data.stream import MultiWayStream
     from alignment.synthetic import tiny_tokenizer
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))

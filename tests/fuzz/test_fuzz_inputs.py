@@ -290,8 +290,8 @@ def test_tiny_fit_on_hostile_folders(base, tmp_path, case):
     corpus, _ = base
     sandbox, folder = _hostile_copy(base, tmp_path, mutate)
     run = sandbox / "run"
-    rc, err = run_align(["fit", "--config", str(T.DEBUG_YAML), "--data.config.train_shards", "shards",
-                         "--data.config.tokenizer", str(corpus.tokenizer),
+    rc, err = run_align(["fit", "--config", str(T.DEBUG_YAML), "--data.train_shards", "shards",
+                         "--data.tokenizer", str(corpus.tokenizer),
                          "--model.encoder.vocab_size", str(corpus.vocab_size), "--trainer.default_root_dir", "run",
                          "--checkpoint.dirpath", "run/ckpt", "--trainer.logger", "false", "--trainer.max_steps", "2",
                          "--trainer.limit_val_batches", "0"], sandbox, [run])

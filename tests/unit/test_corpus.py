@@ -1,4 +1,4 @@
-"""Corpus readers, the pivot join, gettext catalogs and cleaning (alignment.data.corpus)."""
+"""Corpus readers, the pivot join, gettext catalogs and cleaning (alignment.data.readers, alignment.data.cleaning)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,14 @@ from pathlib import Path
 import polib
 import pytest
 
-from alignment.data.corpus import (
-    Bitext,
-    CleaningConfig,
-    CleaningReport,
-    CorpusError,
-    CorpusSource,
-    LanguageCodeError,
-    MultiWayRow,
-    check_rows,
-    clean_rows,
-    normalize_language,
-    parse_bitext,
-    read_aligned,
-    read_corpus,
-    read_gettext,
-    read_jsonl,
-    read_pairs,
-    read_tsv,
-)
+from alignment.data.cleaning import CleaningConfig, CleaningReport, check_rows, clean_rows
+from alignment.data.readers import CorpusSource, read_corpus
+from alignment.data.readers.aligned import read_aligned
+from alignment.data.readers.gettext import read_gettext
+from alignment.data.readers.jsonl_tsv import read_jsonl, read_tsv
+from alignment.data.readers.pairs import Bitext, parse_bitext, read_pairs
+from alignment.data.rows import CorpusError, MultiWayRow
+from alignment.languages import LanguageCodeError, normalize_language
 
 SIX = ("en", "de", "fr", "es", "ru", "zh-Hans", "ar")
 
@@ -366,7 +355,7 @@ def test_gettext_from_installed_django_and_wagtail():
 
 
 def test_gettext_unknown_package_is_a_clear_error():
-    with pytest.raises(CorpusError, match="--from-package no_such_pkg_xyz: no installed package"):
+    with pytest.raises(CorpusError, match="--from_package no_such_pkg_xyz: no installed package"):
         list(read_gettext(packages=["no_such_pkg_xyz"]))
 
 
@@ -458,11 +447,11 @@ def test_check_rows_uses_config_pivot_and_falls_back_to_id_without_pivot():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"min_languages": 1}, "--min-languages must be >= 2"),
-        ({"max_chars": 0}, "--max-chars must be >= 1, got 0"),
+        ({"min_languages": 1}, "--min_languages must be >= 2"),
+        ({"max_chars": 0}, "--max_chars must be >= 1, got 0"),
         ({"pivot": "klingon_XX"}, "--pivot: "),
         ({"languages": "de,fr"}, "--languages must include the pivot --pivot en"),
-        ({"languages": "en,de", "min_languages": 3}, "fewer than --min-languages 3"),
+        ({"languages": "en,de", "min_languages": 3}, "fewer than --min_languages 3"),
         ({"languages": "en,elvish"}, "--languages: "),
     ],
 )
@@ -472,7 +461,7 @@ def test_cleaning_config_errors_name_the_flag(kwargs, message):
 
 
 def test_corpus_source_checks_and_dispatch(tmp_path):
-    with pytest.raises(ValueError, match="--from-package applies only to --format gettext"):
+    with pytest.raises(ValueError, match="--from_package applies only to --format gettext"):
         CorpusSource("jsonl", ["a.jsonl"], packages=["django"])
     with pytest.raises(ValueError, match="--format tsv needs at least one INPUT"):
         CorpusSource("tsv")

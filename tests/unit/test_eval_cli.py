@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from alignment.cli import main
-from alignment.data.shards import ShardBuildConfig, build_shards, iter_shard_rows
+from alignment.data.build import build_shards
+from alignment.data.manifest import iter_shard_rows
+from alignment.data.shards_write import ShardBuildConfig
 from alignment.evaluate.datasets import EvalDataError, load_eval_data, read_tsv
 from alignment.evaluate.encode import (
     OFFLINE_VARS,

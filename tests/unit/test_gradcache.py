@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from alignment import distributed
-from alignment.data.stream import Batch
+from alignment.batch import Batch
 from alignment.gradcache import GradCache, GradCacheConfig, graph_leaves, split_batch
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
 from alignment.model import DualEncoder

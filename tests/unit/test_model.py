@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from alignment.data.stream import Batch
+from alignment.batch import Batch
 from alignment.model import ENCODER_META, DualEncoder, ModelConfig, pool
 from alignment.synthetic import rows_to_batch, synthetic_rows, tiny_tokenizer
 

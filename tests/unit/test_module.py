@@ -230,7 +230,7 @@ def test_skipped_samples_are_logged_by_reason(corpus, tmp_path):
 
     import webdataset as wds
 
-    from alignment.data.stream import SKIP_REASONS
+    from alignment.batch import SKIP_REASONS
 
     bad = tmp_path / "bad-000000.tar"
     good = json.dumps({"id": "ok", "texts": {"en": "hello there", "de": "hallo da"}}).encode()

@@ -1,4 +1,4 @@
-"""WebDataset shards: build, splits, shuffle, atomic output, resolve, verify, inspect, CLI (alignment.data.shards)."""
+"""WebDataset shards: build, splits, shuffle, atomic output, resolve, verify, inspect, CLI (alignment.data.build etc.)."""
 
 from __future__ import annotations
 
@@ -12,25 +12,28 @@ import pytest
 import webdataset as wds
 
 from alignment.cli import main
-from alignment.data.corpus import CleaningConfig, CorpusError, MultiWayRow, bucket_of, split_key
-from alignment.data.shards import (
+from alignment.data.build import _split_unit, build_shards
+from alignment.data.cleaning import CleaningConfig
+from alignment.data.manifest import (
     MANIFEST_FORMAT,
     ManifestError,
-    ShardBuildConfig,
     ShardInfo,
-    SplitSpec,
-    SplitWriter,
-    _split_unit,
-    build_shards,
-    encode_sample,
     iter_shard_rows,
     load_manifest,
-    parse_size,
     resolve_shards,
-    sample_key,
-    ustar_header,
     verify_shards,
 )
+from alignment.data.rows import CorpusError, MultiWayRow, split_key
+from alignment.data.shards_write import (
+    ShardBuildConfig,
+    SplitSpec,
+    SplitWriter,
+    encode_sample,
+    parse_size,
+    sample_key,
+    ustar_header,
+)
+from alignment.data.spill import bucket_of
 from alignment.synthetic import synthetic_rows
 
 SIX = "en,de,fr,es,ru,zh-Hans,ar"
@@ -513,7 +516,7 @@ def test_every_build_setting_is_documented_where_the_cli_reads_it():
 
     from alignment.commands.common import plain
     from alignment.commands.shards import build_parser
-    from alignment.data.corpus import CorpusSource
+    from alignment.data.readers import CorpusSource
 
     docs = {a.dest: plain(a.help or "") for a in build_parser()._actions}  # as --help shows them
     docs |= {"packages": docs["from_package"], "deduplicate": docs["keep_duplicates"], "cleaning": "the flags above"}

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from alignment.cli import main
-from alignment.data.shards import PartSpec, parts_dir
+from alignment.data.build import PartSpec, parts_dir
 from alignment.synthetic import synthetic_rows
 
 ARGS = ["--rows_per_shard", "15", "--shuffle_buckets", "4", "--split", "0.8,0.1,0.1"]

@@ -20,18 +20,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from alignment.batch import Batch
+from alignment.data.collate import select_languages
+from alignment.data.config import StreamConfig
 from alignment.data.datamodule import AlignmentDataModule, DataConfig
-from alignment.data.stream import (
-    Batch,
-    MultiWayStream,
-    ShardRef,
-    SkippedSampleWarning,
-    StreamConfig,
-    count_shard_rows,
-    plan_epoch,
-    round_robin_taken,
-    select_languages,
-)
+from alignment.data.plan import ShardRef, count_shard_rows, plan_epoch, round_robin_taken
+from alignment.data.samples import SkippedSampleWarning
+from alignment.data.stream import MultiWayStream
 from alignment.synthetic import synthetic_rows, tiny_tokenizer
 
 LANGS = ["de", "en", "es", "fr"]
@@ -280,19 +275,19 @@ def test_rows_missing_are_replaced_by_smaller_and_empty_batches(tmp_path, tokeni
 @pytest.mark.parametrize(
     ("kwargs", "flag"),
     [
-        ({"batch_size": 0}, "--data.config.batch_size"),
-        ({"language_policy": "pairs"}, "--data.config.language_policy"),
-        ({"language_policy": "k", "k": 1}, "--data.config.k"),
-        ({"language_policy": "k", "k": 5, "languages": LANGS}, "--data.config.k"),
-        ({"languages": ["en", "not a code"]}, "--data.config.languages"),
-        ({"languages": ["de", "fr"]}, "--data.config.pivot"),
-        ({"max_length": 1}, "--data.config.max_length"),
-        ({"resampled": True}, "--data.config.resampled"),
-        ({"steps_per_epoch": 10}, "--data.config.steps_per_epoch"),
-        ({"resampled": True, "steps_per_epoch": 0}, "--data.config.steps_per_epoch"),
-        ({"bucketing": True, "bucket_buffer": 8, "batch_size": 16}, "--data.config.bucket_buffer"),
-        ({"num_workers": -1}, "--data.config.num_workers"),
-        ({"multiprocessing_context": "forkserver"}, "--data.config.multiprocessing_context"),
+        ({"batch_size": 0}, "--data.batch_size"),
+        ({"language_policy": "pairs"}, "--data.language_policy"),
+        ({"language_policy": "k", "k": 1}, "--data.k"),
+        ({"language_policy": "k", "k": 5, "languages": LANGS}, "--data.k"),
+        ({"languages": ["en", "not a code"]}, "--data.languages"),
+        ({"languages": ["de", "fr"]}, "--data.pivot"),
+        ({"max_length": 1}, "--data.max_length"),
+        ({"resampled": True}, "--data.resampled"),
+        ({"steps_per_epoch": 10}, "--data.steps_per_epoch"),
+        ({"resampled": True, "steps_per_epoch": 0}, "--data.steps_per_epoch"),
+        ({"bucketing": True, "bucket_buffer": 8, "batch_size": 16}, "--data.bucket_buffer"),
+        ({"num_workers": -1}, "--data.num_workers"),
+        ({"multiprocessing_context": "forkserver"}, "--data.multiprocessing_context"),
     ],
 )
 def test_impossible_configs_name_the_flag(kwargs, flag):
@@ -301,11 +296,11 @@ def test_impossible_configs_name_the_flag(kwargs, flag):
 
 
 def test_setup_refuses_what_the_data_cannot_serve(shards, tokenizer):
-    with pytest.raises(ValueError, match=r"--data\.config\.k=5 but only 4 languages"):
+    with pytest.raises(ValueError, match=r"--data\.k=5 but only 4 languages"):
         MultiWayStream(shards, tokenizer, StreamConfig(language_policy="k", k=5), languages=LANGS)
-    with pytest.raises(ValueError, match=r"8 readers but only 7 shard.*--data\.config\.num_workers"):
+    with pytest.raises(ValueError, match=r"8 readers but only 7 shard.*--data\.num_workers"):
         MultiWayStream(shards, tokenizer, StreamConfig(languages=LANGS), num_workers=4, rank=0, world_size=2)
-    with pytest.raises(ValueError, match=r"--data\.config\.languages"):
+    with pytest.raises(ValueError, match=r"--data\.languages"):
         MultiWayStream(shards, tokenizer, StreamConfig())
     # resampled mode has no shards-per-reader requirement
     MultiWayStream(
@@ -506,7 +501,9 @@ def test_datamodule_without_trainer_uses_set_epoch_and_resume(tmp_path, shards, 
 
 
 def test_datamodule_reads_a_built_manifest(tmp_path, tokenizer):
-    from alignment.data.shards import ShardBuildConfig, build_shards, iter_shard_rows, resolve_shards
+    from alignment.data.build import build_shards
+    from alignment.data.manifest import iter_shard_rows, resolve_shards
+    from alignment.data.shards_write import ShardBuildConfig
 
     rows = synthetic_rows(300, LANGS, seed=11, missing_prob=0.2)
     build_shards(rows, ShardBuildConfig(out=tmp_path / "built", rows_per_shard=40, split="0.8,0.2,0"))
@@ -526,10 +523,10 @@ def test_datamodule_names_a_missing_shard_path(tmp_path, tokenizer):
     """Regression: a wrong --data.config.train_shards used to surface as 'no language vocabulary'."""
     missing = tmp_path / "no-such-shards"
     dm = AlignmentDataModule(DataConfig(train_shards=str(missing), batch_size=4), tokenizer=tokenizer)
-    with pytest.raises(FileNotFoundError, match=r"--data\.config\.train_shards: .*no-such-shards"):
+    with pytest.raises(FileNotFoundError, match=r"--data\.train_shards: .*no-such-shards"):
         dm.setup("fit")
     dm = AlignmentDataModule(
         DataConfig(train_shards=str(missing), languages=LANGS, batch_size=4), tokenizer=tokenizer
     )
-    with pytest.raises(FileNotFoundError, match=r"--data\.config\.train_shards"):
+    with pytest.raises(FileNotFoundError, match=r"--data\.train_shards"):
         dm.setup("fit")

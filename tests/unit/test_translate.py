@@ -185,7 +185,7 @@ def test_run_writes_rows_shards_build_takes_as_is_with_provenance(models, englis
     kept = built["cleaning"]["rows"]["kept"]  # the kept empty outputs are the shard build's to drop
     assert built["provenance"] == {"de": {"synthetic": {str(models[family]): built["languages"]["de"]}},
                                    "en": {"original": kept}}
-    from alignment.data.shards import iter_shard_rows, resolve_shards
+    from alignment.data.manifest import iter_shard_rows, resolve_shards
     row = next(r for _, r in iter_shard_rows(resolve_shards(shards, "train")[0].url))
     assert row.provenance["en"] == {"origin": "original"}
     if family != "nllb":

@@ -1,0 +1,100 @@
+"""The :class:`Batch` a training step receives: flat ``[N, T]`` tokens plus, per sentence, its row and language.
+
+A leaf module (torch and the standard library only), so the model, the losses,
+gradient caching and the Lightning module depend on the batch layout and not on
+the streaming pipeline that builds it (:mod:`alignment.data.stream`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+SKIP_REASONS: dict[str, str] = {
+    "corrupt_tar": "a shard is truncated or not a valid tar: the rest of that shard is lost (counted once per shard)",
+    "unreadable_shard": "a shard could not be opened (counted once per shard)",
+    "bad_json": "a sample's .json payload does not parse or is not an object with 'id' and a 'texts' mapping",
+    "unknown_language": "a sample has a language code that is not a valid BCP-47 tag",
+    "no_usable_text": "a sample has fewer than two non-empty texts in the configured languages",
+    "no_pivot": "language policy pivot_pair and the sample has no usable pivot text",
+    "unplanned_rows": "rows beyond the shard row counts the epoch was planned with (a stale manifest); dropped",
+}
+"""Why a sample (or a shard) is skipped; the keys of ``Batch.skip_counts``."""
+
+
+@dataclass
+class Batch:
+    """A collated local batch of multi-way rows.
+
+    Attributes:
+        input_ids: ``(N, T)`` long, every sentence of every row, padded to ``T``.
+        attention_mask: ``(N, T)`` long, 1 on real tokens.
+        row_ids: ``(N,)`` long, batch-local row index in ``[0, num_rows)``.
+            Sentences with the same row id translate one another. Offsetting by
+            rank to make them global is ``alignment.distributed``'s job.
+        lang_ids: ``(N,)`` long, index into ``languages``.
+        languages: the language vocabulary, identical on every rank (sorted
+            canonical codes), so language ids agree across ranks.
+        pivot_lang_id: index of the pivot language in ``languages``.
+        row_keys: ``(num_rows,)`` dataset row ids, for debugging and eval.
+        skip_counts: cumulative skipped-sample counts by reason (keys of
+            :data:`SKIP_REASONS`) of the worker that built this batch, since the
+            start of the epoch. Cumulative, so the latest batch of each worker
+            gives that worker's total; aggregate per ``origin``.
+        origin: ``(epoch, worker id)`` of the worker that built the batch
+            (worker 0 when the DataLoader has no workers).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    row_ids: Tensor
+    lang_ids: Tensor
+    languages: tuple[str, ...]
+    pivot_lang_id: int
+    row_keys: tuple[str, ...]
+    skip_counts: dict[str, int] = field(default_factory=dict)
+    origin: tuple[int, int] = (0, 0)
+
+    @property
+    def num_sentences(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_keys)
+
+    @property
+    def real_tokens(self) -> int:
+        """Non-pad tokens (a device-to-host sync if the mask is on GPU)."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.attention_mask.numel()) - self.real_tokens
+
+    @property
+    def padding_ratio(self) -> float:
+        total = self.attention_mask.numel()
+        return self.padded_tokens / total if total else 0.0
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            row_ids=move(self.row_ids),
+            lang_ids=move(self.lang_ids),
+        )
+
+    def pin_memory(self) -> "Batch":
+        """Called by ``DataLoader(pin_memory=True)``."""
+        return replace(
+            self,
+            input_ids=self.input_ids.pin_memory(),
+            attention_mask=self.attention_mask.pin_memory(),
+            row_ids=self.row_ids.pin_memory(),
+            lang_ids=self.lang_ids.pin_memory(),
+        )

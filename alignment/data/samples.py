@@ -1,0 +1,130 @@
+"""Reading shard samples: tar members -> parsed rows, every skipped sample counted by reason.
+
+The reasons are :data:`~alignment.batch.SKIP_REASONS`; each worker counts them
+in a :class:`SkipTally`, warns once per reason, and attaches the counts to
+every batch it builds (``Batch.skip_counts``).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from alignment.batch import SKIP_REASONS
+from alignment.data.plan import ShardRef
+from alignment.languages import LanguageCodeError, normalize_language
+
+class SkippedSampleWarning(UserWarning):
+    """A sample or shard was skipped; emitted once per reason per worker and epoch."""
+
+
+class SkipTally:
+    """Skipped-sample counts by reason, warning once per reason with the shard and sample key."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._warned: set[str] = set()
+
+    def skip(self, reason: str, *, shard: str, key: str | None, detail: str) -> None:
+        assert reason in SKIP_REASONS, reason
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            where = f"{shard}" + (f", sample {key!r}" if key else "")
+            warnings.warn(
+                f"skipping ({reason}) in {where}: {detail}. Further '{reason}' skips are counted, not warned.",
+                SkippedSampleWarning,
+                stacklevel=2,
+            )
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def _json_member(name: str) -> bool:
+    return name.endswith(".json")
+
+
+def iter_shard_payloads(shard: ShardRef, tally: SkipTally) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(key, json bytes)`` for each ``<key>.json`` member of one shard, streaming.
+
+    A tar that cannot be opened, breaks off (truncated, garbage bytes) or holds
+    fewer samples than its planned row count is counted once as
+    ``unreadable_shard`` / ``corrupt_tar``; the samples before the damage are kept.
+    Python's streaming tar reader ends silently at a damaged *header*, which
+    is why the planned row count doubles as the truncation check.
+    """
+    from webdataset.tariterators import tar_file_iterator
+
+    try:
+        # a plain file: never webdataset's gopen, which runs a 'pipe:' name through the shell
+        stream = open(shard.url[len("file:"):] if shard.url.startswith("file:") else shard.url, "rb")
+    except OSError as exc:
+        tally.skip("unreadable_shard", shard=shard.url, key=None, detail=f"{type(exc).__name__}: {exc}")
+        return
+    count, last_key = 0, None
+    try:
+        with stream:
+            for member in tar_file_iterator(stream, select_files=_json_member):
+                last_key = member["fname"][: -len(".json")]
+                count += 1
+                yield last_key, member["data"]
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        after = f"after sample {last_key!r}" if last_key else "before the first sample"
+        tally.skip("corrupt_tar", shard=shard.url, key=last_key, detail=f"{after}: {exc}")
+        return
+    if shard.rows is not None and count < shard.rows:
+        tally.skip(
+            "corrupt_tar",
+            shard=shard.url,
+            key=last_key,
+            detail=f"ended after {count} of {shard.rows} planned samples (truncated?)",
+        )
+
+
+@dataclass
+class ParsedRow:
+    """A shard sample reduced to the vocabulary: its id and non-empty texts by canonical code."""
+
+    key: str
+    texts: dict[str, str]
+    shard: str = ""
+
+
+def parse_payload(
+    key: str, payload: bytes, *, shard: str, vocabulary: frozenset[str], tally: SkipTally
+) -> ParsedRow | None:
+    """Decode one sample's JSON; ``None`` (and a counted skip) if it is bad.
+
+    Texts in valid languages outside ``vocabulary`` are dropped silently (that is
+    the language filter); an invalid code skips the whole sample.
+    """
+    try:
+        obj = json.loads(payload)
+        row_id, raw_texts = obj["id"], obj["texts"]
+        if not isinstance(raw_texts, dict):
+            raise TypeError(f"'texts' is a {type(raw_texts).__name__}, not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        tally.skip("bad_json", shard=shard, key=key, detail=f"{type(exc).__name__}: {exc}")
+        return None
+    texts: dict[str, str] = {}
+    for code, text in raw_texts.items():
+        try:
+            lang = normalize_language(str(code))
+        except LanguageCodeError as exc:
+            tally.skip("unknown_language", shard=shard, key=key, detail=str(exc))
+            return None
+        if lang in vocabulary and isinstance(text, str) and text.strip():
+            texts[lang] = text
+    if len(texts) < 2:
+        tally.skip(
+            "no_usable_text",
+            shard=shard,
+            key=key,
+            detail=f"usable texts in {sorted(texts) or 'no language'}; a row needs two languages of the vocabulary",
+        )
+        return None
+    return ParsedRow(key=str(row_id), texts=texts, shard=shard)
