@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"align: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    from alignment.commands.common import ConfigError
+
     try:
         return int(module.main(argv[1:]) or 0)
-    except SystemExit as exc:  # --help and --print_config exit 0 as argparse does; a refused flag returns 2
-        if exc.code in (0, None):
-            raise
-        return exc.code if isinstance(exc.code, int) else 2
+    except ConfigError as exc:  # a failed value check; --help, --print_config and usage errors exit as argparse's
+        return int(exc.code or 2)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
         parser.add_class_arguments(DataConfig, "data", fail_untyped=True, sub_configs=True)
         parser.add_argument("--data.help", action=_DataHelp, nargs="?", metavar="DataConfig",
-                            help="``--data.help DataConfig`` lists every field of the data config (``--data.x``) "
+                            help="``--data.help DataConfig`` lists every field of the data config (``--data.*``) "
                             "with its documentation, then exits.")
 
     def add_arguments_to_parser(self, parser) -> None:

@@ -90,10 +90,14 @@ def with_bool_values(parser: ArgumentParser, argv: Sequence[str]) -> list[str]:
     return out
 
 
-def fail(command: str, message: object) -> SystemExit:
-    """Print ``align COMMAND: error: MESSAGE`` on stderr; the ``SystemExit(2)`` to raise."""
+class ConfigError(SystemExit):
+    """A setting's own check failed (printed already); ``align`` returns its exit code 2 instead of exiting."""
+
+
+def fail(command: str, message: object) -> ConfigError:
+    """Print ``align COMMAND: error: MESSAGE`` on stderr; the :class:`ConfigError` (exit code 2) to raise."""
     print(f"align {command}: error: {message}", file=sys.stderr, flush=True)
-    return SystemExit(2)
+    return ConfigError(2)
 
 
 def parse(parser: ArgumentParser, argv: Sequence[str], command: str) -> Namespace:

@@ -134,7 +134,9 @@ def _flag_values(prefix: str, value: object) -> list[tuple[str, object]]:
 def command_line(command: str, config: object, positional: Sequence[str] = ()) -> str:
     """``config`` as one explicit ``align COMMAND`` line, every set field a flag, for reports."""
     parts = ["align", command, *positional]
-    for name, value in _flag_values("", config):
+    values = _flag_values("", config)
+    first = [kv for kv in values if kv[0] in ("model", "data")]  # what was evaluated leads the line
+    for name, value in first + [kv for kv in values if kv not in first]:
         if value is None or name in positional:
             continue
         if isinstance(value, bool):

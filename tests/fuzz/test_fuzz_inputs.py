@@ -275,7 +275,7 @@ def test_shards_verify_and_eval_on_hostile_folders(base, tmp_path, case):
     assert all(line.startswith(("FAIL ", "align shards verify:", "[")) for line in err.splitlines() if line.strip()), err
     out = sandbox / "eval"
     rc, err = run_align(["eval", "--model", str(model), "--data", "shards", "--split", "test", "--out", "eval",
-                         "--quiet"], sandbox, [out])
+                         "--encode.quiet"], sandbox, [out])
     assert_readable(rc, err, "eval")
     assert not (sandbox / "PWNED").exists()
 

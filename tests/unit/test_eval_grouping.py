@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
 
 def _eval(capsys, model, corpus, out, *extra):
     rc = main(["eval", "--model", str(model), "--data", str(corpus.shards), "--split", "test", "--languages",
-               "en,de,fr,es", "--quiet", "--out", str(out), *extra])
+               "en,de,fr,es", "--encode.quiet", "--out", str(out), *extra])
     err = capsys.readouterr().err
     assert rc == 0, err
     return json.loads((out / "metrics.json").read_text()), err

@@ -462,7 +462,7 @@ def test_cli_build_jsonl_strict_and_errors(tmp_path, capsys):
     assert load_manifest(out)["splits"]["train"]["rows"] == 21
     assert (
         main(["shards", "build", "--format", "jsonl", str(good), "--out", str(tmp_path / "o2"), "--max_chars", "0"])
-        == 1
+        == 2  # a setting's own check: exit 2, as every command's flag checks
     )
     assert "--max_chars must be >= 1, got 0" in capsys.readouterr().err
     assert main(["shards", "inspect", str(tmp_path / "nowhere")]) == 1

@@ -204,7 +204,7 @@ def test_missing_template_config_and_sbatch_are_clear_errors(corpus, tmp_path, m
     assert main(["submit", "--fit_config", str(T.DEBUG_YAML), "--template", "nowhere.sbatch", "--dry_run"]) == 2
     assert "sbatch template nowhere.sbatch not found: pass --template PATH" in capsys.readouterr().err
     assert main(["submit", "--fit_config", "missing.yaml", "--dry_run"]) == 2
-    assert "--config missing.yaml: no such file" in capsys.readouterr().err
+    assert "--fit_config missing.yaml: no such file" in capsys.readouterr().err
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     if shutil.which("sbatch") is None:
         rc = main(["submit", "--fit_config", str(T.DEBUG_YAML), "--gpus_per_node", "0", "--time", "30",
@@ -228,7 +228,7 @@ def test_translate_dry_run_renders_the_array_and_its_merge(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     (tmp_path / "news.en.txt").write_text("Hello.\n")
     rc = main(["submit", "--job", "translate", "--array_tasks", "3", "--gpus_per_node", "1", "--cpus_per_task", "4",
-               "--time", "2:00:00", "--partition", "gpu", "--account", "proj", "--sbatch-arg=--mem=8G", "--dry_run",
+               "--time", "2:00:00", "--partition", "gpu", "--account", "proj", "--sbatch_arg=--mem=8G", "--dry_run",
                "--", "news.en.txt", "--model", "/models/nllb", "--targets", "de,fr", "--out", "syn x",
                "--beams", "2"])
     out, err = capsys.readouterr()

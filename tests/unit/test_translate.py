@@ -399,7 +399,7 @@ def test_translate_shards_fit_eval_round_trip(models, english, tmp_path, monkeyp
     assert {lang for b in seen for langs in b.values() for lang in langs} == {"en", "de", "fr"}
     ckpt = tmp_path / "runs" / "debug" / "checkpoints" / "last.ckpt"
     assert main(["eval", "--model", str(ckpt), "--data", str(shards), "--split", "test", "--out",
-                 str(tmp_path / "eval"), "--quiet"]) == 0
+                 str(tmp_path / "eval"), "--encode.quiet"]) == 0
     results = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert results["summary"]["languages"] == ["de", "en", "fr"]  # the synthetic languages are evaluated
     assert {"retrieval_acc/en-de", "retrieval_acc/en-fr", "retrieval_acc/de-fr"} <= set(results["metrics"])

@@ -78,14 +78,14 @@ def test_align_export_refuses_a_checkpoint_that_runs_code(crafted, tmp_path, cap
 def test_align_eval_and_mine_refuse_a_checkpoint_that_runs_code(crafted, corpus, tmp_path, capsys):
     path, marker = crafted
     rc = main(["eval", "--model", str(path), "--data", str(corpus.shards), "--split", "test", "--out",
-               str(tmp_path / "eval"), "--quiet"])
+               str(tmp_path / "eval"), "--encode.quiet"])
     err = _one_line(capsys.readouterr().err)
     assert rc != 0 and not marker.exists(), "align eval --model ran the checkpoint's command"
     assert "refusing to load" in err, err
     (tmp_path / "a.txt").write_text("Hello world\nGood morning\n")
     (tmp_path / "b.txt").write_text("Hallo Welt\nGuten Morgen\n")
     rc = main(["mine", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--model", str(path), "--out",
-               str(tmp_path / "pairs.tsv"), "--quiet"])
+               str(tmp_path / "pairs.tsv"), "--encode.quiet"])
     err = _one_line(capsys.readouterr().err)
     assert rc != 0 and not marker.exists(), "align mine --model ran the checkpoint's command"
     assert "refusing to load" in err, err
@@ -126,7 +126,7 @@ def test_pipe_shard_name_runs_nothing_in_eval(corpus, checkpoint, tmp_path, monk
     folder = _hostile_folder(corpus, tmp_path, "pipe:touch PWNED")
     monkeypatch.chdir(folder)
     rc = main(["eval", "--model", str(checkpoint), "--data", ".", "--split", "test", "--out", str(tmp_path / "ev"),
-               "--quiet"])
+               "--encode.quiet"])
     err = _one_line(capsys.readouterr().err)
     assert not (folder / "PWNED").exists(), "the manifest's 'pipe:' shard name ran as a shell command"
     assert rc != 0 and "must be relative inside the folder" in err, err
@@ -146,7 +146,7 @@ def test_symlinked_shard_out_of_the_folder_is_not_read(corpus, checkpoint, tmp_p
     err = capsys.readouterr().err
     assert "outside the shard folder" in err, err
     rc = main(["eval", "--model", str(checkpoint), "--data", str(folder), "--split", "test", "--out",
-               str(tmp_path / "ev"), "--quiet"])
+               str(tmp_path / "ev"), "--encode.quiet"])
     err = _one_line(capsys.readouterr().err)
     assert rc != 0 and "outside the shard folder" in err, err
 
