@@ -49,7 +49,7 @@ EXAMPLES = """\
 examples:
   # 2 nodes x 8 GPUs for a day; check and print the script only
   align submit --fit_config configs/recipes/labse-multiway.yaml --nodes 2 --gpus_per_node 8 \\
-      --time 1-00:00:00 --partition gpu --account myproject --dry_run \
+      --time 1-00:00:00 --partition gpu --account myproject --dry_run \\
       -- --trainer.num_nodes 2 --data.train_shards data/mw
 
   # submit it (my.yaml says num_nodes: 2, devices: 8); everything after -- goes to `align fit`
@@ -58,6 +58,9 @@ examples:
 
   # CPU nodes (gloo): one task per node, no GPUs
   align submit --fit_config my-cpu.yaml --nodes 2 --gpus_per_node 0 --tasks_per_node 1 --time 30
+
+  # the allocation from a file (keys as the flags: nodes, gpus_per_node, time, ...); flags after it override it
+  align submit --config cluster.yaml --fit_config my.yaml --time 48:00:00
 
   # a translate job: 8 array tasks of `align translate run`, then `align translate merge` (afterok)
   align submit --job translate --array_tasks 8 --gpus_per_node 1 --time 04:00:00 \\

@@ -230,7 +230,7 @@ def test_translate_dry_run_renders_the_array_and_its_merge(tmp_path, monkeypatch
     rc = main(["submit", "--job", "translate", "--array_tasks", "3", "--gpus_per_node", "1", "--cpus_per_task", "4",
                "--time", "2:00:00", "--partition", "gpu", "--account", "proj", "--sbatch_arg=--mem=8G", "--dry_run",
                "--", "news.en.txt", "--model", "/models/nllb", "--targets", "de,fr", "--out", "syn x",
-               "--beams", "2"])
+               "--generate.beams", "2"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     array, merge = _split_translate(out)
@@ -244,7 +244,7 @@ def test_translate_dry_run_renders_the_array_and_its_merge(tmp_path, monkeypatch
         *common, f"--output={logs}/%x-%j.out", "--cpus-per-task=1", "--mem=8G"])
     assert "export TRANSLATE_STAGE=run\nexport TRANSLATE_TASKS=3\n" in array
     assert "export TRANSLATE_STAGE=merge\n" in merge
-    command = """set -- news.en.txt --model /models/nllb --targets de,fr --out 'syn x' --beams 2 "$@\""""
+    command = """set -- news.en.txt --model /models/nllb --targets de,fr --out 'syn x' --generate.beams 2 "$@\""""
     assert command in array and command in merge
     for i, script in enumerate((array, merge)):
         lines = script.splitlines()
