@@ -28,7 +28,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass
 class GenerateConfig:
-    """How sentences are batched and decoded (``--beams``, ``--max-length``, ``--generate.batch_tokens``, ...)."""
+    """How sentences are batched and decoded (``--generate.beams``, ``--generate.max_length``, ``--generate.batch_tokens``, ...)."""
 
     beams: int = 4
     """Beam size (1 = greedy)."""
