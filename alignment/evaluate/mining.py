@@ -2,7 +2,7 @@
 
 LASER's bitext mining (Artetxe & Schwenk 2019a; ``source/mine_bitexts.py``):
 every source is scored against its ``k`` cosine nearest targets with the margin
-of :mod:`alignment.evaluate.retrieval`, and every target against its ``k``
+of :mod:`alignment.evaluate.search`, and every target against its ``k``
 nearest sources. The candidate pairs are then combined by a *mode*:
 
 ``forward``
@@ -20,7 +20,7 @@ Pairs scoring at or above ``threshold`` are returned, sorted by score
 deterministic. The search is exact: chunked torch matmuls (a 10k x 10k search
 never holds more than ``chunk_size x 10k`` scores), or FAISS ``IndexFlatIP``
 when it is installed and the search is large (see
-:func:`~alignment.evaluate.retrieval.resolve_backend`).
+:func:`~alignment.evaluate.search.resolve_backend`).
 """
 
 from __future__ import annotations
@@ -31,17 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignment.evaluate.retrieval import (
-    KNN_BACKENDS,
-    MARGINS,
-    ArrayLike,
-    MarginSearch,
-    as_float_matrix,
-    check_vectors,
-    apply_margin,
-    l2_normalize,
-    margin_search,
-)
+from alignment.evaluate.embeddings import ArrayLike, as_float_matrix, check_vectors, l2_normalize
+from alignment.evaluate.search import KNN_BACKENDS, MARGINS, MarginSearch, margin_search
 
 MINING_MODES = ("forward", "backward", "intersection", "max-score")
 MARGIN_UPPER = {"distance": 2.0, "absolute": 1.0}  # largest reachable score; ratio is unbounded
@@ -178,15 +169,3 @@ def mine(source: ArrayLike, target: ArrayLike, config: MiningConfig | None = Non
     return MinedPairs(
         torch.from_numpy(src[order]).long(), torch.from_numpy(tgt[order]).long(), torch.from_numpy(score[order])
     )
-
-
-def score_aligned(x: Tensor, y: Tensor, *, k: int, margin: str, chunk_size: int, backend: str) -> Tensor:
-    """Margin score of each aligned pair ``(x[i], y[i])``: ``(n,)``.
-
-    ``x`` and ``y`` are ``(n, D)`` unit-norm; the neighbourhood means are over
-    all of ``y`` (for ``x[i]``) and all of ``x`` (for ``y[i]``), exactly as in
-    mining, so paired scores and mined scores share one scale.
-    """
-    search = margin_search(x, y, k=k, margin=margin, chunk_size=chunk_size, backend=backend)
-    cos = (x * y).sum(dim=1)  # (n,)
-    return apply_margin(cos, (search.fwd_mean + search.bwd_mean) / 2, margin)  # (n,)
