@@ -38,7 +38,7 @@ from alignment.model import DualEncoder
 
 @dataclass
 class EncodeConfig:
-    """How text becomes embeddings (``--batch-size``, ``--max-length``, ``--prefix``, ``--seed``, ``--quiet``)."""
+    """How text becomes embeddings (``--encode.*``: ``--encode.batch_size``, ``--encode.max_length``, ...)."""
 
     batch_size: int = 64
     """Sentences per forward pass; peak memory grows with batch_size x max_length."""
@@ -54,9 +54,9 @@ class EncodeConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"--encode.batch_size must be >= 1, got {self.batch_size}")
         if self.max_length < 2:
-            raise ValueError(f"--max-length must be >= 2 (room for the special tokens), got {self.max_length}")
+            raise ValueError(f"--encode.max_length must be >= 2 (room for the special tokens), got {self.max_length}")
 
 
 def resolve_prefix(info: EncoderInfo, override: str | None) -> str:

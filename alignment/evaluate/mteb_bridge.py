@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from alignment.evaluate.encoder import OFFLINE_VARS, ModelLoadError, classify_spec, describe_failure, is_offline, read_card
+from alignment.evaluate.encoder import (
+    OFFLINE_VARS,
+    ModelLoadError,
+    classify_spec,
+    describe_failure,
+    is_offline,
+    read_card,
+)
 from alignment.model import PROJECTION_FILE
 
 MTEB_INSTALL_HINT = "pip install 'multiway-align[mteb]'"

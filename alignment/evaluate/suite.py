@@ -37,12 +37,7 @@ from alignment.evaluate.probes import (
     sts_spearman,
 )
 from alignment.evaluate.procrustes import ProcrustesConfig, ProcrustesReport, evaluate_procrustes
-from alignment.evaluate.retrieval import (
-    RetrievalConfig,
-    RetrievalTable,
-    evaluate_retrieval,
-    training_language_tuple,
-)
+from alignment.evaluate.retrieval import RetrievalConfig, RetrievalTable, evaluate_retrieval, training_language_tuple
 
 METRIC_NAMES = {"accuracy": "retrieval_acc", "mrr": "mrr", "xsim_error": "xsim"}
 """Flat-metric names of the retrieval metrics; ``recall@k`` keeps its name."""
@@ -50,9 +45,10 @@ METRIC_NAMES = {"accuracy": "retrieval_acc", "mrr": "mrr", "xsim_error": "xsim"}
 
 @dataclass
 class EvalConfig:
-    """What :func:`evaluate_embeddings` runs (``--eval.*``).
+    """What :func:`evaluate_embeddings` runs.
 
-    Nested sections keep their own flag prefixes: ``--retrieval.*``, ``--probe.*``, ``--procrustes.*``.
+    ``align eval``'s run config inherits these fields, so they are top-level flags:
+    ``--hubness_k``, ``--diagnostics``, ``--retrieval.*``, ``--probe.*``, ``--procrustes.*``.
     """
 
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
@@ -68,7 +64,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.hubness_k < 0:
-            raise ValueError(f"--eval.hubness_k must be >= 0 (0 disables hubness), got {self.hubness_k}")
+            raise ValueError(f"--hubness_k must be >= 0 (0 disables hubness), got {self.hubness_k}")
 
 
 @dataclass
