@@ -13,6 +13,7 @@ The full model (7 s, 470 MB) is built once per session.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
@@ -590,7 +591,7 @@ def test_texts_file_errors_name_file_and_line(tmp_path, capsys, e5_file):
     assert main(["offline-encoder", str(tmp_path / "enc"), "--vocab-from-texts", str(lines)]) == 2
     assert f"{lines}:3: not valid UTF-8" in capsys.readouterr().err
     assert main(["offline-encoder", str(tmp_path / "enc"), "--vocab-from-texts", str(tmp_path / "missing.txt")]) == 2
-    assert "--vocab-from-texts: no such file" in capsys.readouterr().err
+    assert "--vocab_from_texts: no such file" in capsys.readouterr().err
     assert not (tmp_path / "enc").exists()
 
 
@@ -620,3 +621,19 @@ def test_encoder_card_round_trip_and_errors(tmp_path):
         EncoderCard.load(tmp_path)
     with pytest.raises(ValueError, match="pooling must be one of mean, cls, last, got 'max'"):
         EncoderCard(pooling="max")
+
+
+def test_core_never_imports_the_demo_package():
+    """Only commands (and scripts, benchmarks, tests) may import ``alignment.demo``: the core runs without it."""
+    offenders = []
+    for path in sorted((REPO / "alignment").rglob("*.py")):
+        rel = path.relative_to(REPO / "alignment").parts
+        if rel[0] in ("demo", "commands"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "alignment.demo" or n.startswith("alignment.demo.") for n in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"core modules import alignment.demo: {offenders}"
