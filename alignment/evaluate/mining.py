@@ -26,15 +26,17 @@ when it is installed and the search is large (see
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from alignment.evaluate.embeddings import ArrayLike, as_float_matrix, check_vectors, l2_normalize
-from alignment.evaluate.search import KNN_BACKENDS, MARGINS, MarginSearch, margin_search
+from alignment.evaluate.search import KNN_BACKENDS, MARGINS, KnnBackend, Margin, MarginSearch, margin_search
 
-MINING_MODES = ("forward", "backward", "intersection", "max-score")
+MiningMode = Literal["forward", "backward", "intersection", "max-score"]
+MINING_MODES: tuple[str, ...] = get_args(MiningMode)
 MARGIN_UPPER = {"distance": 2.0, "absolute": 1.0}  # largest reachable score; ratio is unbounded
 
 
@@ -42,17 +44,17 @@ MARGIN_UPPER = {"distance": 2.0, "absolute": 1.0}  # largest reachable score; ra
 class MiningConfig:
     """Margin-based mining settings (``--mining.*``)."""
 
-    mode: str = "max-score"
+    mode: MiningMode = "max-score"
     """How forward and backward candidates combine: forward, backward, intersection, max-score (LASER)."""
     k: int = 4
     """Neighbourhood size of the margin and number of candidates per sentence."""
-    margin: str = "ratio"
+    margin: Margin = "ratio"
     """Margin function: ratio, distance or absolute (plain cosine)."""
     threshold: float = 1.06
     """Keep pairs scoring at or above this; ~1.04-1.06 is usual for the ratio margin (WikiMatrix, CCMatrix)."""
     chunk_size: int = 4096
     """Queries scored per matmul; peak memory is chunk_size x set size floats."""
-    backend: str = "auto"
+    backend: KnnBackend = "auto"
     """k-NN search: auto (FAISS if installed and the search is large), exact, faiss."""
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -17,11 +18,13 @@ from torch import Tensor
 from alignment.data.corpus import normalize_language
 from alignment.evaluate.embeddings import MultiWayEmbeddings
 from alignment.evaluate.metrics import gold_ranks, rank_metrics, torchmetrics_rank_metrics, xsim_error_rate
-from alignment.evaluate.search import KNN_BACKENDS, MARGINS
+from alignment.evaluate.search import KNN_BACKENDS, MARGINS, KnnBackend, Margin
 
-PAIR_MODES = ("all", "pivot")
+PairMode = Literal["all", "pivot"]
+PAIR_MODES: tuple[str, ...] = get_args(PairMode)
 """Which language pairs to evaluate: every ordered pair, or each language to and from the pivot."""
-METRIC_BACKENDS = ("rank", "torchmetrics")
+MetricBackend = Literal["rank", "torchmetrics"]
+METRIC_BACKENDS: tuple[str, ...] = get_args(MetricBackend)
 """How retrieval metrics are computed: from the gold rank (chunked) or torchmetrics' retrieval metrics."""
 
 
@@ -34,17 +37,17 @@ class RetrievalConfig:
 
     ks: tuple[int, ...] = (1, 5, 10)
     """Cut-offs for recall@k (accuracy is recall@1 and is always reported)."""
-    margin: str = "ratio"
+    margin: Margin = "ratio"
     """Margin function for xSIM: ratio, distance or absolute (Artetxe & Schwenk 2019)."""
     margin_k: int = 4
     """Neighbourhood size k of the margin (LASER uses 4)."""
-    pairs: str = "all"
+    pairs: PairMode = "all"
     """Language pairs: 'all' ordered pairs of distinct languages, or 'pivot' (each language to and from the pivot)."""
     chunk_size: int = 4096
     """Queries scored per matmul; memory is chunk_size x candidates floats."""
-    backend: str = "auto"
+    backend: KnnBackend = "auto"
     """k-NN backend for margin search: auto, exact, faiss."""
-    metrics_backend: str = "rank"
+    metrics_backend: MetricBackend = "rank"
     """'rank' (chunked, any size) or 'torchmetrics' (full score matrix per pair; small sets)."""
 
     def __post_init__(self) -> None:

@@ -24,14 +24,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
-MARGINS = ("ratio", "distance", "absolute")
+Margin = Literal["ratio", "distance", "absolute"]
+MARGINS: tuple[str, ...] = get_args(Margin)
 """Margin functions: ratio and distance margins (Artetxe & Schwenk 2019a) and plain cosine."""
-KNN_BACKENDS = ("auto", "exact", "faiss")
+KnnBackend = Literal["auto", "exact", "faiss"]
+KNN_BACKENDS: tuple[str, ...] = get_args(KnnBackend)
 """k-NN search: exact chunked torch matmul, FAISS ``IndexFlatIP`` (also exact), or auto."""
 FAISS_MIN_PAIRS = 50_000_000
 """``backend="auto"`` uses FAISS (when installed) once queries x keys reaches this many scores."""
