@@ -77,7 +77,8 @@ def tiny_model(folder: Path) -> str:
 def bench_encoding(
     spec: str, sentences: int, batch_size: int, max_length: int, repeats: int, quiet: bool, label: str | None = None
 ) -> dict:
-    from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder, resolve_prefix
+    from alignment.evaluate.encode import EncodeConfig, encode_texts, resolve_prefix
+    from alignment.evaluate.encoder import load_encoder
     from alignment.synthetic import SYNTHETIC_LANGUAGES, synthetic_rows
 
     model, tokenizer, info = load_encoder(spec)

@@ -747,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
     from alignment.data.manifest import load_manifest
-    from alignment.evaluate.encode import load_encoder
+    from alignment.evaluate.encoder import load_encoder
 
     test_rows = load_manifest(args.shards)["splits"]["test"]["rows"]
     encoder_description = load_encoder(str(args.encoder))[2].describe()

@@ -39,16 +39,12 @@ from torch import Tensor
 from alignment.commands.eval import USER_ERRORS, add_encoder_arguments, encode_config, error
 from alignment.commands.common import HelpFormatter, field_docs
 from alignment.evaluate.datasets import EvalDataError, TextLine, read_text_file
-from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder, quiet_library_bars, resolve_prefix
-from alignment.evaluate.mining import MARGIN_UPPER, MINING_MODES, MiningConfig, mine, score_aligned
+from alignment.evaluate.embeddings import invalid_vectors, l2_normalize
+from alignment.evaluate.encode import EncodeConfig, encode_texts, quiet_library_bars, resolve_prefix
+from alignment.evaluate.encoder import load_encoder
+from alignment.evaluate.mining import MARGIN_UPPER, MINING_MODES, MiningConfig, mine
 from alignment.evaluate.report import markdown_table
-from alignment.evaluate.retrieval import (
-    KNN_BACKENDS,
-    MARGINS,
-    invalid_vectors,
-    l2_normalize,
-    resolve_backend,
-)
+from alignment.evaluate.search import KNN_BACKENDS, MARGINS, resolve_backend, score_aligned
 
 TSV_HEADER = ("score", "src_line", "tgt_line", "src_text", "tgt_text")
 

@@ -1,9 +1,9 @@
 """``align shards build | inspect | verify``: WebDataset shards from multi-way corpora.
 
-A thin layer: flags -> :class:`~alignment.data.corpus.CorpusSource`,
-:class:`~alignment.data.corpus.CleaningConfig` and
-:class:`~alignment.data.shards.ShardBuildConfig` (whose field docstrings are
-the flags' help), then :func:`~alignment.data.shards.build_shards`.
+A thin layer: flags -> :class:`~alignment.data.readers.CorpusSource`,
+:class:`~alignment.data.cleaning.CleaningConfig` and
+:class:`~alignment.data.shards_write.ShardBuildConfig` (whose field docstrings are
+the flags' help), then :func:`~alignment.data.build.build_shards`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ family        code of German          where the model's codes come from
 ============  ======================  =============================================
 
 A user's code (``de``, ``pt_BR``, ``zh``, ``deu_Latn``) is canonicalised with
-:func:`~alignment.data.corpus.normalize_language`; so is each of the model's own
+:func:`~alignment.languages.normalize_language`; so is each of the model's own
 codes (``arb_Arab`` -> ``ar``, ``zho_Hans`` -> ``zh-Hans``, ``pt_XX`` -> ``pt``).
 The two meet on *(language, script)*, the script filled in from CLDR when a
 code leaves it implicit (``sr`` is Cyrillic, ``sr-Latn`` is not), the region

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from alignment.cli import main
-from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder
+from alignment.evaluate.encode import EncodeConfig, encode_texts
+from alignment.evaluate.encoder import load_encoder
 from alignment.evaluate.mining import MiningConfig, mine
 from alignment.model import DualEncoder
 from alignment.synthetic import synthetic_rows, tiny_tokenizer
@@ -212,7 +213,7 @@ def test_bad_inputs_and_flags(capsys, tmp_path, model_dir, sentences):
         ([good, tmp_path / "missing.txt"], "missing.txt: no such file"),
         ([good, good, "--margin", "absolute", "--threshold", "1.06"], "--threshold 1.06 can never be reached"),
         ([good, good, "--k", "0"], "--k must be >= 1, got 0"),
-        ([good, good, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        ([good, good, "--batch-size", "0"], "--encode.batch_size must be >= 1, got 0"),
     ]
     for args, message in cases:
         code, _, err = run_cli(capsys, "mine", *args, "--model", model_dir, "--out", tmp_path / "p.tsv")
