@@ -26,8 +26,8 @@ import re
 import sys
 import tempfile
 import zipfile
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
