@@ -49,14 +49,14 @@ def machine_info(*packages: str, device: Any = None) -> dict:
 
 def machine_lines(machine: dict, packages: Sequence[str] = ()) -> list[str]:
     """The report's machine and versions lines (Markdown bullets)."""
-    m = machine
-    where = f"{m['gpu']} (CUDA {m['cuda']}), host {m['cpu']}" if m.get("gpu") else m["cpu"]
+    m = machine  # .get: a report rendered again from an older JSON may lack a field
+    where = f"{m['gpu']} (CUDA {m.get('cuda')}), host {m['cpu']}" if m.get("gpu") else m["cpu"]
     versions = ", ".join([f"python {m['python']}", f"torch {m['torch']}",
                           *(f"{p} {m.get(p) or 'not installed'}" for p in packages)])
     return [
-        f"- machine: {where}, {m['cores']} cores ({m['usable_cores']} usable, torch threads {m['torch_threads']}), "
-        f"{m['memory_gib']} GiB RAM, {m['platform']}; 1-minute load average at start {m['load_avg_1m_at_start']} "
-        "(other jobs on the machine slow every number)",
+        f"- machine: {where}, {m['cores']} cores ({m.get('usable_cores', '?')} usable, torch threads "
+        f"{m.get('torch_threads', '?')}), {m.get('memory_gib', '?')} GiB RAM, {m.get('platform', m.get('os'))}; "
+        f"1-minute load average at start {m.get('load_avg_1m_at_start')} (other jobs on the machine slow every number)",
         f"- versions: {versions}",
     ]
 

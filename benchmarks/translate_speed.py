@@ -46,7 +46,6 @@ from _common import (  # noqa: E402
 )
 
 
-
 def bench_arm(name: str, folder: Path, texts: list[str], targets: list[str], config: GenerateConfig) -> dict:
     load = time.perf_counter()
     translator = Translator(str(folder), config)
