@@ -261,7 +261,7 @@ def markdown(report: dict) -> str:
         f"# Loss, gather and GradCache scaling ({report['date'][:10]})",
         "",
         *machine_lines(m),
-        f"- Command: `{report['command']}`",
+        f"- command: `{report['command']}`",
         "- Memory: MiB added to the resident set by the measured step (peak RSS of the fresh process "
         "in parentheses), from `getrusage(RUSAGE_SELF).ru_maxrss`; one process per configuration.",
         "- Shared machine: other jobs ran concurrently, so times are indicative: best of up to 3 runs "
