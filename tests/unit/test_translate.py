@@ -255,7 +255,7 @@ def test_a_killed_run_resumes_without_redoing_or_duplicating_parts(models, engli
     assert (out / "corpus.jsonl").read_bytes() == (tmp_path / "ref" / "corpus.jsonl").read_bytes()
     ids = [r["id"] for r in rows_of(out / "corpus.jsonl")]
     assert len(ids) == len(set(ids)) == 24
-    assert not list((out / "parts").glob(".*.tmp"))
+    assert not list((out / "parts").glob(".*.partial-*"))
 
     # other settings on the same folder: refused with the difference named, nothing touched
     corpus = (out / "corpus.jsonl").read_bytes()
