@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit test-distributed test-cluster test-fuzz
+.PHONY: setup demo test lint test-unit test-distributed test-cluster test-fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -10,8 +10,11 @@ setup:
 demo: setup
 	bash scripts/demo.sh
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check alignment tests benchmarks scripts
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit

@@ -3,76 +3,27 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from pathlib import Path
 from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from alignment import fsutil
 from alignment.strategies import full_parameters
-
-PARTIAL_SUFFIX = ".partial"
-OLD_SUFFIX = ".old"
-
-
-def replace_path(src: str | Path, dst: str | Path) -> None:
-    """Move ``src`` onto ``dst`` so that ``dst`` is never a half-written checkpoint.
-
-    A file is replaced with one atomic ``os.replace``. A directory (a DeepSpeed
-    ZeRO checkpoint) cannot be swapped atomically, so the old one is first
-    renamed to ``dst.old`` and only deleted once the new one is in place: a
-    kill in between leaves ``dst.old`` complete, and :func:`recover_partial`
-    puts it back.
-    """
-    src, dst = Path(src), Path(dst)
-    if src.is_dir():
-        old = dst.with_name(dst.name + OLD_SUFFIX)
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        if dst.exists():
-            os.replace(dst, old)
-        os.replace(src, dst)
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(src, dst)
-
-
-def recover_partial(dirpath: str | Path) -> list[str]:
-    """Clean a checkpoint folder after a kill during a save; returns what it did.
-
-    ``*.partial`` leftovers are deleted; a ``X.old`` whose ``X`` is missing (a
-    kill between the two renames of :func:`replace_path`) is renamed back.
-    """
-    actions = []
-    dirpath = Path(dirpath)
-    if not dirpath.is_dir():
-        return actions
-    for path in sorted(dirpath.iterdir()):
-        if path.name.endswith(PARTIAL_SUFFIX):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-            actions.append(f"removed {path.name}")
-        elif path.name.endswith(OLD_SUFFIX):
-            final = path.with_name(path.name[: -len(OLD_SUFFIX)])
-            if final.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-                actions.append(f"removed {path.name}")
-            else:
-                os.replace(path, final)
-                actions.append(f"restored {final.name} from {path.name}")
-    return actions
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose files (and ZeRO folders) appear complete or not at all.
 
-    Every rank writes into ``<name>.partial`` (a DeepSpeed save is collective);
-    after a barrier rank 0 moves it onto the final name with
-    :func:`replace_path`. Lightning's ``ckpt_path="last"`` lookup only matches
-    ``last*.ckpt``, so a ``last.ckpt.partial`` left by a kill is never resumed.
+    Every rank writes into ``.<name>.partial-step<N>`` (a DeepSpeed save is
+    collective, so the name is the same on every rank); after a barrier rank 0
+    publishes it with :func:`alignment.fsutil.commit` (a ZeRO folder replaces
+    the old one only once in place). At setup rank 0 runs
+    :func:`alignment.fsutil.recover_in` on the folder: a kill between the
+    renames gets the old checkpoint back. Lightning's ``ckpt_path="last"``
+    lookup only matches ``last*.ckpt``, so a leftover temporary is never resumed.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -82,16 +33,16 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath:
-            for action in recover_partial(self.dirpath):
+            for action in fsutil.recover_in(self.dirpath, grace_s=0):  # no save runs before the barrier
                 rank_zero_info(f"[checkpoint] {action} in {self.dirpath}")
         trainer.strategy.barrier("atomic_ckpt_setup")
 
     def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
-        partial = filepath + PARTIAL_SUFFIX
+        partial = str(fsutil.temp_path(filepath, token=f"step{trainer.global_step}"))
         trainer.save_checkpoint(partial, self.save_weights_only)
         trainer.strategy.barrier("atomic_ckpt_written")
         if trainer.is_global_zero:
-            replace_path(partial, filepath)
+            fsutil.commit(partial, filepath)
         trainer.strategy.barrier("atomic_ckpt_renamed")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath

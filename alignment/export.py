@@ -26,16 +26,17 @@ import re
 import sys
 import tempfile
 import zipfile
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignment import fsutil
 from alignment.model import ENCODER_META, PIVOT_SUBDIR, DualEncoder
-from alignment.model_card import apply_umask, build_model_card
+from alignment.model_card import build_model_card
 from alignment.runs import CKPT_RUN, TRAINING_RECORD, training_record
-from alignment.staging import building_dir, check_replaceable, clean_stale, replace_dir
+from alignment.staging import check_replaceable
 
 CKPT_HF_CONFIG = "alignment_hf_config"
 CKPT_TOKENIZER = "alignment_tokenizer"
@@ -103,9 +104,9 @@ def export_encoder(
 ) -> Path:
     """Write ``encoder`` (and ``tokenizer``) to ``directory``, complete or not at all.
 
-    The folder is written under a temporary sibling name and renamed into
-    place, so an interrupted export never leaves a half folder under the
-    final name; an existing export is replaced only after the new one is complete,
+    The folder is published with :func:`alignment.fsutil.publish_folder`, so an
+    interrupted export never leaves a half folder under the final name; an
+    existing export is replaced only after the new one is complete,
     and only an export (a folder with ``alignment_encoder.json``) that holds none
     of ``inputs`` (``flag`` names the folder in errors). Files and folders get the
     modes the umask gives (readable by the team where the umask allows). ``run``
@@ -114,8 +115,8 @@ def export_encoder(
     final = Path(directory)
     check_replaceable(final, overwrite=overwrite, flag="OUT" if flag is None else flag, is_ours=is_export,
                       what=f"an export (no {ENCODER_META} in it)", inputs=inputs)
-    clean_stale(final, tag="exporting")  # what a killed export to the same folder left
-    with building_dir(final, tag="exporting") as tmp:
+    fsutil.recover(final)  # what a killed export to the same folder left
+    with fsutil.publish_folder(final) as tmp:
         was_training = encoder.training
         encoder.eval()
         encoder.save_pretrained(tmp)
@@ -129,8 +130,6 @@ def export_encoder(
                                     embedding_dim=encoder.embedding_dim)
             card.save(str(tmp / "README.md"))
             _write_json(tmp / TRAINING_RECORD, training_record(run))
-        apply_umask(tmp)
-        replace_dir(tmp, final)
     return final
 
 

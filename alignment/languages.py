@@ -70,7 +70,7 @@ def parse_languages(value: str | Sequence[str] | None, flag: str,
         try:
             code = normalize(str(item).strip())
         except LanguageCodeError as exc:
-            raise ValueError(f"{flag}: {exc}") from exc
+            raise ValueError(f"{flag}: {str(item).strip()!r} is not a language code ({exc})") from None
         if code not in out:
             out.append(code)
     if not out:

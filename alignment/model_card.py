@@ -9,7 +9,6 @@ and ``align export CKPT OUT``) write it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -149,19 +148,3 @@ The folder also loads with `transformers.AutoModel` / `AutoTokenizer` (then pool
 {_eval_table(dict(run.get("last_eval") or {}))}
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-
-
-def apply_umask(folder: str | os.PathLike) -> None:
-    """Give every file and folder under ``folder`` (itself included) the mode plain ``open``/``mkdir`` would.
-
-    A temporary directory is created 0700 and safetensors writes 0600; an
-    export renamed into place from one would be unreadable to the team.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    root = Path(folder)
-    root.chmod(0o777 & ~umask)
-    for path in root.rglob("*"):
-        if path.is_symlink():
-            continue
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -425,7 +425,7 @@ class AlignmentModule(LightningModule):
         self._evaluation_epoch_end("test/")
 
     def _evaluation_epoch_end(self, prefix: str) -> dict[str, float] | None:
-        from alignment.evaluate.report import validation_metrics
+        from alignment.evaluate.suite import validation_metrics
 
         if self.trainer.sanity_checking:
             return None

@@ -56,6 +56,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from alignment import fsutil
+
 REQUEUE_SIGNAL = signal.SIGUSR1
 """The signal that asks for a checkpoint and a requeue (``--signal=B:USR1@N`` in ``slurm/train.sbatch``)."""
 EXIT_REQUEUE = 75
@@ -109,10 +111,7 @@ def write_requeue_file(step: int, checkpoint: str) -> None:
     """
     target = os.environ.get(REQUEUE_FILE_ENV)
     if target:
-        partial = f"{target}.partial"
-        with open(partial, "w") as fh:
-            fh.write(f"step={step} checkpoint={checkpoint}\n")
-        os.replace(partial, target)
+        fsutil.publish_file(target, f"step={step} checkpoint={checkpoint}\n")
 
 
 class Preempted(Exception):

@@ -1,34 +1,22 @@
-"""Output folders written beside their final name: who may replace what, and what a killed build leaves.
+"""Output folders: who may replace what.
 
 Every command that writes a folder (``align shards build|merge``, ``align export``)
-writes it under a hidden sibling name and renames it into place when complete.
-This module holds the rules around that:
+publishes it with :mod:`alignment.fsutil` (written beside, renamed into place
+when complete, recovered after a kill). This module holds the policy around that:
 
 * :func:`check_replaceable`: ``--overwrite`` replaces only a folder the project
   wrote (recognised by its marker file: a shard ``manifest.json``, an export's
   ``alignment_encoder.json``) and never one that holds an input of the command;
-* :func:`building_dir`: the hidden build folder, with a lock held while the
-  build runs (``.<name>.building-<id>.lock`` beside it);
-* :func:`clean_stale`: at the next build, the build folders whose builder is
-  gone (a killed build's ``.<name>.building-*``, and ``.<name>.old-*`` once the
-  new folder is in place) are removed.
+* :func:`inside_folder`: whether a path lies inside a folder, symlinks followed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import glob
-import os
-import shutil
-import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-LOCK_SUFFIX = ".lock"
-UNLOCKED_GRACE_S = 120.0
-"""A build folder without a lock file is stale only when older than this (it may have been created a moment ago)."""
+from alignment import fsutil
 
 
 def inside_folder(path: Path, folder: Path) -> bool:
@@ -77,90 +65,17 @@ def check_replaceable(
         )
 
 
-@contextlib.contextmanager
-def building_dir(out: Path, tag: str = "building") -> Iterator[Path]:
-    """Create ``.<out.name>.<tag>-<id>`` beside ``out`` and hold its lock while the block runs.
-
-    The folder is the caller's to fill and rename; whatever is left of it when the block
-    exits (an error, or not renamed) is removed, and the lock file with it.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.{tag}-{uuid.uuid4().hex[:8]}"
-    lock_path = staging.with_name(staging.name + LOCK_SUFFIX)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        try:
-            staging.mkdir()
-            yield staging
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                lock_path.unlink()
+# The build mechanism (temporary folder, lock, replace with rollback, recovery) is alignment.fsutil's.
+# These three names serve alignment/data/shards.py until it calls fsutil itself; delete them then.
 
 
-def _held(lock_path: Path) -> bool:
-    """Another live process holds this lock file (always false when it cannot be opened)."""
-    try:
-        with open(lock_path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            return False
-    except OSError:
-        return False
+def building_dir(out: Path, tag: str = "building") -> contextlib.AbstractContextManager[Path]:  # noqa: ARG001
+    return fsutil.building(out)
 
 
-def clean_stale(out: Path, tag: str = "building") -> list[Path]:
-    """Remove the build folders of ``out`` that no live build owns; returns what was removed.
-
-    ``.<name>.<tag>-*`` whose lock is not held (or, without a lock file, older than
-    :data:`UNLOCKED_GRACE_S`: a build of an older version); ``.<name>.old-*`` only
-    when ``out`` itself exists (otherwise an ``.old`` folder may be the only copy).
-    """
-    parent = out.parent
-    if not parent.is_dir():
-        return []
-    removed = []
-    for path in sorted(parent.glob(f".{glob.escape(out.name)}.{tag}-*")):
-        if path.name.endswith(LOCK_SUFFIX) or not path.is_dir() or path.is_symlink():
-            continue
-        lock_path = path.with_name(path.name + LOCK_SUFFIX)
-        if lock_path.exists():
-            if _held(lock_path):
-                continue
-        elif time.time() - path.stat().st_mtime < UNLOCKED_GRACE_S:
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            lock_path.unlink()
-        removed.append(path)
-    if out.is_dir():
-        for path in sorted(parent.glob(f".{glob.escape(out.name)}.old-*")):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    for lock_path in parent.glob(f".{glob.escape(out.name)}.{tag}-*{LOCK_SUFFIX}"):  # locks whose folder is gone
-        folder = lock_path.with_name(lock_path.name[: -len(LOCK_SUFFIX)])
-        if not folder.exists() and not _held(lock_path):
-            with contextlib.suppress(OSError):
-                lock_path.unlink()
-    return removed
+def clean_stale(out: Path, tag: str = "building") -> list[str]:  # noqa: ARG001
+    return fsutil.recover(out)
 
 
 def replace_dir(staging: Path, out: Path) -> None:
-    """Rename the finished ``staging`` to ``out``; an existing ``out`` is moved aside and removed only then."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(staging, out)  # fails (never merges) if someone created a non-empty out meanwhile
-        return
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    fsutil.commit(staging, out)

@@ -9,7 +9,7 @@ tokenising alone costs). Target: one worker reaches at least 80% of the raw
     python benchmarks/data_pipeline.py                       # synthetic shards + synthetic tiny tokenizer
     python benchmarks/data_pipeline.py --tokenizer PATH --shards DIR_WITH_MANIFEST
 
-Writes ``benchmarks/results/data_pipeline-<date>-<tokenizer>.{md,json}`` with
+Writes ``benchmarks/results/data_pipeline-<date>-<tokenizer>-<machine>.{md,json}`` with
 the machine, versions, the exact command and the date.
 
 Tokenizer threads: ``TOKENIZERS_PARALLELISM`` defaults to ``false`` here (unless
@@ -21,21 +21,28 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import resource
-import shlex
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
-from alignment.hostinfo import cpu_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import (  # noqa: E402
+    RESULTS,
+    command_line,
+    machine_info,
+    machine_lines,
+    machine_tag,
+    markdown_table,
+    now,
+    result_stem,
+    write_results,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
+PACKAGES = ("transformers", "tokenizers", "webdataset")
 
 
 @dataclass
@@ -267,46 +274,18 @@ def run(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- reporting
 
 
-def machine() -> dict:
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def versions() -> dict:
-    import tokenizers
-    import torch
-    import transformers
-    import webdataset
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
-        "webdataset": webdataset.__version__,
-    }
-
-
 def table(report: dict) -> str:
     raw, raw_unpadded = report["results"][:2]
-    lines = [
-        "| measurement | workers | rows/s | sentences/s | real tokens/s | padding | vs raw padded "
-        "| vs raw unpadded | tokens per CPU-s | vs raw padded (CPU) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    header = ["measurement", "workers", "rows/s", "sentences/s", "real tokens/s", "padding", "vs raw padded",
+              "vs raw unpadded", "tokens per CPU-s", "vs raw padded (CPU)"]
+    rows = [
+        [m.name, "-" if m.workers is None else m.workers, f"{m.rows_per_s:,.0f}", f"{m.sentences_per_s:,.0f}",
+         f"{m.tokens_per_s:,.0f}", f"{m.padding:.1%}", f"{m.tokens_per_s / raw.tokens_per_s:.0%}",
+         f"{m.tokens_per_s / raw_unpadded.tokens_per_s:.0%}", f"{m.tokens_per_cpu_s:,.0f}",
+         f"{m.tokens_per_cpu_s / raw.tokens_per_cpu_s:.0%}"]
+        for m in report["results"]
     ]
-    for m in report["results"]:
-        workers = "-" if m.workers is None else str(m.workers)
-        lines.append(
-            f"| {m.name} | {workers} | {m.rows_per_s:,.0f} | {m.sentences_per_s:,.0f} | {m.tokens_per_s:,.0f} "
-            f"| {m.padding:.1%} | {m.tokens_per_s / raw.tokens_per_s:.0%} "
-            f"| {m.tokens_per_s / raw_unpadded.tokens_per_s:.0%} | {m.tokens_per_cpu_s:,.0f} "
-            f"| {m.tokens_per_cpu_s / raw.tokens_per_cpu_s:.0%} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def verdict(report: dict) -> str:
@@ -325,28 +304,20 @@ def verdict(report: dict) -> str:
 
 
 def write_report(report: dict, args: argparse.Namespace) -> tuple[Path, Path]:
-    now = datetime.now(timezone.utc)
-    command = shlex.join([sys.executable, *sys.argv])
     meta = {
-        "date": now.isoformat(timespec="seconds"),
-        "command": command,
-        "machine": machine(),
-        "versions": versions(),
+        "date": now(),
+        "command": command_line("data_pipeline.py", None),
+        "machine": machine_info(*PACKAGES),
         "env": {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"data_pipeline-{now:%Y-%m-%d}-{report['tokenizer']}"
     results = [{**asdict(m), "rows_per_s": m.rows_per_s, "tokens_per_s": m.tokens_per_s} for m in report["results"]]
     data = {**meta, **{k: v for k, v in report.items() if k != "results"}, "results": results, "verdict": verdict(report)}
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    m = meta["machine"]
     markdown = "\n".join(
         [
-            f"# Data pipeline throughput, {now:%Y-%m-%d}",
+            f"# Data pipeline throughput, {meta['date'][:10]}",
             "",
-            f"- machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['platform']}",
-            f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}, python {m['python']}",
+            *machine_lines(meta["machine"], PACKAGES),
             f"- tokenizer: {report['tokenizer']}; TOKENIZERS_PARALLELISM={meta['env']['TOKENIZERS_PARALLELISM']}",
             f"- data: {report['rows']} rows in {report['shards']} shards, {len(report['languages'])} languages, "
             f"batch {args.batch_size} rows, max_length {args.max_length}, policy {args.policy}, "
@@ -354,7 +325,7 @@ def write_report(report: dict, args: argparse.Namespace) -> tuple[Path, Path]:
             "CPU-s = CPU time of the benchmark process and its reaped workers",
             f"- load average (1, 5, 15 min) before / after: {report['load_average']['before']} / "
             f"{report['load_average']['after']} (other jobs on the machine lower and scatter the numbers)",
-            f"- command: `{command}`",
+            f"- command: `{meta['command']}`",
             "",
             table(report),
             "",
@@ -362,8 +333,8 @@ def write_report(report: dict, args: argparse.Namespace) -> tuple[Path, Path]:
             "",
         ]
     )
-    stem.with_suffix(".md").write_text(markdown)
-    return stem.with_suffix(".md"), stem.with_suffix(".json")
+    stem = result_stem("data_pipeline", meta["date"], report["tokenizer"], machine_tag(meta["machine"]))
+    return write_results(args.out, stem, markdown, data)
 
 
 def main(argv: list[str] | None = None) -> int:

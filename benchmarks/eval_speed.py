@@ -24,41 +24,28 @@ the library versions and the exact command in the body.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from alignment.hostinfo import cpu_model, package_version
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-# --------------------------------------------------------------------------- machine
-
-
-def machine_info() -> dict:
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": package_version("transformers"),
-        "faiss": package_version("faiss"),
-    }
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import (  # noqa: E402
+    RESULTS,
+    command_line,
+    machine_info,
+    machine_lines,
+    machine_tag,
+    markdown_table,
+    now,
+    result_stem,
+)
+from _common import write_results as write_report  # noqa: E402
 
 # --------------------------------------------------------------------------- encoding
 
@@ -77,7 +64,8 @@ def tiny_model(folder: Path) -> str:
 def bench_encoding(
     spec: str, sentences: int, batch_size: int, max_length: int, repeats: int, quiet: bool, label: str | None = None
 ) -> dict:
-    from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder, resolve_prefix
+    from alignment.evaluate.encode import EncodeConfig, encode_texts, resolve_prefix
+    from alignment.evaluate.encoder import load_encoder
     from alignment.synthetic import SYNTHETIC_LANGUAGES, synthetic_rows
 
     model, tokenizer, info = load_encoder(spec)
@@ -156,30 +144,26 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Evaluation speed, {results['date'][:10]}",
         "",
-        f"- machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), {m['platform']}; "
-        f"1-minute load average at start {m['load_avg_1m_at_start']} (other jobs on the machine slow every number)",
-        f"- versions: python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-        f"faiss {m['faiss'] or 'not installed'}",
+        *machine_lines(m, ("transformers", "faiss")),
         f"- command: `{results['command']}`",
         f"- date: {results['date']}",
         "",
         "## Encoding (`align eval` / `align mine` path: length-sorted batches, inference mode, fp32)",
         "",
-        "| model | sentences | batch | max_length | mean tokens | seconds | sentences/s | tokens/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| {enc['model']} | {enc['sentences']} | {enc['batch_size']} | {enc['max_length']} | "
-        f"{enc['mean_tokens']:.1f} | {enc['seconds']:.2f} | {enc['sentences_per_s']:.0f} | {enc['tokens_per_s']:.0f} |",
+        markdown_table(
+            ["model", "sentences", "batch", "max_length", "mean tokens", "seconds", "sentences/s", "tokens/s"],
+            [[enc["model"], enc["sentences"], enc["batch_size"], enc["max_length"], f"{enc['mean_tokens']:.1f}",
+              f"{enc['seconds']:.2f}", f"{enc['sentences_per_s']:.0f}", f"{enc['tokens_per_s']:.0f}"]],
+        ),
         "",
         "## Margin mining (ratio margin, k = 4, max-score, threshold 1.06)",
         "",
-        "| backend | size | dim | seconds | pairs/s | mined | planted recall | precision |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        markdown_table(
+            ["backend", "size", "dim", "seconds", "pairs/s", "mined", "planted recall", "precision"],
+            [[r["backend"], r["size"], r["dim"], f"{r['seconds']:.2f}", f"{r['pairs_per_s']:.3g}", r["mined"],
+              f"{r['planted_recall']:.4f}", f"{r['precision']:.4f}"] for r in results["mining"]],
+        ),
     ]
-    for r in results["mining"]:
-        lines.append(
-            f"| {r['backend']} | {r['size']} | {r['dim']} | {r['seconds']:.2f} | {r['pairs_per_s']:.3g} | "
-            f"{r['mined']} | {r['planted_recall']:.4f} | {r['precision']:.4f} |"
-        )
     if results.get("exact_faiss_identical") is not None:
         lines += ["", f"Exact and FAISS mined identical pairs: {results['exact_faiss_identical']}."]
     lines += [
@@ -190,23 +174,9 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def result_stem(results: dict) -> str:
-    def slug(text: str) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
-
-    return (
-        f"eval_speed-{results['date'][:10]}-{slug(results['model_tag'])}-{slug(results['machine']['cpu'])}-"
-        f"{results['machine']['cores']}cores"
-    )
-
-
 def write_results(results: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(results)
-    md, js = out / f"{stem}.md", out / f"{stem}.json"
-    md.write_text(markdown(results))
-    js.write_text(json.dumps(results, indent=2) + "\n")
-    return md, js
+    stem = result_stem("eval_speed", results["date"], results["model_tag"], machine_tag(results["machine"]))
+    return write_report(out, stem, markdown(results), results)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -221,7 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mine-size", type=int, default=10_000, help="sentences per side for mining (default: %(default)s)")
     p.add_argument("--dim", type=int, default=384, help="embedding width for mining (default: %(default)s, E5-small)")
     p.add_argument("--mine-repeats", type=int, default=3, help="timed mining runs, median (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -229,10 +199,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ("PYTHONPATH", "HF_HUB_OFFLINE") if k in os.environ)
-    command = shlex.join(["python", "benchmarks/eval_speed.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("eval_speed.py", argv)
     command = f"{env} {command}" if env else command
-    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-               "model_tag": Path(args.model).name if args.model else "tiny", "machine": machine_info()}  # fmt: skip
+    results = {"date": now(), "command": command, "model_tag": Path(args.model).name if args.model else "tiny",
+               "machine": machine_info("transformers", "faiss")}
     with tempfile.TemporaryDirectory() as tmp:
         spec = args.model or tiny_model(Path(tmp) / "tiny")
         label = None if args.model else "tiny debug encoder (2-layer BERT, hidden 32, random weights), dim 16"

@@ -25,10 +25,8 @@ not skipped. Results: ``benchmarks/results/loss_scaling-<date>-<machine>.{md,jso
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import resource
 import socket
 import subprocess
@@ -36,10 +34,20 @@ import sys
 import time
 from pathlib import Path
 
-from alignment.hostinfo import cpu_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import (  # noqa: E402
+    RESULTS,
+    command_line,
+    machine_info,
+    machine_lines,
+    machine_tag,
+    markdown_table,
+    now,
+    result_stem,
+    write_results,
+)
 
 DEFAULT_SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384)
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # --------------------------------------------------------------------------- child side
@@ -231,14 +239,6 @@ def _memory_guard(bytes_per_pair: float | None, pairs: int, max_gib: float) -> d
     return None
 
 
-def _machine() -> dict:
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import torch
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "os": platform.platform()}
-
-
 def _fmt(result: dict) -> tuple[str, str]:
     if result["status"] != "ok":
         return result["status"], "-"
@@ -258,11 +258,10 @@ def _bytes_per_pair(report: dict) -> str:
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"# Loss, gather and GradCache scaling ({report['date']})",
+        f"# Loss, gather and GradCache scaling ({report['date'][:10]})",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM; {m['os']}",
-        f"- Software: Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads)",
-        f"- Command: `{report['command']}`",
+        *machine_lines(m),
+        f"- command: `{report['command']}`",
         "- Memory: MiB added to the resident set by the measured step (peak RSS of the fresh process "
         "in parentheses), from `getrusage(RUSAGE_SELF).ru_maxrss`; one process per configuration.",
         "- Shared machine: other jobs ran concurrently, so times are indicative: best of up to 3 runs "
@@ -273,33 +272,26 @@ def markdown(report: dict) -> str:
         f"*local*: one rank of a simulated world of {report['world']}: B/{report['world']} anchors x B "
         "candidates (the collective itself is measured below). *full*: the whole B x B logits matrix.",
         "",
-        "| global batch B | local s | local MiB | full s | full MiB |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        markdown_table(["global batch B", "local s", "local MiB", "full s", "full MiB"],
+                       [[row["size"], *_fmt(row["local"]), *_fmt(row["full"])] for row in report["loss"]], "rrrrr"),
     ]
-    for row in report["loss"]:
-        ls, lm = _fmt(row["local"])
-        fs, fm = _fmt(row["full"])
-        lines.append(f"| {row['size']} | {ls} | {lm} | {fs} | {fm} |")
     lines += ["", "Both columns run the same code (`multiway_infonce`); only the number of local anchors differs. "
               "Memory is about " + _bytes_per_pair(report) + " bytes per (anchor, candidate) pair: "
               "logits, masks, the two log-sum-exp inputs kept for backward, their gradients and the metrics."]
     if report["gather"]:
         lines += ["", f"## gather_candidates forward + backward, real gloo, 2 ranks, width {report['dim']}", "",
-                  "| global batch B | per rank | s (slowest rank) | MiB (max over ranks) |",
-                  "| ---: | ---: | ---: | ---: |"]
-        for row in report["gather"]:
-            s, mem = _fmt(row["result"])
-            lines.append(f"| {row['size']} | {row['size'] // 2} | {s} | {mem} |")
+                  markdown_table(["global batch B", "per rank", "s (slowest rank)", "MiB (max over ranks)"],
+                                 [[row["size"], row["size"] // 2, *_fmt(row["result"])] for row in report["gather"]],
+                                 "rrrr")]
     if report["gradcache"]:
         g = report["gradcache_setup"]
         lines += ["", f"## GradCache versus the plain path: one step of a random BERT (hidden 256, 4 layers), "
                       f"{g['sentences']} sentences x {g['seq_len']} tokens", "",
-                  "| path | s | MiB | loss |", "| --- | ---: | ---: | ---: |"]
-        for row in report["gradcache"]:
-            s, mem = _fmt(row["result"])
-            loss = f"{row['result']['loss']:.6f}" if row["result"]["status"] == "ok" else "-"
-            name = "plain (one forward with gradients)" if not row["chunk"] else f"GradCache, chunk {row['chunk']}"
-            lines.append(f"| {name} | {s} | {mem} | {loss} |")
+                  markdown_table(["path", "s", "MiB", "loss"], [
+                      ["plain (one forward with gradients)" if not row["chunk"] else f"GradCache, chunk {row['chunk']}",
+                       *_fmt(row["result"]),
+                       f"{row['result']['loss']:.6f}" if row["result"]["status"] == "ok" else "-"]
+                      for row in report["gradcache"]])]
         lines += ["", "Dropout is off here so every path must give the same loss (a check that chunking is "
                   "exact); with dropout GradCache replays each chunk's RNG state (tests/unit/test_gradcache.py)."]
     return "\n".join(lines) + "\n"
@@ -337,9 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         if size % (4 * args.world):
             parser.error(f"--sizes: {size} is not a multiple of 4 x --world ({4 * args.world})")
     report = {
-        "date": dt.date.today().isoformat(),
-        "command": " ".join(["python", "benchmarks/loss_scaling.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": _machine(),
+        "date": now(),
+        "command": command_line("loss_scaling.py", argv),
+        "machine": machine_info(),
         "dim": args.dim,
         "world": args.world,
         "loss": [],
@@ -372,12 +364,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gradcache chunk={chunk}: {result}", flush=True)
             report["gradcache"].append({"chunk": chunk, "result": result})
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    machine = f"cpu{report['machine']['cores']}"
-    stem = args.out / f"loss_scaling-{report['date']}-{machine}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {stem}.md and {stem}.json")
+    md, js = write_results(args.out, result_stem("loss_scaling", report["date"], machine_tag(report["machine"])),
+                           markdown(report), report)
+    print(f"wrote {md} and {js}")
     return 0
 
 

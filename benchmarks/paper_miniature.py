@@ -69,12 +69,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import datetime as dt
 import json
 import math
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
@@ -83,7 +80,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from alignment.hostinfo import cpu_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import RESULTS, machine_info, machine_lines, machine_tag, now, result_stem  # noqa: E402
+from _common import command_line as report_command  # noqa: E402
+from _common import write_results as write_report  # noqa: E402
+
+PACKAGES = ("lightning", "transformers")
 
 
 TRAINED = ("en", "de", "fr", "es", "ru", "zh-Hans", "ar")
@@ -486,9 +488,15 @@ def accounting_table(report: dict) -> list[str]:
         runs = [r for r in report["runs"] if r["arm"] == arm["name"]]
         if not runs:
             continue
-        mean = lambda f: statistics.fmean(f(r) for r in runs)  # noqa: E731
-        per = lambda key: mean(lambda r: r["accounting"]["per_step_mean"][key])  # noqa: E731
-        tot = lambda key: mean(lambda r: r["accounting"]["totals"][key])  # noqa: E731
+        def mean(f, runs=runs):
+            return statistics.fmean(f(run) for run in runs)
+
+        def per(key, mean=mean):
+            return mean(lambda run: run["accounting"]["per_step_mean"][key])
+
+        def tot(key, mean=mean):
+            return mean(lambda run: run["accounting"]["totals"][key])
+
         pivot, pairs = per("pivot_pairs"), per("pairs")
         policy = f"k (k={arm['k']})" if arm["policy"] == "k" else arm["policy"]
         ok = sum(r["log_check"]["matches"] for r in runs)
@@ -554,13 +562,10 @@ def markdown(report: dict) -> str:
     m, s = report["machine"], report["settings"]
     seeds = ", ".join(map(str, s["seeds"]))
     lines = [
-        f"# Paper comparison in miniature: multi-way versus En-X at equal translation pairs and steps ({report['date']})",
+        f"# Paper comparison in miniature: multi-way versus En-X at equal translation pairs and steps ({report['date'][:10]})",
         "",
         f"- Command: `{report['command']}`",
-        f"- Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), {m['memory_gib']} GiB; "
-        f"{m['platform']}; Python {m['python']}, torch {m['torch']}, lightning {m['lightning']}, "
-        f"transformers {m['transformers']}; 1-min load average at start {m['load_avg_1m_at_start']} "
-        "(a shared machine: times are indicative)",
+        *machine_lines(m, PACKAGES),
         f"- Date: {report['date']}; wall time {report['wall_seconds'] / 60:.1f} min",
         f"- Encoder: `{s['encoder']}` ({report['encoder_description']}); base config `{s['base_config']}` "
         f"(lr, schedule, temperature, max_length from there: {s['base_summary']})",
@@ -633,25 +638,6 @@ DESIGN = (
 )
 
 
-def machine_info() -> dict:
-    import lightning
-    import torch
-    import transformers
-
-    return {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "lightning": lightning.__version__, "transformers": transformers.__version__,
-    }  # fmt: skip
-
-
-def machine_tag(machine: dict) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", machine["cpu"].lower()).strip("-")[:40]
-    return f"{slug}-{machine['cores']}cores"
-
-
 def base_summary(resolved: dict) -> str:
     model, data = resolved["model"], resolved["data"]
     optim, loss = model["optim"], model["loss"]
@@ -683,7 +669,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="extra `align fit` flag for every run, e.g. --fit-arg=--model.optim.lr=1e-4 (repeatable)")
     p.add_argument("--work-dir", type=Path, default=Path("runs/paper_miniature"),
                    help="runs, exports and eval reports (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: benchmarks/results)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="only re-write the Markdown report of a results JSON written by this script (no runs)")
     args = p.parse_args(argv)
@@ -740,14 +726,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     log = lambda msg: print(f"[paper_miniature {time.perf_counter() - start:6.0f} s] {msg}", flush=True)  # noqa: E731
     arms = design_arms(args.rows, args.k, args.arms)
-    machine = machine_info()
+    machine = machine_info(*PACKAGES)
     asset_commands = ensure_assets(args.shards, args.encoder, [*args.train, *args.unseen])
     unseen_present, missing = check_languages(args.shards, args.train, args.unseen)
     eval_langs = [*args.train, *unseen_present]
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
     from alignment.data.manifest import load_manifest
-    from alignment.evaluate.encode import load_encoder
+    from alignment.evaluate.encoder import load_encoder
 
     test_rows = load_manifest(args.shards)["splits"]["test"]["rows"]
     encoder_description = load_encoder(str(args.encoder))[2].describe()
@@ -761,9 +747,9 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = [run_arm(arm, seed, args, eval_langs, log) for seed in args.seeds for arm in arms]
     summary, diffs = aggregate(runs, arms)
-    command = shlex.join(["python", "benchmarks/paper_miniature.py", *(sys.argv[1:] if argv is None else argv)])
+    command = report_command("paper_miniature.py", argv)
     report = {
-        "date": dt.date.today().isoformat(),
+        "date": now(),
         "command": command,
         "machine": machine,
         "settings": {
@@ -787,11 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = markdown(report)
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"paper_miniature-{report['date']}-{machine_tag(machine)}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(md)
-    print(f"wrote {stem}.md and {stem}.json")
+    md_path, js_path = write_report(args.out, result_stem("paper_miniature", report["date"], machine_tag(machine)),
+                                    md, report)
+    print(f"wrote {md_path} and {js_path}")
     return 0
 
 

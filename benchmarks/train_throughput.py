@@ -70,31 +70,37 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
-import platform
-import re
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from alignment.hostinfo import cpu_model, package_version
-
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # `python benchmarks/train_throughput.py` from a checkout
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # benchmarks/_common.py, also when loaded by path
+from _common import (  # noqa: E402
+    RESULTS,
+    command_line,
+    machine_info,
+    machine_lines,
+    machine_tag,
+    markdown_table,
+    now,
+    result_stem,
+)
+from _common import write_results as write_report  # noqa: E402
+
+PACKAGES = ("lightning", "transformers", "sentence_transformers", "datasets", "accelerate")
 
 ARMS = ("framework", "hand", "sentence-transformers")
 PIVOT, OTHER = "en", "de"
@@ -625,27 +631,9 @@ def summarise(measurements: list[Measurement], arms: list[str], peak: float | No
 # --------------------------------------------------------------------------- machine and report
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-    }
-    for name in ("lightning", "transformers", "sentence_transformers", "datasets", "accelerate"):
-        info[name] = package_version(name)
-    return info
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
-
-
-def result_stem(results: dict) -> str:
-    m = results["machine"]
-    where = _slug(m["gpu"]) if m["gpu"] else f"{_slug(m['cpu'])}-{m['cores']}cores"
-    return f"train_throughput-{results['date'][:10]}-{_slug(results['model_tag'])}-{where}"
+def write_results(results: dict, out: Path) -> tuple[Path, Path]:
+    stem = result_stem("train_throughput", results["date"], results["model_tag"], machine_tag(results["machine"]))
+    return write_report(out, stem, markdown(results), results)
 
 
 ARM_LABELS = {
@@ -657,16 +645,11 @@ ARM_LABELS = {
 
 def markdown(results: dict) -> str:
     m, c = results["machine"], results["config"]
-    where = f"{m['gpu']} (CUDA {m['cuda']}), host {m['cpu']}" if m["gpu"] else m["cpu"]
     lines = [
         f"# Training throughput, {results['date'][:10]}",
         "",
-        f"- machine: {where}, {m['cores']} cores (torch threads {m['torch_threads']}), {m['platform']}; "
-        f"1-minute load average at start {m['load_avg_1m_at_start']}, at end {results['load_avg_1m_at_end']} "
-        "(other jobs on the machine slow every number)",
-        f"- versions: python {m['python']}, torch {m['torch']}, lightning {m['lightning']}, transformers "
-        f"{m['transformers']}, sentence-transformers {m['sentence_transformers']}, datasets {m['datasets']}, "
-        f"accelerate {m['accelerate']}",
+        *machine_lines(m, PACKAGES),
+        f"- 1-minute load average at end {results['load_avg_1m_at_end']}",
         f"- command: `{results['command']}`",
         f"- date: {results['date']}",
         f"- model: {results['model']}; {results['flops']['layers']} layers, hidden {results['flops']['hidden']}, "
@@ -682,25 +665,24 @@ def markdown(results: dict) -> str:
         "",
     ]
     has_mfu = any("mfu" in s for s in results["summary"].values())
-    lines += [
-        "| arm | step (s) | sentences/s | real tokens/s | tokens/s incl. padding | model TFLOP/s"
-        + (" | MFU" if has_mfu else "") + " | sentences/s over rounds | CPU s/step |",
-        "| --- | ---: | ---: | ---: | ---: | ---:" + (" | ---:" if has_mfu else "") + " | --- | ---: |",
-    ]
-    for arm, s in results["summary"].items():
-        mfu = f" | {s['mfu']:.1%}" if has_mfu else ""
-        lines.append(
-            f"| {ARM_LABELS[arm]} | {s['step_s']:.3f} | {s['sentences_per_s']:.1f} | {s['real_tokens_per_s']:.0f} | "
-            f"{s['padded_tokens_per_s']:.0f} | {s['model_tflops_per_s']:.3g}{mfu} | "
-            f"{s['sentences_per_s_min']:.1f} - {s['sentences_per_s_max']:.1f} | {s['cpu_s_per_step']:.3f} |"
-        )
+    lines.append(markdown_table(
+        ["arm", "step (s)", "sentences/s", "real tokens/s", "tokens/s incl. padding", "model TFLOP/s",
+         *(["MFU"] if has_mfu else []), "sentences/s over rounds", "CPU s/step"],
+        [[ARM_LABELS[arm], f"{s['step_s']:.3f}", f"{s['sentences_per_s']:.1f}", f"{s['real_tokens_per_s']:.0f}",
+          f"{s['padded_tokens_per_s']:.0f}", f"{s['model_tflops_per_s']:.3g}", *([f"{s['mfu']:.1%}"] if has_mfu else []),
+          f"{s['sentences_per_s_min']:.1f} - {s['sentences_per_s_max']:.1f}", f"{s['cpu_s_per_step']:.3f}"]
+         for arm, s in results["summary"].items()],
+        "lrrrrr" + ("r" if has_mfu else "") + "lr",
+    ))
     if results["ratios"]:
-        lines += ["", "| throughput ratio | sentences/s, median | min - max over rounds | framework step minus the "
-                  "other's (s) | by CPU time, median (min - max) |", "| --- | ---: | --- | ---: | --- |"]
-        for name, r in results["ratios"].items():
-            lines.append(f"| {name} | {r['median']:.3f} | {r['min']:.3f} - {r['max']:.3f} | "
-                         f"{r['step_s_difference_median']:+.4f} | {r['cpu_time_median']:.3f} "
-                         f"({r['cpu_time_min']:.3f} - {r['cpu_time_max']:.3f}) |")
+        lines += ["", markdown_table(
+            ["throughput ratio", "sentences/s, median", "min - max over rounds", "framework step minus the other's (s)",
+             "by CPU time, median (min - max)"],
+            [[name, f"{r['median']:.3f}", f"{r['min']:.3f} - {r['max']:.3f}", f"{r['step_s_difference_median']:+.4f}",
+              f"{r['cpu_time_median']:.3f} ({r['cpu_time_min']:.3f} - {r['cpu_time_max']:.3f})"]
+             for name, r in results["ratios"].items()],
+            "lrlrl",
+        )]
     lc = results["loss_check"]
     shown = ", ".join(f"{a} {lc[a]:.6f}" for a in results["config"]["arms"] if a in lc)
     lines += [
@@ -728,15 +710,6 @@ def markdown(results: dict) -> str:
         "loop does none of this. Tokens/s incl. padding and model FLOP/s count each arm's own forwards.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_results(results: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(results)
-    md, js = out / f"{stem}.md", out / f"{stem}.json"
-    md.write_text(markdown(results))
-    js.write_text(json.dumps(results, indent=2) + "\n")
-    return md, js
 
 
 # --------------------------------------------------------------------------- main
@@ -816,8 +789,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[train_throughput] skipping the {skipped}")
     if not arms:
         raise SystemExit("--arms: nothing left to run")
-    command = shlex.join(["python", "benchmarks/train_throughput.py", *(sys.argv[1:] if argv is None else argv)])
-    machine = machine_info(device)
+    command = command_line("train_throughput.py", argv)
+    machine = machine_info(*PACKAGES, device=device)
 
     from transformers import AutoTokenizer
 
@@ -857,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     real = sum(b.real_tokens for b in ctx.batches)
     positions = sum(b.input_ids.numel() for b in ctx.batches)
     results = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": now(),
         "command": command,
         "machine": machine,
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

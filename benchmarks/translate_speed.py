@@ -22,32 +22,28 @@ library versions and the exact command in the body.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import re
-import shlex
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from alignment.hostinfo import cpu_model, package_version
 from alignment.translate import tiny
 from alignment.translate.generate import GenerateConfig, Translator
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def machine_info() -> dict:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": package_version("transformers")}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
+from _common import (  # noqa: E402
+    RESULTS,
+    command_line,
+    machine_info,
+    machine_lines,
+    machine_tag,
+    markdown_table,
+    now,
+    result_stem,
+    write_results,
+)
 
 
 def bench_arm(name: str, folder: Path, texts: list[str], targets: list[str], config: GenerateConfig) -> dict:
@@ -78,35 +74,21 @@ def bench_arm(name: str, folder: Path, texts: list[str], targets: list[str], con
 def markdown(results: dict) -> str:
     m, g = results["machine"], results["generate"]
     lines = [f"# Translation speed, {results['date'][:10]}", "",
-             f"- machine: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
-             f"GPU: {m['gpu'] or 'none'}",
-             f"- torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; "
-             f"load average at start {m['load_avg_1m_at_start']}",
+             *machine_lines(m, ("transformers",)),
              f"- command: `{results['command']}`", f"- date: {results['date']}",
              f"- decoding: beams {g['beams']}, max length {g['max_length']}, batch tokens {g['batch_tokens']}; "
              f"{results['sentences']} sentences x targets {','.join(results['targets'])}", "",
-             "| arm | family | params | device | dtype | sentences/s | generated tok/s | source tok/s | batches "
-             "| peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["arms"]:
-        lines.append(f"| {r['arm']} | {r['family']} | {r['parameters'] / 1e6:.2f}M | {r['device']} | {r['dtype']} "
-                     f"| {r['sentences_per_second']} | {r['generated_tokens_per_second']} "
-                     f"| {r['source_tokens_per_second']} | {r['batches']} | {r['peak_gpu_memory_gib'] or '-'} |")
+             markdown_table(
+                 ["arm", "family", "params", "device", "dtype", "sentences/s", "generated tok/s", "source tok/s",
+                  "batches", "peak GPU GiB"],
+                 [[r["arm"], r["family"], f"{r['parameters'] / 1e6:.2f}M", r["device"], r["dtype"],
+                   r["sentences_per_second"], r["generated_tokens_per_second"], r["source_tokens_per_second"],
+                   r["batches"], r["peak_gpu_memory_gib"] or "-"] for r in results["arms"]],
+                 align="lllllrrrrr",
+             )]
     if results.get("note"):
         lines += ["", results["note"]]
     return "\n".join(lines) + "\n"
-
-
-def write_results(results: dict, out: Path) -> tuple[Path, Path]:
-    def slug(text: str) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
-
-    m = results["machine"]
-    stem = f"translate_speed-{results['date'][:10]}-{slug(m['gpu'] or m['cpu'])}-{m['cores']}cores"
-    out.mkdir(parents=True, exist_ok=True)
-    md, js = out / f"{stem}.md", out / f"{stem}.json"
-    md.write_text(markdown(results))
-    js.write_text(json.dumps(results, indent=2) + "\n")
-    return md, js
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,15 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big", action=argparse.BooleanOptionalAction, default=None,
                    help="the NLLB-600M-architecture arm (default: on when CUDA is available)")
     p.add_argument("--big-sentences", type=int, default=1024)
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
-    command = shlex.join(["python", "benchmarks/translate_speed.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("translate_speed.py", argv)
     config = GenerateConfig(beams=args.beams, max_length=args.max_length, batch_tokens=args.batch_tokens,
                             device=args.device)
     targets = args.targets.split(",")  # canonicalised by the Translator's code map
     texts = tiny.sentences(args.sentences, seed=7)
-    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-               "machine": machine_info(), "generate": vars(config) | {}, "sentences": args.sentences,
+    results = {"date": now(), "command": command, "machine": machine_info("transformers"), "generate": vars(config) | {}, "sentences": args.sentences,
                "targets": targets, "arms": []}
     big = (torch.cuda.is_available() and args.device != "cpu") if args.big is None else args.big
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             results["note"] = ("The NLLB-600M-architecture arm did not run (no CUDA here; --big forces it on CPU, "
                                "which takes many minutes on few cores).")
     print(markdown(results))
-    md, js = write_results(results, args.out)
+    stem = result_stem("translate_speed", results["date"], machine_tag(results["machine"]))
+    md, js = write_results(args.out, stem, markdown(results), results)
     print(f"wrote {md} and {js}", file=sys.stderr)
     return 0
 

@@ -64,6 +64,6 @@ YAML
 
 echo "== 5/5 evaluation of the aligned encoder"
 "$ALIGN" eval --model "$OUT/aligned-e5" --data "$OUT/shards" "${EVAL_ARGS[@]}" --out "$OUT/eval-after"
-"$PY" -m alignment.demo_table "$OUT/eval-before/metrics.json" "$OUT/eval-after/metrics.json" --out "$OUT"
+"$PY" -m alignment.demo.table "$OUT/eval-before/metrics.json" "$OUT/eval-after/metrics.json" --out "$OUT"
 echo "demo finished in $(( $(date +%s) - start )) s; table $OUT/before_after.md, figure $OUT/before_after.png," \
   "reports $OUT/eval-before/report.md and $OUT/eval-after/report.md"

@@ -1,8 +1,8 @@
 """``align eval``: evaluate an encoder on held-out shards, a TSV or a JSONL; optionally run MTEB.
 
 A thin layer: flags -> :class:`EvalRunConfig` (whose field docstrings are the
-flags' help) -> :func:`~alignment.evaluate.encode.load_encoder`,
-:func:`~alignment.evaluate.datasets.load_eval_data`,
+flags' help) -> :func:`~alignment.evaluate.encoder.load_encoder`,
+:func:`~alignment.evaluate.readers.load_eval_data`,
 :func:`~alignment.evaluate.encode.encode_eval_data`,
 :func:`~alignment.evaluate.encode.evaluate_encoded`,
 :func:`~alignment.evaluate.report.write_report` -> a summary table.
@@ -18,22 +18,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from alignment.commands.common import add_config, build, new_parser, parse
-from alignment.evaluate.datasets import EvalData, EvalDataError, load_eval_data, parse_languages
+from alignment.evaluate.datasets import EvalData, EvalDataError
 from alignment.evaluate.encode import (
     EncodeConfig,
-    EncoderInfo,
-    ModelLoadError,
-    MtebUnavailableError,
     encode_eval_data,
     evaluate_encoded,
-    load_encoder,
-    mteb_problems,
     quiet_library_bars,
     resolve_prefix,
-    run_mteb,
 )
-from alignment.evaluate.report import EvalConfig, EvalResults, flat_metrics, markdown_table, write_report
-from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language
+from alignment.evaluate.encoder import EncoderInfo, ModelLoadError, load_encoder
+from alignment.evaluate.mteb_bridge import MtebUnavailableError, mteb_problems, run_mteb
+from alignment.evaluate.readers import load_eval_data
+from alignment.evaluate.report import markdown_table, write_report
+from alignment.evaluate.suite import EvalConfig, EvalResults, flat_metrics
+from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language, parse_languages
 from alignment.model import Pooling
 
 EXAMPLES = """\
@@ -221,7 +219,7 @@ def _meta(config: EvalRunConfig, info: EncoderInfo, data: EvalData, prefix: str,
 def evaluate_data(config: EvalRunConfig) -> tuple[EvalResults, Path]:
     """Load, encode, evaluate, write the report; returns the results and the report folder."""
     data = load_eval_data(
-        config.data, split=config.split, languages=parse_languages(config.languages), max_rows=config.max_rows
+        config.data, split=config.split, languages=parse_languages(config.languages, "--languages"), max_rows=config.max_rows
     )
     check_data(config, data)
     model, tokenizer, info = load_encoder(config.model, device=config.device, pooling=config.pooling)

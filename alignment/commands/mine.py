@@ -39,10 +39,12 @@ from torch import Tensor
 from alignment.commands.common import add_config, build, new_parser, parse
 from alignment.commands.eval import USER_ERRORS, error
 from alignment.evaluate.datasets import EvalDataError, TextLine, read_text_file
-from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder, quiet_library_bars, resolve_prefix
-from alignment.evaluate.mining import MiningConfig, mine, score_aligned
+from alignment.evaluate.embeddings import invalid_vectors, l2_normalize
+from alignment.evaluate.encode import EncodeConfig, encode_texts, quiet_library_bars, resolve_prefix
+from alignment.evaluate.encoder import load_encoder
+from alignment.evaluate.mining import MiningConfig, mine
 from alignment.evaluate.report import markdown_table
-from alignment.evaluate.retrieval import invalid_vectors, l2_normalize, resolve_backend
+from alignment.evaluate.search import resolve_backend, score_aligned
 from alignment.model import Pooling
 
 TSV_HEADER = ("score", "src_line", "tgt_line", "src_text", "tgt_text")

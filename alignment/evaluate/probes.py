@@ -9,11 +9,8 @@
   embedding. Lower is more language-agnostic; compare to the majority and
   chance baselines reported beside it (Libovický et al. 2020, "On the
   language neutrality of pre-trained multilingual representations").
-* Cosine gap: mean cosine of translation pairs minus mean cosine of
-  non-translation pairs across languages.
-* Hubness (Radovanović et al. 2010): skewness of the k-occurrence
-  distribution ``N_k`` (how often each target is among the k nearest
-  neighbours of a query); a few hubs near everything give a large positive skew.
+
+The unsupervised diagnostics (hubness, cosine gap) live in :mod:`alignment.evaluate.metrics`.
 
 Every probe splits by *row*: the translations of a test row never appear in
 training, otherwise a probe could memorise a row and "transfer" by lookup.
@@ -32,14 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignment.evaluate.retrieval import (
-    ArrayLike,
-    MultiWayEmbeddings,
-    as_float_matrix,
-    check_vectors,
-    knn,
-    l2_normalize,
-)
+from alignment.evaluate.embeddings import ArrayLike, MultiWayEmbeddings, as_float_matrix, check_vectors, l2_normalize
 
 
 @dataclass
@@ -352,129 +342,3 @@ def sts_spearman(a: ArrayLike, b: ArrayLike, scores: ArrayLike | Sequence[float]
     if bad.numel():
         raise ValueError(f"{name}: {bad.numel()} gold scores are not finite (pairs {bad[:3].tolist()})")
     return StsResult(name=name, spearman=float(spearman_corrcoef(cos, gold)), num_pairs=int(cos.numel()))
-
-
-# --------------------------------------------------------------------------- hubness
-
-
-@dataclass(frozen=True)
-class HubnessResult:
-    """Hubness of a key set under k-NN retrieval from a query set.
-
-    ``skewness`` of the k-occurrence counts ``N_k`` (0 when every key occurs
-    equally often), ``hub_share`` the share of keys occurring more than twice
-    the mean ``k * Q / M`` (``N_k > 2k`` when there are as many queries as
-    keys), ``max_occurrence`` the largest ``N_k``.
-    """
-
-    k: int
-    skewness: float
-    hub_share: float
-    max_occurrence: int
-    num_queries: int
-    num_keys: int
-
-
-def k_occurrence(
-    queries: Tensor, keys: Tensor, k: int = 10, *, chunk_size: int = 4096, backend: str = "auto"
-) -> Tensor:
-    """``N_k``: for each key, how many queries have it among their ``k`` nearest keys.
-
-    Returns ``(M,)`` long counts summing to ``Q * k``.
-    """
-    _, idx = knn(queries, keys, k, chunk_size=chunk_size, backend=backend)  # (Q, k)
-    return torch.bincount(idx.flatten().cpu(), minlength=keys.shape[0])  # (M,)
-
-
-def skewness(values: Tensor) -> float:
-    """Population skewness ``E[(v - mu)^3] / sigma^3``; 0 for a constant distribution."""
-    v = values.double()
-    centred = v - v.mean()
-    sigma = centred.pow(2).mean().sqrt()
-    if sigma <= 1e-12:
-        return 0.0
-    return float(centred.pow(3).mean() / sigma**3)
-
-
-def hubness(
-    queries: ArrayLike, keys: ArrayLike, k: int = 10, *, chunk_size: int = 4096, backend: str = "auto"
-) -> HubnessResult:
-    """Hubness of ``keys`` ``(M, D)`` under cosine k-NN from ``queries`` ``(Q, D)``."""
-    q, m = l2_normalize(as_float_matrix(queries, "queries")), l2_normalize(as_float_matrix(keys, "keys"))
-    kk = min(k, m.shape[0])
-    counts = k_occurrence(q, m, kk, chunk_size=chunk_size, backend=backend)  # (M,)
-    mean_occurrence = kk * q.shape[0] / m.shape[0]
-    return HubnessResult(
-        k=kk,
-        skewness=skewness(counts),
-        hub_share=float((counts > 2 * mean_occurrence).double().mean()),
-        max_occurrence=int(counts.max()),
-        num_queries=int(q.shape[0]),
-        num_keys=int(m.shape[0]),
-    )
-
-
-def hubness_by_language(emb: MultiWayEmbeddings, k: int = 10, *, chunk_size: int = 4096) -> dict[str, HubnessResult]:
-    """Per language: hubness of its sentences as keys, queried by every other language's sentences.
-
-    Cost ``O(N^2 D)`` over all languages together (chunked).
-    """
-    out = {}
-    for pos, lang in enumerate(emb.language_codes):
-        is_lang = emb.lang_index == pos  # (N,)
-        if is_lang.all():
-            continue
-        dev = emb.embeddings.device
-        out[lang] = hubness(
-            emb.embeddings[(~is_lang).to(dev)], emb.embeddings[is_lang.to(dev)], k, chunk_size=chunk_size
-        )
-    return out
-
-
-# --------------------------------------------------------------------------- cosine gap
-
-
-@dataclass(frozen=True)
-class CosGapResult:
-    """Mean cosine of translation pairs vs non-translation pairs across languages.
-
-    Both means are pooled over all unordered language pairs (every sentence
-    pair counts once). ``gap = translation - non_translation``; larger is better aligned.
-    """
-
-    translation: float
-    non_translation: float
-    num_language_pairs: int
-    num_translation_pairs: int
-
-    @property
-    def gap(self) -> float:
-        return self.translation - self.non_translation
-
-
-def cosine_gap(emb: MultiWayEmbeddings) -> CosGapResult:
-    """Pooled translation and non-translation cosines over every unordered language pair.
-
-    For a pair with row-aligned ``X, Y`` ``(n, D)`` (unit norm), the sum of all
-    ``n^2`` cosines is ``X.sum(0) @ Y.sum(0)``, so the non-translation sum is that
-    minus the trace: ``O(n D)`` per pair, no ``n x n`` matrix.
-
-    Raises:
-        ValueError: no language pair shares at least 2 rows.
-    """
-    trans_sum = non_sum = 0.0
-    trans_n = non_n = pairs = 0
-    langs = emb.language_codes
-    for i, a in enumerate(langs):
-        for b in langs[i + 1 :]:
-            x, y = emb.pair(a, b)  # (n, D), (n, D)
-            n = x.shape[0]
-            if n < 2:
-                continue
-            diag = float((x.double() * y.double()).sum())
-            total = float(x.double().sum(0) @ y.double().sum(0))
-            trans_sum, non_sum = trans_sum + diag, non_sum + total - diag
-            trans_n, non_n, pairs = trans_n + n, non_n + n * (n - 1), pairs + 1
-    if not pairs:
-        raise ValueError(f"cosine gap needs a language pair sharing at least 2 rows; languages: {', '.join(langs)}")
-    return CosGapResult(trans_sum / trans_n, non_sum / non_n, pairs, trans_n)

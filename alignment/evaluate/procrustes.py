@@ -28,13 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from alignment.evaluate.retrieval import (
-    MultiWayEmbeddings,
-    RetrievalConfig,
-    RetrievalTable,
-    evaluate_retrieval,
-    l2_normalize,
-)
+from alignment.evaluate.embeddings import MultiWayEmbeddings, l2_normalize
+from alignment.evaluate.retrieval import RetrievalConfig, RetrievalTable, evaluate_retrieval
 
 
 @dataclass

@@ -229,7 +229,8 @@ class FilterRunner:
         self._encoder = None
 
     def _encode(self, texts: list[str]):
-        from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder, resolve_prefix
+        from alignment.evaluate.encode import EncodeConfig, encode_texts, resolve_prefix
+        from alignment.evaluate.encoder import load_encoder
 
         if self._encoder is None:
             self._encoder = load_encoder(self.config.similarity_model, device=self.device)
@@ -276,7 +277,7 @@ class FilterRunner:
         return keep
 
     def _embedding_filters(self, keep: list[bool], sources: list[str], outputs: list[str], drop) -> None:
-        from alignment.evaluate.mining import score_aligned
+        from alignment.evaluate.search import score_aligned
 
         cfg = self.config
         alive = [i for i in range(len(outputs)) if keep[i]]

@@ -15,9 +15,8 @@ the split depends on the input and ``--part-rows`` only, never on the number of
 ranks, so a run on 1, 2 or 64 ranks writes the same parts, byte for byte
 (decoding is deterministic and batches are made within a part).
 
-A part is *finished* when its entry exists: the rows file is written under a
-temporary name, flushed, fsynced and renamed first, then the entry the same
-way, so a killed process leaves either nothing or a complete part (plus at most
+A part is *finished* when its entry exists: the rows file is published with
+:func:`alignment.fsutil.publish_file` first, then the entry the same way, so a killed process leaves either nothing or a complete part (plus at most
 a temporary file that the next run of that part removes). A rerun skips
 finished parts, so nothing is redone and no row is written twice; a finished
 part whose input rows changed since is an error, not a silent mix.
@@ -29,9 +28,10 @@ import hashlib
 import json
 import os
 import socket
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+
+from alignment import fsutil
 
 RUN_FORMAT = "multiway-align/translate-run/v1"
 PART_FORMAT = "multiway-align/translate-part/v1"
@@ -48,39 +48,8 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def publish(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary sibling, flushed and fsynced, renamed over it.
-
-    Readers see the old file or the new one, never a torn one; a crash leaves at most ``.NAME.*.tmp``.
-    Cost: two fsyncs (file and folder) per call.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a crash
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def publish_json(path: Path, obj: dict) -> None:
-    publish(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    fsutil.publish_file(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def sha256(data: bytes) -> str:
@@ -154,14 +123,14 @@ class RunFolder:
     def clear_stale(self, part: int) -> None:
         """Remove what a killed run of ``part`` left (temporary files; rows without an entry)."""
         if self.parts.is_dir():
-            for tmp in self.parts.glob(f".part-{part:06d}.*.tmp"):
-                tmp.unlink(missing_ok=True)
+            for name in (self.rows_file(part), self.entry_file(part)):
+                fsutil.recover(name, grace_s=0)  # part p has one writer: this rank
 
     def publish_part(self, part: int, rows: bytes, entry: dict) -> dict:
         """Publish a finished part: rows first, then the entry that marks it finished."""
         entry = {"format": PART_FORMAT, "part": part, "bytes": len(rows), "sha256": sha256(rows),
                  "host": socket.gethostname(), "finished": now(), **entry}
-        publish(self.rows_file(part), rows)
+        fsutil.publish_file(self.rows_file(part), rows)
         publish_json(self.entry_file(part), entry)
         return entry
 
@@ -240,7 +209,7 @@ def merge(out: str | os.PathLike, *, command: str | None = None) -> dict:
         "parts": [{k: e[k] for k in ("part", "first_row", "rows_in", "rows_out", "sha256", "rank", "host",
                                       "finished")} for e in entries],
     }
-    publish(folder.root / CORPUS_NAME, corpus)
+    fsutil.publish_file(folder.root / CORPUS_NAME, corpus)
     publish_json(folder.root / MANIFEST_NAME, manifest)
     return manifest
 

@@ -58,10 +58,10 @@ def test_usr1_checkpoints_requeues_and_resumes_to_max_steps(slurm, tmp_path):
     for attempt in range(PREEMPTIONS):
         # signal once this attempt is training: it has written a checkpoint past the previous stop
         previous = stopped_at[-1] if stopped_at else 0
-        _wait(lambda: slurm.job(job).get("Restarts") == str(attempt) and _step(last) > previous, 180,
+        _wait(lambda a=attempt, p=previous: slurm.job(job).get("Restarts") == str(a) and _step(last) > p, 180,
               f"attempt {attempt} training past step {previous}", slurm, job, log_dir)
         subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm.env, check=True, timeout=30)
-        _wait(lambda: slurm.job(job).get("Restarts") == str(attempt + 1), 120, f"requeue {attempt + 1}",
+        _wait(lambda a=attempt: slurm.job(job).get("Restarts") == str(a + 1), 120, f"requeue {attempt + 1}",
               slurm, job, log_dir)
         stopped_at.append(_step(last))
     info = slurm.wait_job(job, timeout=240)
@@ -92,7 +92,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_max_steps(slurm, tmp_path):
 
     final = torch.load(last, map_location="cpu", weights_only=False)
     assert final["global_step"] == MAX_STEPS
-    assert not list(last.parent.glob("*.partial"))
+    assert not list(last.parent.glob(".*.partial-*"))
     assert (run / "export" / "config.json").is_file()
 
     # each attempt logged the steps from where the previous one stopped: none lost, none repeated

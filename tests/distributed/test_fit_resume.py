@@ -97,7 +97,7 @@ def test_killed_ddp_fit_resumes_to_max_steps(tmp_path):
 
     final = torch.load(last, map_location="cpu", weights_only=False)
     assert final["global_step"] == MAX_STEPS
-    assert not list(ckpt_dir.glob("*.partial")), "a partial checkpoint was left behind"
+    assert not list(ckpt_dir.glob(".*.partial-*")), "a partial checkpoint was left behind"
     for name, tensor in final["state_dict"].items():
         assert torch.isfinite(tensor).all(), name
 

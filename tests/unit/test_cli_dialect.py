@@ -42,8 +42,6 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "export.py": ("export", *FIT),  # align export, and the export at the end of align fit
     "data/": (*FIT, "shards build", "shards merge", "shards inspect", "shards verify", "eval"),
     "evaluate/": ("eval", "mine", *FIT),
-    "offline.py": ("offline-encoder",),
-    "demo_table.py": (),
     "demo/": ("offline-encoder",),
     "staging.py": (*FIT, "shards build", "eval"),
     "fsutil.py": (*FIT, *SHARDS, "export", "offline-encoder"),
@@ -54,10 +52,8 @@ FIT_MODULES = ("module.py", "optim.py", "model.py", "losses.py", "gradcache.py",
                "hostinfo.py", "synthetic.py")
 RAISED_BY.update({name: FIT for name in FIT_MODULES})
 
-PENDING_MERGE = ("data/", "evaluate/", "offline.py", "demo_table.py", "demo/", "translate/parts.py")
-"""Modules whose messages other helpers of issue 14 rename to this dialect on their branches ("data": data/;
-"eval": evaluate/, offline.py, demo_table.py, demo/; "fs": translate/parts.py, whose resume message names
-``--inputs``, which is the INPUT positional); checked once those are merged (delete the entry then)."""
+PENDING_MERGE: tuple[str, ...] = ()
+"""Modules left out of the check while their messages move to this dialect on another branch (none now)."""
 
 EXTERNAL = {  # flags of other tools, inside rendered scripts or commands the messages suggest
     "gpus-per-node", "ntasks-per-node", "cpus-per-task", "job-name", "array", "chdir", "output", "signal",

@@ -23,20 +23,11 @@ from alignment.cli import main
 from alignment.data.build import build_shards
 from alignment.data.manifest import iter_shard_rows
 from alignment.data.shards_write import ShardBuildConfig
-from alignment.evaluate.datasets import EvalDataError, load_eval_data, read_tsv
-from alignment.evaluate.encode import (
-    OFFLINE_VARS,
-    EncodeConfig,
-    ModelLoadError,
-    classify_spec,
-    encode_texts,
-    is_network_error,
-    length_order,
-    load_encoder,
-    mteb_problems,
-    resolve_prefix,
-    sentence_transformer_from_spec,
-)
+from alignment.evaluate.datasets import EvalDataError
+from alignment.evaluate.encode import EncodeConfig, encode_texts, length_order, resolve_prefix
+from alignment.evaluate.encoder import OFFLINE_VARS, ModelLoadError, classify_spec, load_encoder
+from alignment.evaluate.mteb_bridge import is_network_error, mteb_problems, sentence_transformer_from_spec
+from alignment.evaluate.readers import load_eval_data, read_tsv
 from alignment.model import ENCODER_META, DualEncoder
 from alignment.synthetic import synthetic_rows, tiny_tokenizer
 
@@ -137,8 +128,8 @@ def test_eval_end_to_end_writes_every_output(capsys, tmp_path, model_dir, labell
 
 def test_eval_matches_direct_encoding(capsys, tmp_path, model_dir, loaded, labelled_jsonl):
     """The CLI's numbers are those of encoding the same rows by hand and running the metric library."""
-    from alignment.evaluate.report import EvalConfig, evaluate_embeddings
-    from alignment.evaluate.retrieval import MultiWayEmbeddings
+    from alignment.evaluate.embeddings import MultiWayEmbeddings
+    from alignment.evaluate.suite import EvalConfig, evaluate_embeddings
 
     code, _, err = run_cli(capsys, "eval", "--model", model_dir, "--data", labelled_jsonl, "--out", tmp_path, "--encode.quiet")
     assert code == 0, err

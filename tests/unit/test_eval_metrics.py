@@ -16,17 +16,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignment.evaluate.probes import (
-    ProbeConfig,
-    classification_transfer,
+from alignment.evaluate.embeddings import InvalidEmbeddingsError, MultiWayEmbeddings, row_mask_from_keys
+from alignment.evaluate.metrics import (
     cosine_gap,
+    gold_ranks,
     hubness,
     k_occurrence,
-    language_id_probe,
-    row_split,
+    rank_metrics,
     skewness,
-    sts_spearman,
+    torchmetrics_rank_metrics,
+    xsim_error_rate,
 )
+from alignment.evaluate.probes import ProbeConfig, classification_transfer, language_id_probe, row_split, sts_spearman
 from alignment.evaluate.procrustes import (
     ProcrustesConfig,
     evaluate_procrustes,
@@ -34,22 +35,9 @@ from alignment.evaluate.procrustes import (
     orthogonal_procrustes,
     split_fit_rows,
 )
-from alignment.evaluate.report import EvalConfig, validation_metrics
-from alignment.evaluate.retrieval import (
-    InvalidEmbeddingsError,
-    MultiWayEmbeddings,
-    RetrievalConfig,
-    evaluate_pair,
-    evaluate_retrieval,
-    gold_ranks,
-    margin_matrix,
-    margin_search,
-    pair_group,
-    rank_metrics,
-    row_mask_from_keys,
-    torchmetrics_rank_metrics,
-    xsim_error_rate,
-)
+from alignment.evaluate.retrieval import RetrievalConfig, evaluate_pair, evaluate_retrieval, pair_group
+from alignment.evaluate.search import margin_matrix, margin_search
+from alignment.evaluate.suite import EvalConfig, validation_metrics
 
 LANGS = ("en", "de", "fr", "es")
 
@@ -285,7 +273,7 @@ def test_configs_name_the_flag():
         ProbeConfig(test_fraction=1.0)
     with pytest.raises(ValueError, match=r"--procrustes.fit_rows must be >= 1, got 0"):
         ProcrustesConfig(fit_rows=0)
-    with pytest.raises(ValueError, match=r"--eval.hubness_k must be >= 0"):
+    with pytest.raises(ValueError, match=r"--hubness_k must be >= 0"):
         EvalConfig(hubness_k=-1)
 
 

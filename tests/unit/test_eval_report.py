@@ -8,16 +8,12 @@ import math
 import pytest
 import torch
 
+from alignment.evaluate.embeddings import MultiWayEmbeddings
+from alignment.evaluate.figures import pca_2d
 from alignment.evaluate.procrustes import ProcrustesConfig
-from alignment.evaluate.report import (
-    EvalConfig,
-    evaluate_embeddings,
-    flat_metrics,
-    markdown_table,
-    pca_2d,
-    write_report,
-)
-from alignment.evaluate.retrieval import MultiWayEmbeddings, RetrievalConfig
+from alignment.evaluate.report import markdown_table, write_report
+from alignment.evaluate.retrieval import RetrievalConfig
+from alignment.evaluate.suite import EvalConfig, evaluate_embeddings, flat_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LANGS = ("en", "de", "fr", "ja")

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from alignment.cli import main
-from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder
+from alignment.evaluate.encode import EncodeConfig, encode_texts
+from alignment.evaluate.encoder import load_encoder
 from alignment.evaluate.mining import MiningConfig, mine
 from alignment.model import DualEncoder
 from alignment.synthetic import synthetic_rows, tiny_tokenizer

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from alignment.evaluate.embeddings import InvalidEmbeddingsError
 from alignment.evaluate.mining import MINING_MODES, MiningConfig, mine
-from alignment.evaluate.retrieval import InvalidEmbeddingsError, knn, resolve_backend
+from alignment.evaluate.search import knn, resolve_backend
 
 
 def planted(seed: int = 0, dim: int = 64, pairs: int = 60, nx: int = 200, ny: int = 240):

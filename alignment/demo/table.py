@@ -1,6 +1,6 @@
 """Before/after table (and figure) of two ``align eval`` runs.
 
-``python -m alignment.demo_table BEFORE/metrics.json AFTER/metrics.json [--out DIR]``
+``python -m alignment.demo.table BEFORE/metrics.json AFTER/metrics.json [--out DIR]``
 
 Per language: retrieval accuracy (mean over both directions with every other
 language, ``retrieval_acc_by_lang``), then the summary metrics, with the change.
@@ -41,7 +41,7 @@ def plot_before_after(before: dict[str, float], after: dict[str, float], path: P
     """Per-language retrieval accuracy before and after, never-trained languages hatched."""
     import numpy as np
 
-    from alignment.evaluate.report import new_figure
+    from alignment.evaluate.figures import new_figure
 
     langs = _languages(after)
     pos = np.arange(len(langs))
@@ -74,7 +74,7 @@ def _load(path: str) -> tuple[dict[str, float], list[str] | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignment.demo_table", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m alignment.demo.table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("before", help="metrics.json of the zero-shot evaluation")
     parser.add_argument("after", help="metrics.json of the evaluation after training")
