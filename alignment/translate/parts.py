@@ -114,7 +114,7 @@ class RunFolder:
             return False  # the entry outlived its rows (removed by hand): redo the part
         if input_sha is not None and entry["input_sha256"] != input_sha:
             raise PartsError(
-                f"{entry_path}: part {part} was translated from other input rows than --inputs hold now "
+                f"{entry_path}: part {part} was translated from other input rows than the INPUT files hold now "
                 f"(rows {entry['first_row']}..{entry['first_row'] + entry['rows_in'] - 1} changed); "
                 "restore the input, or give a new --out"
             )

@@ -41,8 +41,9 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "translate/": ("translate run", "translate merge", "translate codes", "submit"),
     "export.py": ("export", *FIT),  # align export, and the export at the end of align fit
     "data/": (*FIT, "shards build", "shards merge", "shards inspect", "shards verify", "eval"),
-    "evaluate/": ("eval", "mine", *FIT),
+    "evaluate/": ("eval", "mine", *FIT, "export"),  # a checkpoint without a tokenizer: align export --tokenizer
     "demo/": ("offline-encoder",),
+    "demo/table.py": ("python -m alignment.demo.table",),
     "staging.py": (*FIT, "shards build", "eval"),
     "fsutil.py": (*FIT, *SHARDS, "export", "offline-encoder"),
 }
@@ -82,7 +83,7 @@ def _messages(path: Path) -> list[str]:
 def _commands_of(rel: str) -> tuple[str, ...] | None:
     if rel in RAISED_BY:
         return RAISED_BY[rel]
-    for key, commands in RAISED_BY.items():
+    for key, commands in sorted(RAISED_BY.items(), key=lambda kv: -len(kv[0])):  # the longest folder wins
         if key.endswith("/") and rel.startswith(key):
             return commands
     return None
@@ -120,9 +121,15 @@ def _parser_flags(parser) -> set[str]:
     return flags
 
 
+SCRIPTS = {"python -m alignment.demo.table": frozenset({"out"})}
+"""Scripts (not align subcommands) whose own argparse flags a module's messages name."""
+
+
 @lru_cache(maxsize=None)
 def accepted(command: str) -> frozenset[str]:
     """The flags ``align COMMAND`` accepts (``command`` may be ``shards build``)."""
+    if command in SCRIPTS:
+        return SCRIPTS[command]
     if command == "fit":
         from alignment.module import AlignmentModule
         from alignment.trainer_cli import _cli_kwargs, _ParseOnlyCLI
