@@ -22,8 +22,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from alignment import strategies
-from alignment.commands.common import parse_error_message
 from alignment.callbacks import AtomicModelCheckpoint, ExportOnFitEnd, RunMetadata, ThroughputLogger
+from alignment.commands.common import parse_error_message
 from alignment.data.datamodule import AlignmentDataModule, DataConfig
 from alignment.module import AlignmentModule
 from alignment.preemption import EXIT_REQUEUE, Preempted, PreemptionCheckpoint, install_handler
@@ -38,7 +38,6 @@ from alignment.runs import (
     resolve_ckpt_path,
 )
 from alignment.train_logging import LearningRateLogger, ProgressLine
-
 
 # `align fit --help` shows each config field's docstring (the string under it in the dataclass).
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
