@@ -55,8 +55,7 @@ trainer:
   default_root_dir: $OUT/run  # checkpoints, logs and the wandb id derive from the run folder
 model:
   encoder: {name_or_path: $OUT/e5}
-data:
-  config: {train_shards: $OUT/shards, val_shards: $OUT/shards, tokenizer: $OUT/e5}
+data: {train_shards: $OUT/shards, val_shards: $OUT/shards, tokenizer: $OUT/e5}
 export: {dir: $OUT/aligned-e5}
 YAML
 # shellcheck disable=SC2086  # DEMO_FIT_ARGS is a list of flags
