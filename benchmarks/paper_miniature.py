@@ -190,7 +190,7 @@ def fit_args(arm: Arm, seed: int, *, base_config: str, encoder: str, shards: str
 
 def eval_args(model: str, shards: str, languages: Sequence[str], trained: Sequence[str], out: Path) -> list[str]:
     return ["eval", "--model", model, "--data", shards, "--split", "test", "--languages", ",".join(languages),
-            "--train-languages", ",".join(trained), "--out", str(out), "--quiet"]
+            "--train_languages", ",".join(trained), "--out", str(out), "--encode.quiet"]
 
 
 @contextlib.contextmanager
@@ -255,8 +255,8 @@ def ensure_assets(shards: Path, encoder: Path, languages: Sequence[str]) -> list
     """
     ran = []
     if not shards.exists():
-        argv = ["shards", "build", "--format", "gettext", "--from-package", "django", "wagtail",
-                "--languages", ",".join(languages), "--min-languages", "7", "--rows-per-shard", "250",
+        argv = ["shards", "build", "--format", "gettext", "--from_package", "django", "wagtail",
+                "--languages", ",".join(languages), "--min_languages", "7", "--rows_per_shard", "250",
                 "--split", "0.8,0.05,0.15", "--seed", "0", "--out", str(shards)]  # fmt: skip
         run_align(argv, "building the gettext shards")
         ran.append("align " + shlex.join(argv))
@@ -265,7 +265,7 @@ def ensure_assets(shards: Path, encoder: Path, languages: Sequence[str]) -> list
     if not encoder.exists():
         texts = encoder.parent / f"{encoder.name}-corpus_texts.jsonl"
         write_corpus_texts(shards, texts, prefix="query: ")
-        argv = ["offline-encoder", str(encoder), "--layers", "4", "--vocab-from-texts", str(texts)]
+        argv = ["offline-encoder", str(encoder), "--layers", "4", "--vocab_from_texts", str(texts)]
         run_align(argv, "rebuilding the offline encoder")
         ran.append("align " + shlex.join(argv))
     elif not (encoder / "config.json").is_file():

@@ -68,7 +68,7 @@ def test_benchmark_end_to_end(assets, tmp_path, monkeypatch):
     for name, value in {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         monkeypatch.setenv(name, value)
     out, work = tmp_path / "out", tmp_path / "work"
-    rc = pm.main(["--shards", str(shards), "--encoder", str(encoder), "--train_languages", ",".join(TRAIN),
+    rc = pm.main(["--shards", str(shards), "--encoder", str(encoder), "--train-languages", ",".join(TRAIN),
                   "--unseen-languages", ",".join([*UNSEEN_PRESENT, ABSENT]), "--rows", "4", "--k", "3",
                   "--steps", "2", "--seeds", "0", "--work-dir", str(work), "--out", str(out)])  # fmt: skip
     assert rc == 0
@@ -168,7 +168,7 @@ def test_design_and_bad_input_name_the_flag(assets, tmp_path):
     with pytest.raises(ValueError, match="--k"):
         pm.design_arms(16, 1)
     shards, encoder = assets
-    with pytest.raises(ValueError, match=r"--train_languages en,ru: ru not in the test split of --shards"):
+    with pytest.raises(ValueError, match=r"--train-languages en,ru: ru not in the test split of --shards"):
         pm.check_languages(shards, ["en", "ru"], [])
     with pytest.raises(ValueError, match="--encoder .* no config.json"):
         pm.ensure_assets(shards, tmp_path, [])
