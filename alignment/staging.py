@@ -12,11 +12,8 @@ when complete, recovered after a kill). This module holds the policy around that
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-from alignment import fsutil
 
 
 def inside_folder(path: Path, folder: Path) -> bool:
@@ -64,18 +61,3 @@ def check_replaceable(
             "or remove the folder yourself"
         )
 
-
-# The build mechanism (temporary folder, lock, replace with rollback, recovery) is alignment.fsutil's.
-# These three names serve alignment/data/shards.py until it calls fsutil itself; delete them then.
-
-
-def building_dir(out: Path, tag: str = "building") -> contextlib.AbstractContextManager[Path]:  # noqa: ARG001
-    return fsutil.building(out)
-
-
-def clean_stale(out: Path, tag: str = "building") -> list[str]:  # noqa: ARG001
-    return fsutil.recover(out)
-
-
-def replace_dir(staging: Path, out: Path) -> None:
-    fsutil.commit(staging, out)

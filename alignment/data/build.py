@@ -61,6 +61,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from alignment import fsutil
 from alignment.data.cleaning import CleaningConfig, CleaningReport, check_rows, drop_duplicates
 from alignment.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, REPORT_NAME, ManifestError, is_shard_build
 from alignment.data.readers import input_paths
@@ -68,7 +69,7 @@ from alignment.data.rows import CorpusError, MultiWayRow, row_split_key, stable_
 from alignment.data.shards_write import SPLITS, ShardBuildConfig, SplitSpec, SplitWriter, provenance_summary, sample_key
 from alignment.data.spill import SpillBuckets, bucket_of, buckets_for
 from alignment.progress import progress
-from alignment.staging import building_dir, check_replaceable, clean_stale, replace_dir
+from alignment.staging import check_replaceable
 
 # ---------------------------------------------------------------------------
 # The build
@@ -256,14 +257,19 @@ def _write_build(
         for s in SPLITS
     }
     assign, occurrences = _SplitAssigner(config.split), Counter()  # type: ignore[arg-type]
-    for bucket in progress(range(n), "shards: writing buckets", total=n, unit="bucket"):
-        loaded = [item for spill in spills for item in _load_bucket(spill, bucket, config.cleaning.pivot)]
-        spilled = _drop_duplicates(loaded, config, report)
-        _write_bucket(spilled, bucket, config, writers, assign, repeated_ids, occurrences)
-        if consume:
-            for spill in spills:
-                spill.path(bucket).unlink(missing_ok=True)  # free disk as we go
-    splits = {s: w.close() for s, w in writers.items()}
+    try:
+        for bucket in progress(range(n), "shards: writing buckets", total=n, unit="bucket"):
+            loaded = [item for spill in spills for item in _load_bucket(spill, bucket, config.cleaning.pivot)]
+            spilled = _drop_duplicates(loaded, config, report)
+            _write_bucket(spilled, bucket, config, writers, assign, repeated_ids, occurrences)
+            if consume:
+                for spill in spills:
+                    spill.path(bucket).unlink(missing_ok=True)  # free disk as we go
+        splits = {s: w.close() for s, w in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()  # close and drop the open temporaries; the staging folder goes with the build
+        raise
     if report.rows_kept == 0:
         raise CorpusError(
             f"no rows left after cleaning {' '.join(map(str, (source or {}).get('inputs') or [])) or 'the input'}"
@@ -309,10 +315,9 @@ def build_shards(
     """
     report = report if report is not None else CleaningReport(config.cleaning)
     _check_out(config, source)
-    clean_stale(config.out)  # what a killed build of the same --out left
-    with building_dir(config.out) as staging:
+    fsutil.recover(config.out)  # what a killed build of the same --out left
+    with fsutil.publish_folder(config.out) as staging:
         manifest = _build_into(staging, rows, config, report, source, size_hint)
-        replace_dir(staging, config.out)
     return manifest
 
 
@@ -402,8 +407,8 @@ def build_part(
     root = parts_dir(config.out)
     root.mkdir(parents=True, exist_ok=True)
     final = root / part.name
-    clean_stale(final)  # what a killed run of this task left
-    with building_dir(final) as staging:
+    fsutil.recover(final)  # what a killed run of this task left
+    with fsutil.building(final) as staging:
         spill = SpillBuckets(staging / "buckets", _bucket_count(config, size_hint))
         ids = _partition(rows, config, report, spill)
         (staging / PART_IDS).write_bytes(ids.tobytes())
@@ -418,9 +423,7 @@ def build_part(
             "report": report.to_dict(),
         }
         (staging / PART_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
+        fsutil.commit(staging, final)  # an older part stays until this one is in place
     return final
 
 
@@ -514,9 +517,8 @@ def merge_parts(out: str | os.PathLike) -> dict:
         ids.frombytes((path / PART_IDS).read_bytes())
     spills = [SpillBuckets(path / "buckets", meta["buckets"]) for path, _ in found]
     _check_out(config, meta["source"])
-    clean_stale(out)
-    with building_dir(out) as staging:
+    fsutil.recover(out)
+    with fsutil.publish_folder(out) as staging:
         manifest = _write_build(staging, spills, _repeated(ids), config, report, meta["source"], consume=False)
-        replace_dir(staging, out)
     shutil.rmtree(root, ignore_errors=True)
     return manifest

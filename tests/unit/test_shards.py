@@ -239,7 +239,8 @@ def test_split_writer_gives_a_shard_its_final_name_only_when_complete(tmp_path):
     for row in rows:
         writer.write(row.id, row)
     names = sorted(p.name for p in (tmp_path / "train").iterdir())
-    assert names == [".corpus-000002.tar.partial", "corpus-000000.tar", "corpus-000001.tar"]
+    assert len(names) == 3 and re.fullmatch(r"\.corpus-000002\.tar\.partial-[0-9a-f]{8}", names[0])
+    assert names[1:] == ["corpus-000000.tar", "corpus-000001.tar"]
     assert [len(list(iter_shard_rows(tmp_path / "train" / n))) for n in names[1:]] == [10, 10]
     entry = writer.close()
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [f"corpus-00000{i}.tar" for i in range(3)]
