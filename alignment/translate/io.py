@@ -25,7 +25,8 @@ from typing import Literal
 
 from alignment.data.cleaning import CleaningConfig, CleaningReport
 from alignment.data.readers.jsonl_tsv import read_jsonl
-from alignment.data.readers.lines import iter_lines, plain_name as _plain_name
+from alignment.data.readers.lines import iter_lines
+from alignment.data.readers.lines import plain_name as _plain_name
 from alignment.data.rows import CorpusError
 
 InputFormat = Literal["auto", "lines", "jsonl", "shards"]

@@ -38,7 +38,7 @@ def fitted(tmp_path_factory):
 
 def test_progress_lines_without_a_progress_bar(fitted):
     _, result = fitted
-    lines = [l for l in result.stdout.splitlines() if l.startswith("[train]")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[train]")]
     assert len(lines) == 2, result.stdout[-2000:]
     pattern = r"\[train\] step {}/4 \({}%\) loss \d+\.\d{{4}} lr \d\.\d\de[-+]\d\d \d+ sentences/s elapsed \S+ ETA \S+"
     assert re.fullmatch(pattern.format(2, "50.0"), lines[0]) and re.fullmatch(pattern.format(4, "100.0"), lines[1])
