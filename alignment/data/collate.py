@@ -14,6 +14,7 @@ from torch import Tensor
 
 from alignment.batch import Batch
 
+
 @dataclass
 class SelectedRow:
     """A row after language selection: sentences and their language ids, in vocabulary order."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from alignment.data.config import flag
 
+
 @dataclass(frozen=True)
 class ShardRef:
     """A shard to read: a local file path (opened as a plain file, never as a URL) and its row count."""

@@ -17,6 +17,7 @@ from alignment.batch import SKIP_REASONS
 from alignment.data.plan import ShardRef
 from alignment.languages import LanguageCodeError, normalize_language
 
+
 class SkippedSampleWarning(UserWarning):
     """A sample or shard was skipped; emitted once per reason per worker and epoch."""
 

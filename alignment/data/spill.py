@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+
 class SpillBuckets:
     """Append lines to ``n`` bucket files, buffered in memory up to ``buffer_bytes``.
 

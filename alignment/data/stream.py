@@ -80,6 +80,7 @@ from alignment.data.plan import (
 from alignment.data.samples import ParsedRow, SkipTally, iter_shard_payloads, parse_payload
 from alignment.languages import parse_languages
 
+
 def _rng(seed: int, *parts: object) -> random.Random:
     """A ``Random`` seeded from a string: stable across processes (not affected by hash randomisation)."""
     return random.Random("/".join(map(str, (seed, *parts))))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from alignment.demo.e5file import ENCODER_CARD_FILE
 
-
 POOLINGS = ("mean", "cls", "last")
 
 

@@ -294,7 +294,7 @@ def _read_normalizer(reader: _Reader) -> dict[int, tuple[int, ...]]:
     rules: dict[int, tuple[int, ...]] = {}
     pos = 0
     try:
-        for i in range(count):
+        for i in range(count):  # noqa: B007 (the except clause names the entry)
             cp, k = struct.unpack_from("<IB", raw, pos)
             rules[cp] = struct.unpack_from(f"<{k}I", raw, pos + 5)
             pos += 5 + 4 * k

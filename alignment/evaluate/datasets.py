@@ -22,6 +22,7 @@ from alignment.data.readers.lines import iter_lines
 from alignment.data.rows import CorpusError, MultiWayRow
 from alignment.languages import parse_languages
 
+
 class EvalDataError(ValueError):
     """Bad evaluation data: the message names the file (and line or sample) and what is wrong."""
 

@@ -24,13 +24,13 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
-from alignment.languages import DEFAULT_PIVOT
 from alignment.data.collate import pad_sequences, tokenize
 from alignment.evaluate.datasets import EvalData
 from alignment.evaluate.embeddings import MultiWayEmbeddings, invalid_vectors
 from alignment.evaluate.encoder import EncoderInfo, encoder_max_positions
 from alignment.evaluate.retrieval import training_language_tuple
 from alignment.evaluate.suite import EvalConfig, EvalResults, evaluate_embeddings
+from alignment.languages import DEFAULT_PIVOT
 from alignment.model import DualEncoder
 
 # --------------------------------------------------------------------------- encoding

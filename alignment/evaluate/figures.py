@@ -17,7 +17,6 @@ from torch import Tensor
 from alignment.evaluate.embeddings import MultiWayEmbeddings
 from alignment.evaluate.retrieval import RetrievalTable, language_group
 
-
 # --------------------------------------------------------------------------- figures
 
 

@@ -49,8 +49,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alignment.data.rows import MultiWayRow
-from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 from alignment.evaluate.datasets import EvalData, EvalDataError, ScoredPair, numbered_lines, select_languages
+from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 
 DATA_FORMATS = ("shards", "tsv", "jsonl")
 """Evaluation data formats (``--data``), see the module docstring."""

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignment.languages import normalize_language
 from alignment.evaluate.embeddings import MultiWayEmbeddings
 from alignment.evaluate.metrics import gold_ranks, rank_metrics, torchmetrics_rank_metrics, xsim_error_rate
 from alignment.evaluate.search import KNN_BACKENDS, MARGINS, KnnBackend, Margin
+from alignment.languages import normalize_language
 
 PairMode = Literal["all", "pivot"]
 PAIR_MODES: tuple[str, ...] = get_args(PairMode)

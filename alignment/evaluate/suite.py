@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from alignment.languages import DEFAULT_PIVOT
 from alignment.evaluate.embeddings import ArrayLike, MultiWayEmbeddings
 from alignment.evaluate.metrics import CosGapResult, HubnessResult, cosine_gap, hubness_by_language
 from alignment.evaluate.probes import (
@@ -38,6 +37,7 @@ from alignment.evaluate.probes import (
 )
 from alignment.evaluate.procrustes import ProcrustesConfig, ProcrustesReport, evaluate_procrustes
 from alignment.evaluate.retrieval import RetrievalConfig, RetrievalTable, evaluate_retrieval, training_language_tuple
+from alignment.languages import DEFAULT_PIVOT
 
 METRIC_NAMES = {"accuracy": "retrieval_acc", "mrr": "mrr", "xsim_error": "xsim"}
 """Flat-metric names of the retrieval metrics; ``recall@k`` keeps its name."""

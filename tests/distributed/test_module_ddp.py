@@ -234,7 +234,7 @@ def test_ddp_step_gradients_equal_one_process_over_the_global_batch(world_result
         for name, grad in expected.items():
             assert got["grads"][name].dtype == torch.float64, name
             torch.testing.assert_close(got["grads"][name], grad, rtol=RTOL, atol=RTOL * scale,
-                                       msg=lambda m, n=name: f"{case} rank {rank} {n}: {m}")
+                                       msg=lambda m, n=name, r=rank: f"{case} rank {r} {n}: {m}")
         # train/loss is the global loss, the one process's loss over the whole batch
         assert got["loss"] == pytest.approx(loss, rel=1e-9)
 

@@ -7,9 +7,8 @@ published algorithms (LASER's xSIM), or known limits (perfect alignment scores
 
 from __future__ import annotations
 
-import warnings
-
 import math
+import warnings
 
 import numpy as np
 import pytest

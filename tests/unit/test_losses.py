@@ -244,7 +244,7 @@ def split_into_ranks(emb, rows, langs, rank_rows):
     build. Padding rows are filled with copies of real embeddings on purpose:
     masking must make their content irrelevant.
     """
-    blocks, metas, counts = [], [], []
+    blocks, counts = [], []
     for row_set in rank_rows:
         idx = torch.cat([torch.nonzero(rows == r).flatten() for r in row_set])
         local_rows = torch.searchsorted(torch.tensor(row_set), rows[idx])  # renumber 0..k-1

@@ -64,6 +64,7 @@ def test_pool_against_per_sentence_computation(side):
             mask[i, 7 - n :] = 1
     for i, n in enumerate(lengths):
         real = hidden[i, mask[i].bool()]  # (n, 4)
+        assert real.shape[0] == n
         torch.testing.assert_close(pool(hidden, mask, "mean")[i], real.mean(0))
         torch.testing.assert_close(pool(hidden, mask, "cls")[i], real[0])
         torch.testing.assert_close(pool(hidden, mask, "last")[i], real[-1])

@@ -11,6 +11,7 @@ from alignment.data.readers.lines import decode_text, iter_lines, language_or_er
 from alignment.data.rows import CorpusError, MultiWayRow
 from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 
+
 def parse_language_file(spec: str | os.PathLike) -> tuple[str, Path]:
     """``"de=path"`` or ``"corpus.de"`` (language from the suffix) -> ``("de", Path)``.
 

@@ -12,6 +12,7 @@ from alignment.data.cleaning import CleaningReport
 from alignment.data.rows import CorpusError, MultiWayRow, short_hash
 from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 
+
 @dataclass(frozen=True)
 class Catalog:
     """One ``<root>/<locale>/LC_MESSAGES/<domain>.po|.mo`` file."""

@@ -17,6 +17,7 @@ from alignment.data.rows import CorpusError, MultiWayRow, pivot_key, short_hash,
 from alignment.data.spill import SpillBuckets, bucket_of, buckets_for
 from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language
 
+
 @dataclass(frozen=True)
 class Bitext:
     """One pivot-X bilingual input for :func:`read_pairs`.
