@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet.install()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        from alignment.trainer_cli import run_lightning_cli
+        from alignment.commands.fit import run_lightning_cli
 
         return run_lightning_cli(argv)
     module = command_module(argv[0]) if argv and argv[0] in COMMAND_MODULES else None

@@ -166,7 +166,7 @@ def describe_run(module: Any, trainer: Any = None, datamodule: Any = None) -> di
     (default: the trainer's). Before the datamodule is set up, the languages are
     the configured ones or the training manifest's.
     """
-    from alignment.data.datamodule import manifest_languages
+    from alignment.data.manifest import manifest_languages
 
     enc, loss = module.encoder_config, module.loss_config
     if datamodule is None and trainer is not None:
@@ -260,7 +260,7 @@ def load_warm_start(module: Any, path: str | os.PathLike) -> int:
     Only weights: the new run starts at step 0 with a fresh optimiser, schedule
     and data position. The encoder architecture must match (strict load).
     """
-    from alignment.export import load_checkpoint_file
+    from alignment.loading import load_checkpoint_file
 
     ckpt = load_checkpoint_file(path)
     state = {k[len("encoder."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("encoder.")}

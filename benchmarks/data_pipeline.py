@@ -147,7 +147,8 @@ def synthetic_shards(directory: Path, rows: int) -> Path:
 
 def resolve_inputs(args: argparse.Namespace, tmp: Path):
     """Shards (with row counts when a manifest has them) and the language vocabulary."""
-    from alignment.data.datamodule import manifest_languages, resolve_shard_spec
+    from alignment.data.datamodule import resolve_shard_spec
+    from alignment.data.manifest import manifest_languages
 
     spec = args.shards if args.shards is not None else str(synthetic_shards(tmp, args.rows))
     languages = args.languages or manifest_languages(spec)

@@ -205,7 +205,7 @@ def command_line(argv: Sequence[str]):
 
 def resolved_config(fit_argv: Sequence[str]):
     """The resolved ``align fit`` config of ``fit_argv`` (parse only: nothing is built)."""
-    from alignment.trainer_cli import parse_config
+    from alignment.commands.fit import parse_config
 
     with command_line(fit_argv):
         return parse_config(list(fit_argv))

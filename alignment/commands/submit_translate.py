@@ -8,7 +8,7 @@ command's own parser (a typo'd flag or a missing INPUT is one line, exit 2, befo
 * the merge job: one CPU, no GPU, ``--dependency=afterok:<array>`` (``--kill-on-invalid-dep=yes``: a
   failed task cancels it), running ``align translate merge OUT``.
 
-Both scripts are the same template rendered by :func:`alignment.commands.submit.render` (the
+Both scripts are the same template rendered by :func:`alignment.commands.slurm.render` (the
 ``#SBATCH`` values, ``--sbatch_arg`` extras, the log folder), differing in ``TRANSLATE_STAGE``.
 """
 
@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from alignment.commands.submit import Allocation, _error, refuse, render, sbatch_script, sbatch_template
+from alignment.commands.slurm import Allocation, error, refuse, render, sbatch_script
+from alignment.resources import sbatch_template
 
 TEMPLATE = sbatch_template("translate.sbatch")
 MERGE_OPTIONS = ("--kill-on-invalid-dep=yes",)
@@ -60,18 +61,18 @@ def run_translate(args, translate_args: list[str]) -> int:
     from alignment.commands.translate import parse_run_args
 
     if args.fit_config:
-        return _error("--fit_config is for --job train; a translate job takes `align translate run` arguments after --")
+        return error("--fit_config is for --job train; a translate job takes `align translate run` arguments after --")
     template = args.template or TEMPLATE
     if not template.is_file():
-        return _error(f"sbatch template {template} not found: pass --template PATH (slurm/translate.sbatch)")
+        return error(f"sbatch template {template} not found: pass --template PATH (slurm/translate.sbatch)")
     try:
         task, merge = _allocations(args)
     except ValueError as exc:
-        return _error(str(exc))
+        return error(str(exc))
     try:
         config = parse_run_args(translate_args)  # the translate command's own parser: a typo'd flag stops here
     except ValueError as exc:
-        return _error(f"align translate run: {exc}")
+        return error(f"align translate run: {exc}")
     problems = _check(config, task)
     if problems:
         return refuse(problems)
@@ -84,7 +85,7 @@ def run_translate(args, translate_args: list[str]) -> int:
                               exports={"TRANSLATE_STAGE": "run", "TRANSLATE_TASKS": str(args.array_tasks)}, **common)
         merge_script = render(text, merge, exports={"TRANSLATE_STAGE": "merge"}, **common)
     except ValueError as exc:
-        return _error(str(exc))
+        return error(str(exc))
     print(f"translate: {args.array_tasks} array task(s) x {task.gpus_per_node} GPU(s), time limit {task.time} each; "
           f"then a merge job (afterok) -> {config.out}/corpus.jsonl", file=sys.stderr)
     if args.dry_run:
@@ -98,12 +99,12 @@ def run_translate(args, translate_args: list[str]) -> int:
     try:
         array_id = sbatch_script(array_script, stem.with_name(stem.name + ".sbatch"))
     except RuntimeError as exc:
-        return _error(str(exc))
+        return error(str(exc))
     try:
         merge_id = sbatch_script(merge_script, stem.with_name(stem.name + "-merge.sbatch"),
                                  f"--dependency=afterok:{array_id}", *MERGE_OPTIONS)
     except RuntimeError as exc:
-        return _error(f"{exc}; the array job {array_id} is queued: once it is done, `align translate merge "
+        return error(f"{exc}; the array job {array_id} is queued: once it is done, `align translate merge "
                       f"{config.out}`, or scancel {array_id}")
     print(f"submitted array job {array_id} ({args.array_tasks} tasks) and merge job {merge_id}: {stem}.sbatch")
     print(f"logs: {log_dir}/{task.job_name}-{array_id}_<task>.out, {log_dir}/{task.job_name}-{merge_id}.out")

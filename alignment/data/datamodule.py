@@ -25,11 +25,9 @@ when logging (``self.log(..., reduce_fx="sum", sync_dist=True)``).
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
@@ -37,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from alignment.batch import Batch
 from alignment.data.config import LANGUAGE_POLICIES, LanguagePolicy, StreamConfig, flag
+from alignment.data.manifest import manifest_languages
 from alignment.data.plan import ShardRef
 from alignment.data.stream import MultiWayStream
 
@@ -102,18 +101,6 @@ class DataConfig(StreamConfig):
 
 
 # --------------------------------------------------------------------------- shard specs
-
-
-def manifest_languages(spec: Any) -> list[str] | None:
-    """The top-level ``languages`` of the manifest a spec names (a manifest file or its folder), else None."""
-    if not isinstance(spec, (str, os.PathLike)):
-        return None
-    from alignment.data.manifest import MANIFEST_NAME, load_manifest
-
-    path = Path(spec)
-    if not ((path.is_dir() and (path / MANIFEST_NAME).is_file()) or (path.is_file() and path.suffix == ".json")):
-        return None
-    return sorted(load_manifest(path)["languages"]) or None
 
 
 def resolve_shard_spec(spec: ShardSpec, split: str, field: str = "train_shards") -> list[ShardRef]:
@@ -247,7 +234,7 @@ class AlignmentDataModule(LightningDataModule):
         if self._tokenizer is None:
             if self.config.tokenizer is None:
                 raise ValueError(f"set {flag('tokenizer')} (a tokenizer name or path) or hand in a tokenizer object")
-            from alignment.export import load_tokenizer
+            from alignment.loading import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.config.tokenizer, flag("tokenizer"))  # a missing path is named
         return self._tokenizer

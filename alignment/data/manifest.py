@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from alignment.data.cleaning import format_cleaning_report
 from alignment.data.rows import MultiWayRow
@@ -392,3 +393,13 @@ def iter_shard_rows(url: str | os.PathLike) -> Iterator[tuple[str, MultiWayRow]]
             key = member.name.partition(".")[0]
             payload = tar.extractfile(member).read()  # type: ignore[union-attr]
             yield key, MultiWayRow.from_json(json.loads(payload.decode("utf-8")), source=f"{url}:{key}")
+
+
+def manifest_languages(spec: Any) -> list[str] | None:
+    """The top-level ``languages`` of the manifest a spec names (a manifest file or its folder), else None."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    path = Path(spec)
+    if not ((path.is_dir() and (path / MANIFEST_NAME).is_file()) or (path.is_file() and path.suffix == ".json")):
+        return None
+    return sorted(load_manifest(path)["languages"]) or None

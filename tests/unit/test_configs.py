@@ -1,6 +1,6 @@
 """Every YAML under ``configs/`` parses through the real ``align fit`` parser, and means what it says.
 
-Parse only (``alignment.trainer_cli.parse_config``): no hub model is loaded. The
+Parse only (``alignment.commands.fit.parse_config``): no hub model is loaded. The
 dataclass value checks (``__post_init__``) are then run by building the typed
 configs from the parsed values, and DeepSpeed strategies are constructed from
 their ``init_args`` (construction does not touch a GPU).
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from alignment.commands.fit import parse_config
 from alignment.data.datamodule import DataConfig
 from alignment.losses import LossConfig
 from alignment.model import ModelConfig
 from alignment.optim import OptimConfig
-from alignment.trainer_cli import parse_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(p for p in (CONFIGS / "recipes").glob("*.yaml") if not p.name.startswith("_"))

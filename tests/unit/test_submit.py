@@ -17,15 +17,9 @@ import pytest
 import torch
 
 from alignment.cli import main
-from alignment.commands.submit import (
-    MARKER,
-    REPO_TEMPLATE,
-    Allocation,
-    check_allocation,
-    render,
-    time_limit_seconds,
-)
-from alignment.trainer_cli import parse_config
+from alignment.commands.fit import parse_config
+from alignment.commands.slurm import MARKER, Allocation, render, time_limit_seconds
+from alignment.commands.submit import REPO_TEMPLATE, check_allocation
 from tests import _training as T
 
 SCRIPTS = [T.REPO / "slurm" / name for name in ("train.sbatch", "shards.sbatch", "eval.sbatch", "translate.sbatch")]
