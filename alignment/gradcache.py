@@ -37,6 +37,7 @@ from torch import Tensor
 
 from alignment import distributed
 from alignment.batch import Batch
+from alignment.encode import length_order, take, trim
 from alignment.losses import total_loss
 
 
@@ -136,6 +137,8 @@ class GradCache:
         chunk_size: sentences per chunk.
         no_sync: context manager factory suppressing gradient all-reduce
             (``DistributedDataParallel.no_sync``); used for all chunks but the last.
+        token_budget: when set, chunks are length-grouped (:meth:`chunks`); the
+            encoder may group each chunk further (``alignment.encode``).
 
     Parameters the loss itself uses (a learnable temperature) are found in the
     loss's autograd graph and their gradients averaged across ranks after the
@@ -153,6 +156,7 @@ class GradCache:
         chunk_size: int,
         *,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        token_budget: int | None = None,
     ):
         if chunk_size < 1:
             raise ValueError(f"--model.gradcache.chunk_size must be >= 1 to build a GradCache, got {chunk_size}")
@@ -160,15 +164,34 @@ class GradCache:
         self.loss_fn = loss_fn
         self.chunk_size = chunk_size
         self.no_sync = no_sync
+        self.token_budget = token_budget
+
+    def chunks(self, batch: Batch) -> tuple[list[Batch], Tensor | None]:
+        """The step's chunks and, when they are length-grouped, the inverse permutation back to batch order.
+
+        With a token budget (and right padding) the sentences are sorted from the longest to the shortest
+        before they are cut into ``chunk_size`` chunks, and each chunk is cut to its own longest sentence
+        (``alignment.encode``); both passes see exactly these chunks, in this order."""
+        planned = length_order(batch) if self.token_budget and batch.num_sentences else None
+        if planned is None:
+            return split_batch(batch, self.chunk_size), None
+        order, lengths = planned
+        chunks = [trim(chunk, max(lengths[start], 1))
+                  for start, chunk in zip(range(0, len(lengths), self.chunk_size),
+                                          split_batch(take(batch, order), self.chunk_size))]  # fmt: skip
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return chunks, inverse
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         """Encode, compute the loss, back-propagate; return the loss dict (detached)."""
-        chunks = split_batch(batch, self.chunk_size)
-        cached, states = self._encode_without_grad(chunks)
-        out = self.loss_fn(cached, batch)
+        chunks, inverse = self.chunks(batch)
+        cached, states = self._encode_without_grad(chunks)  # (N, D) a leaf, in chunk order
+        emb = cached if inverse is None else cached.index_select(0, inverse)  # batch order for the loss
+        out = self.loss_fn(emb, batch)
         total = total_loss(out)
         loss_params = [p for p in graph_leaves(total) if p is not cached]  # e.g. log_temperature
-        total.backward()  # dL/dE into cached.grad; collectives of the gather run here
+        total.backward()  # dL/dE into cached.grad (chunk order); collectives of the gather run here
         distributed.average_gradients_(loss_params)
         self._backward_chunks(chunks, states, cached.grad)
         return {k: v.detach() for k, v in out.items()}

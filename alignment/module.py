@@ -3,7 +3,8 @@
 The step (``../shared/docs/architecture.md``)::
 
     training_step(batch)                         this file
-      -> DualEncoder(batch)          (n, D)      alignment/model.py, every language in one forward
+      -> encode_grouped(DualEncoder, batch)      alignment/encode.py: sentences sorted by length, chunks under
+                                     (n, D)      --model.step.token_budget, back in batch order (model.py)
       -> gather_candidates(...)      (M, D)      alignment/distributed.py, with gradients
       -> MultiWayContrastiveLoss     dict        alignment/losses.py, + drift_loss
       -> sum of *_loss terms, logged with every metric
@@ -40,6 +41,7 @@ from torch import Tensor
 
 from alignment import distributed, preemption, strategies
 from alignment.batch import SKIP_REASONS, Batch
+from alignment.encode import PaddingStats, encode_grouped
 from alignment.gradcache import GradCache, GradCacheConfig
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
 from alignment.model import DualEncoder, ModelConfig, max_positions, transformer_layers
@@ -64,8 +66,15 @@ class StepConfig:
     """Log the total gradient 2-norm before each optimiser step (one reduction over all gradients)."""
     eval_max_sentences: int = 20000
     """Cap on held-out sentences kept for the evaluation hook per validation pass (memory: N x D floats)."""
+    token_budget: int | None = 4096
+    """Length-grouped encoding: the step's sentences are sorted by length and encoded in chunks of at most
+    this many token positions (rows x the chunk's longest sentence), each padded only to its own longest;
+    None or 0 = one forward padded to the batch's longest sentence. Same embeddings and gradients."""
 
     def __post_init__(self) -> None:
+        if self.token_budget is not None and self.token_budget < 0:
+            raise ValueError(f"--model.step.token_budget must be >= 0 (0 or null: one padded forward), "
+                             f"got {self.token_budget}")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"--model.step.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.eval_max_sentences < 2:
@@ -133,7 +142,9 @@ class AlignmentModule(LightningModule):
         # never trained, never checkpointed and never handed to DDP/DeepSpeed.
         object.__setattr__(self, "_reference", self.encoder.frozen_copy() if loss.drift_weight > 0 else None)
         self.automatic_optimization = not gradcache.enabled
-        self._gradcache = GradCache(self._encode, self._loss_terms, gradcache.chunk_size) if gradcache.enabled else None
+        self._gradcache = (GradCache(self._encode, self._loss_terms, gradcache.chunk_size,
+                                     token_budget=step.token_budget) if gradcache.enabled else None)  # fmt: skip
+        self._padding = PaddingStats()
         self.nonfinite_steps = 0
         self.nonfinite_total = 0
         self.empty_steps_total = 0
@@ -157,7 +168,7 @@ class AlignmentModule(LightningModule):
         padding sentence and keeps zero rows of it.
         """
         if batch.num_sentences > 0:
-            return self.encoder(batch)
+            return encode_grouped(self.encoder, batch, self.step_config.token_budget, self._padding)
         pad = torch.zeros(1, 2, dtype=batch.input_ids.dtype, device=batch.input_ids.device)
         return self.encoder.encode(pad, torch.ones_like(pad))[:0]  # (0, D), connected to the graph
 
@@ -171,12 +182,14 @@ class AlignmentModule(LightningModule):
         out["global_rows"] = emb.new_tensor(float(candidates.num_rows))  # rows of all ranks: the real global batch
         if self._reference is not None:
             with torch.no_grad():
-                ref = self._reference(batch) if batch.num_sentences else emb.detach()  # (n, D)
+                ref = (encode_grouped(self._reference, batch, self.step_config.token_budget)
+                       if batch.num_sentences else emb.detach())  # (n, D)
             out.update(drift_loss(emb, ref, self.loss_config.drift_weight, self.loss_config.drift_kind, candidates))
         return out
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         self._step_skipped = False
+        self._padding = PaddingStats()  # filled by _encode: train/padding_share
         if self._gradcache is not None:
             return self._gradcache_step(batch)
         out = self._loss_terms(self._encode(batch), batch)
@@ -244,6 +257,10 @@ class AlignmentModule(LightningModule):
         loss is finite on every rank.
         """
         logging = self._is_logging_step()
+        if logging:  # this rank's padding share of the encoder's token positions (mean over ranks when logged)
+            # always a tensor: sum_and_mean orders tensors before floats, the same on every rank
+            share = torch.as_tensor(self._padding.share(), dtype=torch.float64, device=loss.device)
+            out = {**out, "padding_share": share}
         local_nonfinite = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
         means = {"loss": loss.detach().to(torch.float64)}
         sums = {"nonfinite_ranks": local_nonfinite, "preempt_ranks": float(preemption.requested())}
@@ -404,7 +421,7 @@ class AlignmentModule(LightningModule):
         kept = sum(p[0].shape[0] for p in self._val_parts)
         if kept >= self.step_config.eval_max_sentences:
             return
-        emb = self.encoder(batch).float()  # (n, D)
+        emb = encode_grouped(self.encoder, batch, self.step_config.token_budget).float()  # (n, D)
         # batch-local row ids -> ids unique over this rank's whole validation pass
         self._val_parts.append((emb, batch.row_ids + self._val_rows, batch.lang_ids))
         self._val_rows += batch.num_rows

@@ -1,0 +1,169 @@
+"""Length-grouped encoding (``alignment/encode.py``): the maths of the step does not change.
+
+In float64 and eval mode, embeddings and parameter gradients of the grouped path equal the single
+padded forward's, for the plain step, the GradCache step and the drift reference (the world-2 case is
+in ``tests/distributed/test_module_ddp.py``); the chunk plan keeps the budget, takes every sentence
+once and puts them back in batch order; a left-padded batch is encoded in one padded forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment.encode import PaddingStats, encode_grouped, plan_chunks
+from alignment.losses import total_loss
+from alignment.synthetic import rows_to_batch, synthetic_rows, tiny_tokenizer
+from tests import _training as T
+
+BUDGET = 24  # tokens per chunk: several chunks on the test batch, the longest sentences one per chunk
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    """10 rows of up to 4 languages, sentence lengths varying several-fold (right padding)."""
+    rows = synthetic_rows(10, T.LANGUAGES, seed=11, missing_prob=0.3, min_words=1, max_words=14)
+    return rows_to_batch(tokenizer, list(rows), T.LANGUAGES)
+
+
+def build(tokenizer, budget, **kwargs):
+    module = T.module(T.Corpus(Path("."), Path("."), len(tokenizer)), seed=3, step={"token_budget": budget},
+                      **kwargs).double().eval()
+    if module._reference is not None:
+        module._reference.double()
+    return module
+
+
+def grads(module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys() and expected
+    scale = max(float(g.abs().max()) for g in expected.values())
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-10, atol=1e-10 * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_chunk_plan_keeps_the_budget_and_takes_every_sentence_once():
+    lengths = [3, 17, 5, 5, 60, 2, 9, 11, 1, 5, 8, 40]
+    order, chunks = plan_chunks(lengths, token_budget=40)
+    assert sorted(order) == list(range(len(lengths)))  # every sentence once
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    assert order.index(2) < order.index(3) < order.index(9)  # stable among equal lengths
+    covered = []
+    for start, stop, width in chunks:
+        members = order[start:stop]
+        covered += members
+        assert width == max(lengths[i] for i in members)  # padded to its own longest sentence
+        assert len(members) * width <= 40 or len(members) == 1  # the budget, or a long sentence alone
+    assert covered == order
+    long_chunk = next(c for c in chunks if order[c[0]] == 4)
+    assert long_chunk[1] - long_chunk[0] == 1 and long_chunk[2] == 60  # 60 > 40: alone
+    assert plan_chunks(lengths, 40) == (order, chunks)  # deterministic (GradCache re-encodes the same chunks)
+    with pytest.raises(ValueError, match="--model.step.token_budget"):
+        plan_chunks(lengths, 0)
+
+
+def test_grouped_embeddings_and_gradients_equal_the_padded_forward(tokenizer, batch):
+    lengths = batch.attention_mask.sum(1)
+    assert int(lengths.max()) * 2 > BUDGET and int(lengths.max()) > 3 * int(lengths.min())  # really grouped
+    padded, grouped = build(tokenizer, None), build(tokenizer, BUDGET)
+    calls = []
+    forward = grouped.encoder.forward
+    grouped.encoder.forward = lambda b: calls.append(tuple(b.input_ids.shape)) or forward(b)
+    stats = PaddingStats()
+    grouped._padding = stats
+    emb_p, emb_g = padded._encode(batch), grouped._encode(batch)
+    assert len(calls) > 2 and all(n * width <= BUDGET or n == 1 for n, width in calls)
+    assert sum(n for n, _ in calls) == batch.num_sentences
+    torch.testing.assert_close(emb_g, emb_p, rtol=1e-12, atol=1e-12)  # in batch order
+    # the padding share counts what the backbone processed: less than the padded batch's
+    assert stats.processed == sum(n * w for n, w in calls)
+    assert float(stats.share()) < batch.padding_ratio
+    total_loss(padded._loss_terms(emb_p, batch)).backward()
+    total_loss(grouped._loss_terms(emb_g, batch)).backward()
+    assert_same(grads(grouped), grads(padded))
+
+
+def test_grouped_drift_reference_equals_the_padded_forward(tokenizer, batch):
+    loss = {"objective": "multi_positive", "drift_weight": 0.5}
+    padded, grouped = build(tokenizer, None, loss=loss), build(tokenizer, BUDGET, loss=loss)
+    with torch.no_grad():  # move the weights off the reference, so drift is not zero
+        for module in (padded, grouped):
+            for p in module.encoder.parameters():
+                p.add_(0.01 * torch.sin(torch.arange(p.numel(), dtype=p.dtype)).reshape(p.shape))
+    out_p = padded._loss_terms(padded._encode(batch), batch)
+    out_g = grouped._loss_terms(grouped._encode(batch), batch)
+    drift = [k for k in out_p if "drift" in k]
+    assert drift and float(out_p[drift[0]].detach()) > 0
+    for key in drift:
+        torch.testing.assert_close(out_g[key], out_p[key], rtol=1e-12, atol=1e-14)
+    total_loss(out_p).backward()
+    total_loss(out_g).backward()
+    assert_same(grads(grouped), grads(padded))
+
+
+def test_grouped_gradcache_equals_the_padded_forward(tokenizer, batch):
+    kwargs = dict(loss={"objective": "multi_positive", "learn_temperature": True}, gradcache={"chunk_size": 7})
+    padded, grouped = build(tokenizer, None, **kwargs), build(tokenizer, BUDGET, **kwargs)
+    plain = build(tokenizer, None, loss=kwargs["loss"])  # no GradCache, one padded forward
+    chunks, inverse = grouped._gradcache.chunks(batch)
+    assert inverse is not None and len(chunks) == 5
+    widths = [c.input_ids.shape[1] for c in chunks]
+    assert widths == sorted(widths, reverse=True) and widths[-1] < batch.input_ids.shape[1]
+    seen = []
+    forward = grouped.encoder.forward
+    grouped.encoder.forward = lambda b: seen.append(b.input_ids.clone()) or forward(b)
+    out_g, out_p = grouped._gradcache.step(batch), padded._gradcache.step(batch)
+    half = len(seen) // 2
+    assert len(seen) == 2 * half and all(torch.equal(a, b) for a, b in zip(seen[:half], seen[half:]))  # same chunks
+    total_loss(plain._loss_terms(plain._encode(batch), batch)).backward()
+    torch.testing.assert_close(out_g["contrastive_loss"], out_p["contrastive_loss"], rtol=1e-12, atol=1e-12)
+    assert_same(grads(grouped), grads(padded))
+    assert_same(grads(grouped), grads(plain))
+
+
+def left_padded(batch):
+    """The same sentences, padded on the left (as a decoder tokenizer would)."""
+    mask = batch.attention_mask
+    lengths = mask.sum(1)
+    width = mask.shape[1]
+    ids = torch.zeros_like(batch.input_ids)
+    new_mask = torch.zeros_like(mask)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, width - n:] = batch.input_ids[i, :n]
+        new_mask[i, width - n:] = 1
+    return replace(batch, input_ids=ids, attention_mask=new_mask)
+
+
+def test_left_padding_is_encoded_in_one_padded_forward(tokenizer, batch):
+    """Cutting pad columns on the left would shift BERT's absolute positions: the grouped path falls back."""
+    left = left_padded(batch)
+    module = build(tokenizer, BUDGET)
+    calls = []
+    forward = module.encoder.forward
+    module.encoder.forward = lambda b: calls.append(tuple(b.input_ids.shape)) or forward(b)
+    stats = PaddingStats()
+    emb = encode_grouped(module.encoder, left, BUDGET, stats)
+    assert calls == [tuple(left.input_ids.shape)]
+    torch.testing.assert_close(emb, forward(left), rtol=0, atol=0)
+    assert float(stats.share()) == pytest.approx(left.padding_ratio)
+    chunks, inverse = build(tokenizer, BUDGET, gradcache={"chunk_size": 7})._gradcache.chunks(left)
+    assert inverse is None and all(c.input_ids.shape[1] == left.input_ids.shape[1] for c in chunks)
+
+
+def test_token_budget_flag_is_checked():
+    from alignment.module import StepConfig
+
+    with pytest.raises(ValueError, match="--model.step.token_budget must be >= 0"):
+        StepConfig(token_budget=-1)
+    assert StepConfig(token_budget=0).token_budget == 0
