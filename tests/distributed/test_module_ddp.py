@@ -7,8 +7,9 @@ optimiser (``on_before_optimizer_step``, after DDP's averaging or the GradCache 
 test process computes the loss of the *same* module over the concatenated global batch in one
 process, back-propagates, and requires every gradient to agree to a relative 1e-9 (float64), and
 the logged ``train/loss`` to be that single-process loss. Cases: plain multi-way, En-X, the drift
-regulariser, margin with a learned temperature, and the GradCache path (which switches DDP's sync
-off and averages by hand). Dropout is off so both sides run the same network.
+regulariser, margin with a learned temperature, the GradCache path (which switches DDP's sync
+off and averages by hand), and length-grouped encoding (``--model.step.token_budget``, plain, drift and
+GradCache) against the one process's single padded forward. Dropout is off so both sides run the same network.
 
 The same world then fits 4 steps with the real datamodule, checkpoint, preemption and throughput
 callbacks, and counts every ``torch.distributed`` collective per step against the budget written in
@@ -38,6 +39,12 @@ CASES = {
     "drift": dict(loss={"objective": "multi_positive", "drift_weight": 0.5}),
     "margin_learned_temperature": dict(loss={"objective": "multi_positive", "margin": 0.3, "learn_temperature": True}),
     "gradcache": dict(loss={"objective": "multi_positive", "learn_temperature": True}, gradcache={"chunk_size": 4}),
+    # length-grouped encoding (alignment/encode.py) with a budget that splits every local batch into several
+    # chunks; the one-process reference below always runs the single padded forward (token_budget None)
+    "grouped": dict(loss={"objective": "multi_positive"}, step={"token_budget": 24}),
+    "grouped_drift": dict(loss={"objective": "multi_positive", "drift_weight": 0.5}, step={"token_budget": 24}),
+    "grouped_gradcache": dict(loss={"objective": "multi_positive", "learn_temperature": True},
+                              gradcache={"chunk_size": 4}, step={"token_budget": 24}),
 }
 COUNT_STEPS, COUNT_LOG_EVERY = 4, 2
 
@@ -53,8 +60,8 @@ def rank_rows(rank: int):
     return list(synthetic_rows(ROWS[rank], T.LANGUAGES, seed=50 + rank, missing_prob=0.3))
 
 
-def build_module(tokenizer, case: str):
-    module = T.module(T.Corpus(Path("."), Path("."), len(tokenizer)), seed=7, **CASES[case])
+def build_module(tokenizer, case: str, **overrides):
+    module = T.module(T.Corpus(Path("."), Path("."), len(tokenizer)), seed=7, **{**CASES[case], **overrides})
     for m in module.modules():  # dropout off: both sides must run the same network
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -213,7 +220,7 @@ def single_process(case: str):
     from alignment.losses import total_loss
 
     tokenizer = _tokenizer()
-    module = build_module(tokenizer, case).double()
+    module = build_module(tokenizer, case, step={"token_budget": None}).double()  # one padded forward
     if module._reference is not None:
         module._reference.double()
     batch = rows_to_batch(tokenizer, rank_rows(0) + rank_rows(1), T.LANGUAGES)  # rank 0's rows, then rank 1's
