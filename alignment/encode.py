@@ -5,7 +5,8 @@ short UI strings beside full sentences most of its token positions are padding
 (``benchmarks/results/encode_padding-*``). Here the sentences are sorted by
 real length and cut into chunks under a token budget (chunk rows x the chunk's
 own longest sentence <= budget; a sentence longer than the budget is a chunk
-of its own), each chunk is cut to its own longest sentence and encoded, and
+of its own; the cut points trade padding against the number of forwards,
+:func:`plan_chunks`), each chunk is cut to its own longest sentence and encoded, and
 the embeddings are put back in batch order with one differentiable
 ``index_select``::
 
@@ -55,27 +56,57 @@ class PaddingStats:
         return 1.0 - self.real / self.processed
 
 
-def plan_chunks(lengths: list[int], token_budget: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+FORWARD_COST = 128
+"""Token positions one more encoder forward is charged in the chunk plan (:func:`plan_chunks`): the trade of
+padding against per-forward overhead. 128 keeps padding under 15% of the processed positions on the real
+gettext multi-way batches at 16-64 rows with about 5-11 forwards per step
+(``benchmarks/results/encode_padding-*``)."""
+
+
+def plan_chunks(
+    lengths: list[int], token_budget: int, forward_cost: int = FORWARD_COST
+) -> tuple[list[int], list[tuple[int, int, int]]]:
     """Order and chunks of sentences with ``lengths`` under ``token_budget``.
 
     Returns ``(order, chunks)``: ``order`` lists sentence indices from the
     longest to the shortest (stable among equal lengths); each chunk is
     ``(start, stop, width)``, a slice of ``order`` whose rows x ``width`` (its
     longest sentence) stays within the budget. A sentence longer than the
-    budget is alone in its chunk. Greedy and deterministic: the same lengths
-    always give the same chunks (GradCache's re-encode relies on it).
+    budget is alone in its chunk.
+
+    The cut points minimise processed positions (rows x width, summed) plus
+    ``forward_cost`` per forward: a dynamic programme over the distinct lengths
+    (at most ``max_length`` of them, so at most ``max_length**2 / 2`` steps),
+    each segment of lengths cut into budget-sized chunks. Deterministic: the
+    same lengths always give the same chunks (GradCache's re-encode relies on it).
     """
     if token_budget < 1:
         raise ValueError(f"--model.step.token_budget must be >= 1 to plan chunks, got {token_budget}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    chunks: list[tuple[int, int, int]] = []
-    start = 0
-    while start < len(order):
-        width = max(lengths[order[start]], 1)  # the longest of the chunk; an empty mask still takes a column
+    ordered = [max(int(lengths[i]), 1) for i in order]  # an empty mask still takes a column
+    groups: list[list[int]] = []  # [start, stop, width] runs of equal length, longest first
+    for index, width in enumerate(ordered):
+        if groups and groups[-1][2] == width:
+            groups[-1][1] = index + 1
+        else:
+            groups.append([index, index + 1, width])
+    best, cut = [0] + [None] * len(groups), [0] * (len(groups) + 1)
+    for j in range(1, len(groups) + 1):
+        stop = groups[j - 1][1]
+        for i in range(j - 1, -1, -1):  # segment groups[i:j] at the width of its longest, groups[i]
+            start, _, width = groups[i]
+            rows = max(token_budget // width, 1)
+            cost = best[i] + (stop - start) * width + forward_cost * -(-(stop - start) // rows)
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    segments, j = [], len(groups)
+    while j > 0:
+        segments.append((groups[cut[j]][0], groups[j - 1][1], groups[cut[j]][2]))
+        j = cut[j]
+    chunks = []
+    for start, stop, width in reversed(segments):
         rows = max(token_budget // width, 1)
-        stop = min(start + rows, len(order))
-        chunks.append((start, stop, width))
-        start = stop
+        chunks += [(s, min(s + rows, stop), ordered[s]) for s in range(start, stop, rows)]
     return order, chunks
 
 
@@ -115,6 +146,7 @@ def encode_grouped(
     batch: Batch,
     token_budget: int | None,
     stats: PaddingStats | None = None,
+    forward_cost: int = FORWARD_COST,
 ) -> Tensor:
     """``(N, D)`` embeddings of ``batch`` in batch order, encoded in length-grouped chunks under ``token_budget``.
 
@@ -133,7 +165,7 @@ def encode_grouped(
             stats.add(batch.attention_mask.sum(), n * width)
         return model(batch)
     order, lengths = planned
-    _, chunks = plan_chunks(lengths, token_budget)  # lengths are sorted already: the plan's order is the identity
+    _, chunks = plan_chunks(lengths, token_budget, forward_cost)  # lengths are sorted already: the plan's order is the identity
     if len(chunks) == 1 and chunks[0][2] == width:
         if stats is not None:
             stats.add(sum(lengths), n * width)

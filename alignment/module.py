@@ -66,10 +66,11 @@ class StepConfig:
     """Log the total gradient 2-norm before each optimiser step (one reduction over all gradients)."""
     eval_max_sentences: int = 20000
     """Cap on held-out sentences kept for the evaluation hook per validation pass (memory: N x D floats)."""
-    token_budget: int | None = 4096
-    """Length-grouped encoding: the step's sentences are sorted by length and encoded in chunks of at most
-    this many token positions (rows x the chunk's longest sentence), each padded only to its own longest;
-    None or 0 = one forward padded to the batch's longest sentence. Same embeddings and gradients."""
+    token_budget: int | None = 8192
+    """Length-grouped encoding (``alignment/encode.py``): the step's sentences are sorted by length and encoded
+    in chunks of at most this many token positions (rows x the chunk's longest sentence; it bounds a forward's
+    activation memory), each padded only to its own longest sentence; None or 0 = one forward padded to the
+    batch's longest sentence. Same embeddings and gradients; left-padded batches take the one padded forward."""
 
     def __post_init__(self) -> None:
         if self.token_budget is not None and self.token_budget < 0:

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--languages", default=None, help="comma-separated; default: the manifest's")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--budgets", type=int, nargs="+", default=[0, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--forward-costs", type=int, nargs="+", default=[0, 64, 256, 512],
+                   help="forward costs (token positions) also tried at --cost-budget, beside the default")
+    p.add_argument("--cost-budget", type=int, default=8192)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--text-prefix", default="query: ")
     p.add_argument("--batches", type=int, default=0, help="batches per setting (0: the whole epoch)")
@@ -72,11 +75,13 @@ def stream(args, tokenizer, batch_size: int, bucketing: bool) -> list:
     return batches
 
 
-def count(batches: list, budget: int) -> dict:
+def count(batches: list, budget: int, forward_cost: int | None = None) -> dict:
     """Token positions and forwards the step's encoder runs on ``batches`` under ``budget``."""
     import torch
 
-    from alignment.encode import PaddingStats, encode_grouped
+    from alignment.encode import FORWARD_COST, PaddingStats, encode_grouped
+
+    forward_cost = FORWARD_COST if forward_cost is None else forward_cost
 
     shapes: list[tuple[int, int]] = []
 
@@ -88,39 +93,40 @@ def count(batches: list, budget: int) -> dict:
     forwards = []
     for batch in batches:
         before = len(shapes)
-        encode_grouped(record, batch, budget, stats)
+        encode_grouped(record, batch, budget, stats, forward_cost)
         forwards.append(len(shapes) - before)
     processed = sum(n * w for n, w in shapes)
     real = int(stats.real)
     assert processed == stats.processed
-    return {"budget": budget, "steps": len(batches), "sentences": sum(b.num_sentences for b in batches),
+    return {"budget": budget, "forward_cost": forward_cost if budget else None, "steps": len(batches),
+            "sentences": sum(b.num_sentences for b in batches),
             "real_tokens": real, "processed_positions": processed, "padding_share": 1 - real / processed,
             "forwards_per_step": sum(forwards) / len(forwards), "max_forwards_per_step": max(forwards),
             "widest_forward": max(w for _, w in shapes)}  # fmt: skip
 
 
 def timing(args, batches: list) -> list[dict]:
-    """CPU seconds of forward + backward of the grouped encoder per budget (an indication only)."""
-    import torch
-
-    from alignment.encode import encode_grouped
+    """CPU seconds of forward + backward of the grouped encoder: the padded forward, then the default plan and
+    each ``--forward-costs`` at ``--cost-budget`` (an indication only)."""
+    from alignment.encode import FORWARD_COST, encode_grouped
     from alignment.model import DualEncoder
 
     model = DualEncoder.from_pretrained(args.time_model).train()
     rows = []
-    for budget in args.budgets:
+    for budget, cost in [(0, None), (args.cost_budget, FORWARD_COST)] + [(args.cost_budget, c)
+                                                                        for c in args.forward_costs]:
         cpu, wall = 0.0, 0.0
         for i, batch in enumerate(batches):
             t0, c0 = time.perf_counter(), time.process_time()
-            emb = encode_grouped(model, batch, budget)
+            emb = encode_grouped(model, batch, budget, forward_cost=FORWARD_COST if cost is None else cost)
             emb.sum().backward()
             model.zero_grad(set_to_none=True)
             if i:  # the first batch warms up the allocator and kernels
                 wall += time.perf_counter() - t0
                 cpu += time.process_time() - c0
         steps = max(len(batches) - 1, 1)
-        rows.append({"budget": budget, "wall_s_per_step": wall / steps, "cpu_s_per_step": cpu / steps})
-        torch.manual_seed(0)
+        rows.append({"budget": budget, "forward_cost": cost, "wall_s_per_step": wall / steps,
+                     "cpu_s_per_step": cpu / steps})
     return rows
 
 
@@ -134,6 +140,9 @@ def run(args) -> dict:
             batches = stream(args, tokenizer, batch_size, bucketing)
             for budget in args.budgets:
                 table.append({"batch_size": batch_size, "bucketing": bucketing, **count(batches, budget)})
+            for cost in args.forward_costs:
+                table.append({"batch_size": batch_size, "bucketing": bucketing,
+                              **count(batches, args.cost_budget, cost)})
     times = None
     if args.time_model:
         batches = stream(args, tokenizer, args.time_batch_size, False)[: args.time_batches + 1]
@@ -144,6 +153,7 @@ def run(args) -> dict:
 
 def markdown(report: dict, meta: dict, args) -> str:
     rows = [(r["batch_size"], "yes" if r["bucketing"] else "no", r["budget"] or "none (one padded forward)",
+             "-" if r["forward_cost"] is None else r["forward_cost"],
              f"{r['padding_share']:.1%}", f"{r['processed_positions']:,}", f"{r['real_tokens']:,}",
              f"{r['forwards_per_step']:.1f}", r["max_forwards_per_step"], r["steps"])
             for r in report["table"]]  # fmt: skip
@@ -156,10 +166,12 @@ def markdown(report: dict, meta: dict, args) -> str:
         f"language policy all, {'whole epoch' if not args.batches else f'{args.batches} batches'} per setting",
         f"- command: `{meta['command']}`",
         "- counted, not timed: every forward `alignment.encode.encode_grouped` runs (rows x padded width); "
-        "padding share = 1 - real tokens / processed positions",
+        "padding share = 1 - real tokens / processed positions; forward cost = the token positions the chunk "
+        "plan charges per forward (`alignment.encode.FORWARD_COST`, default 128)",
         "",
-        markdown_table(["rows/batch", "row bucketing", "token budget", "padding", "processed positions",
-                        "real tokens", "forwards/step", "max forwards", "steps"], rows, "lllrrrrrr"),
+        markdown_table(["rows/batch", "row bucketing", "token budget", "forward cost", "padding",
+                        "processed positions", "real tokens", "forwards/step", "max forwards", "steps"], rows,
+                       "lllrrrrrrr"),
         "",
     ]
     if report["timing"]:
@@ -168,8 +180,9 @@ def markdown(report: dict, meta: dict, args) -> str:
             f"{args.time_batch_size} rows/batch, mean of {args.time_batches} batches after one warm-up; one "
             "process on a shared, loaded machine: an indication of per-forward overhead, not a measurement):",
             "",
-            markdown_table(["token budget", "CPU s/step", "wall s/step"],
-                           [(t["budget"] or "none", f"{t['cpu_s_per_step']:.2f}", f"{t['wall_s_per_step']:.2f}")
+            markdown_table(["token budget", "forward cost", "CPU s/step", "wall s/step"],
+                           [(t["budget"] or "none", "-" if t["forward_cost"] is None else t["forward_cost"],
+                             f"{t['cpu_s_per_step']:.2f}", f"{t['wall_s_per_step']:.2f}")
                             for t in report["timing"]]),  # fmt: skip
             "",
         ]

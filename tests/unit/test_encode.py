@@ -69,6 +69,13 @@ def test_chunk_plan_keeps_the_budget_and_takes_every_sentence_once():
     long_chunk = next(c for c in chunks if order[c[0]] == 4)
     assert long_chunk[1] - long_chunk[0] == 1 and long_chunk[2] == 60  # 60 > 40: alone
     assert plan_chunks(lengths, 40) == (order, chunks)  # deterministic (GradCache re-encodes the same chunks)
+    # the forward cost trades padding against forwards: free forwards give no padding at all, costly ones
+    # the fewest chunks the budget allows
+    _, free = plan_chunks(lengths, 40, forward_cost=0)
+    assert sum((b - a) * w for a, b, w in free) == sum(lengths)
+    _, few = plan_chunks(lengths, 40, forward_cost=10**6)
+    assert len(few) <= len(chunks) <= len(free)
+    assert [(b - a) * w for a, b, w in few if b - a > 1] and all((b - a) * w <= 40 or b - a == 1 for a, b, w in few)
     with pytest.raises(ValueError, match="--model.step.token_budget"):
         plan_chunks(lengths, 0)
 
