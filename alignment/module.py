@@ -19,6 +19,7 @@ Collective budget of one optimiser step (``tests/distributed/test_module_ddp.py`
     gather_candidates        3 all-gathers (sizes, embeddings, ids) + 1 reduce-scatter in backward: the loss
     the step guard           1 all-reduce of a few floats (_guard_and_log): NaN/inf check, preemption flag, global loss;
                              on logging steps the same all-reduce also carries every logged term and counter
+                             (train/padding_share of the length-grouped encoder included)
     gradients                DDP's bucketed all-reduces (ZeRO: its reduce-scatters/all-gathers);
                              GradCache path: 1 flat all-reduce of all gradients instead (DDP's sync is off)
     DDP buffers              none: their per-forward broadcast is off (strategies.ddp_defaults)

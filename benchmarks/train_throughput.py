@@ -268,12 +268,22 @@ def stream_batches(config, tokenizer, count: int) -> list:
 def forward_shapes(arm: str, batch) -> list[tuple[int, int]]:
     """``(sequences, padded width)`` of each encoder forward an arm runs on ``batch``.
 
-    The framework and the hand loop encode all ``2B`` sentences in one forward
-    padded to the longest; sentence-transformers (``embed_columns`` with its
+    The hand loop encodes all ``2B`` sentences in one forward padded to the
+    longest; the framework runs the length-grouped forwards of
+    ``alignment.encode`` under the default ``--model.step.token_budget``
+    (counted with a recording stand-in for the model); sentence-transformers (``embed_columns`` with its
     default ``separate_first=True``) runs the anchor column and the positive
     column as two forwards, each padded to its own longest (its tokenisation
     gives the same token counts: same tokenizer, same truncation).
     """
+    if arm == "framework":
+        from alignment.encode import encode_grouped
+        from alignment.module import StepConfig
+
+        shapes: list[tuple[int, int]] = []
+        record = lambda b: shapes.append(tuple(b.input_ids.shape)) or torch.zeros(b.num_sentences, 1)  # noqa: E731
+        encode_grouped(record, batch, StepConfig().token_budget)
+        return shapes
     if arm != "sentence-transformers":
         return [tuple(batch.input_ids.shape)]
     lengths = batch.attention_mask.sum(dim=1)  # (2B,)

@@ -174,3 +174,22 @@ def test_token_budget_flag_is_checked():
     with pytest.raises(ValueError, match="--model.step.token_budget must be >= 0"):
         StepConfig(token_budget=-1)
     assert StepConfig(token_budget=0).token_budget == 0
+
+
+def test_fit_logs_the_padding_share_of_its_forwards(tmp_path):
+    """``train/padding_share`` on logging steps: the share of the processed token positions that are padding,
+    lower with length grouping than with the one padded forward, from the same fused log (no extra collective)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    corpus = T.make_corpus(tmp_path / "data", rows=80, rows_per_shard=20)
+    shares = {}
+    for budget in (0, 32):
+        root = tmp_path / f"budget{budget}"
+        dm = T.datamodule(corpus, languages=list(T.LANGUAGES), batch_size=20, shuffle_buffer=0)
+        trainer = T.trainer(root, max_steps=2, logger=[CSVLogger(str(root), name="csv")], log_every_n_steps=1)
+        trainer.fit(T.module(corpus, step={"token_budget": budget}), datamodule=dm)
+        rows = [r for r in T.csv_metrics(root / "csv" / "version_0" / "metrics.csv") if "train/padding_share" in r]
+        assert [int(r["step"]) for r in rows] == [0, 1]
+        shares[budget] = [r["train/padding_share"] for r in rows]
+    assert all(0 < s < 1 for s in shares[0])
+    assert all(0 <= g < p for g, p in zip(shares[32], shares[0])), shares
