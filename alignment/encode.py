@@ -170,9 +170,16 @@ def encode_grouped(
         if stats is not None:
             stats.add(sum(lengths), n * width)
         return model(batch)  # nothing to gain: one chunk of the full width
+    lookup = getattr(model, "token_embeddings", None)
+    embeds = lookup(batch.input_ids) if lookup is not None else None  # (N, T, H): one lookup, one table backward
     parts = []
     for start, stop, chunk_width in chunks:
-        parts.append(model(take(batch, order[start:stop], chunk_width)))  # (n_c, D)
+        index = order[start:stop]
+        chunk = take(batch, index, chunk_width)
+        if embeds is None:
+            parts.append(model(chunk))  # (n_c, D)
+        else:
+            parts.append(model(chunk, inputs_embeds=embeds[index, :chunk_width]))
         if stats is not None:
             stats.add(0, (stop - start) * chunk_width)
     if stats is not None:

@@ -34,6 +34,9 @@ ENCODER_META = "alignment_encoder.json"
 PROJECTION_FILE = "projection.safetensors"
 PIVOT_SUBDIR = "pivot_encoder"
 TINY = "tiny"
+SHARED_LOOKUP = frozenset({"bert", "xlm-roberta", "roberta", "distilbert", "camembert"})
+"""Backbones whose ``inputs_embeds`` path gives the ``input_ids`` path's states on real tokens (right padding):
+the lookup is the only use of the ids (XLM-R/RoBERTa number pad positions differently, masked out anyway)."""
 
 
 # --------------------------------------------------------------------------- config
@@ -285,7 +288,19 @@ class DualEncoder(nn.Module):
     def embedding_dim(self) -> int:
         return self.projection.out_features if self.projection is not None else self.backbone.config.hidden_size
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor, *, pivot: bool = False) -> Tensor:
+    def token_embeddings(self, input_ids: Tensor) -> Tensor | None:
+        """``(N, T, H)`` word embeddings of ``input_ids`` for :meth:`forward`'s ``inputs_embeds``, or None.
+
+        Length-grouped encoding (``alignment.encode``) looks the whole batch up once and hands each chunk its
+        slice: the backward of the word-embedding table (a dense ``vocab x H`` gradient, 96M floats for
+        XLM-R/E5) then runs once per step, not once per chunk. None (each chunk looks its tokens up itself)
+        with a pivot tower, or for a backbone whose embeddings depend on the token ids beyond the lookup."""
+        if self.pivot_backbone is not None or self.backbone.config.model_type not in SHARED_LOOKUP:
+            return None
+        return self.backbone.get_input_embeddings()(input_ids)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, *, pivot: bool = False,
+               inputs_embeds: Tensor | None = None) -> Tensor:
         """Embed ``(N, T)`` token ids: ``(N, D)``, unit norm when ``normalize``.
 
         ``pivot`` selects the pivot tower when the encoder is not shared.
@@ -293,7 +308,10 @@ class DualEncoder(nn.Module):
         at temperature 0.05 bf16 cosines would lose two digits of the logits.
         """
         tower = self.pivot_backbone if (pivot and self.pivot_backbone is not None) else self.backbone
-        hidden = tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+        if inputs_embeds is not None:  # the token_embeddings of input_ids (the same numbers, looked up once)
+            hidden = tower(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden = tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
         emb = pool(hidden, attention_mask, self.pooling)  # (N, H)
         if self.projection is not None:
             emb = self.projection(emb)  # (N, D)
@@ -301,10 +319,11 @@ class DualEncoder(nn.Module):
             emb = emb.float()
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
-    def forward(self, batch: Batch) -> Tensor:
-        """Embed every sentence of ``batch`` (all languages together): ``(N, D)``."""
+    def forward(self, batch: Batch, inputs_embeds: Tensor | None = None) -> Tensor:
+        """Embed every sentence of ``batch`` (all languages together): ``(N, D)``; ``inputs_embeds``: the
+        batch's :meth:`token_embeddings` (shared encoder only)."""
         if self.pivot_backbone is None:
-            return self.encode(batch.input_ids, batch.attention_mask)
+            return self.encode(batch.input_ids, batch.attention_mask, inputs_embeds=inputs_embeds)
         is_pivot = batch.lang_ids == batch.pivot_lang_id  # (N,)
         out = None
         for select, pivot in ((is_pivot, True), (~is_pivot, False)):

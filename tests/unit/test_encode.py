@@ -86,7 +86,7 @@ def test_grouped_embeddings_and_gradients_equal_the_padded_forward(tokenizer, ba
     padded, grouped = build(tokenizer, None), build(tokenizer, BUDGET)
     calls = []
     forward = grouped.encoder.forward
-    grouped.encoder.forward = lambda b: calls.append(tuple(b.input_ids.shape)) or forward(b)
+    grouped.encoder.forward = lambda b, **kw: calls.append(tuple(b.input_ids.shape)) or forward(b, **kw)
     stats = PaddingStats()
     grouped._padding = stats
     emb_p, emb_g = padded._encode(batch), grouped._encode(batch)
@@ -129,7 +129,7 @@ def test_grouped_gradcache_equals_the_padded_forward(tokenizer, batch):
     assert widths == sorted(widths, reverse=True) and widths[-1] < batch.input_ids.shape[1]
     seen = []
     forward = grouped.encoder.forward
-    grouped.encoder.forward = lambda b: seen.append(b.input_ids.clone()) or forward(b)
+    grouped.encoder.forward = lambda b, **kw: seen.append(b.input_ids.clone()) or forward(b, **kw)
     out_g, out_p = grouped._gradcache.step(batch), padded._gradcache.step(batch)
     half = len(seen) // 2
     assert len(seen) == 2 * half and all(torch.equal(a, b) for a, b in zip(seen[:half], seen[half:]))  # same chunks
@@ -158,7 +158,7 @@ def test_left_padding_is_encoded_in_one_padded_forward(tokenizer, batch):
     module = build(tokenizer, BUDGET)
     calls = []
     forward = module.encoder.forward
-    module.encoder.forward = lambda b: calls.append(tuple(b.input_ids.shape)) or forward(b)
+    module.encoder.forward = lambda b, **kw: calls.append(tuple(b.input_ids.shape)) or forward(b, **kw)
     stats = PaddingStats()
     emb = encode_grouped(module.encoder, left, BUDGET, stats)
     assert calls == [tuple(left.input_ids.shape)]
@@ -193,3 +193,33 @@ def test_fit_logs_the_padding_share_of_its_forwards(tmp_path):
         shares[budget] = [r["train/padding_share"] for r in rows]
     assert all(0 < s < 1 for s in shares[0])
     assert all(0 <= g < p for g, p in zip(shares[32], shares[0])), shares
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
+def test_one_word_embedding_lookup_per_step_gives_the_same_gradients(tokenizer, batch, arch):
+    """The grouped path looks the batch's word embeddings up once (``DualEncoder.token_embeddings``): the
+    table's dense gradient is built once per step, not once per chunk; the numbers are the padded forward's
+    (XLM-R numbers positions from the ids on that path, from the embeddings on this one: equal on real tokens)."""
+    from transformers import XLMRobertaConfig
+
+    from alignment.model import DualEncoder
+
+    small = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, pad_token_id=0)
+    config = DualEncoder.tiny_config(len(tokenizer)) if arch == "bert" else XLMRobertaConfig(
+        max_position_embeddings=130, **small)
+    torch.manual_seed(0)
+    padded = DualEncoder.from_config(config).double().eval()
+    grouped = DualEncoder.from_config(config).double().eval()
+    grouped.load_state_dict(padded.state_dict())
+    lookups = []
+    table = grouped.backbone.get_input_embeddings()
+    table.register_forward_hook(lambda *_: lookups.append(1))
+    emb_p, emb_g = padded(batch), encode_grouped(grouped, batch, BUDGET)
+    assert len(lookups) == 1  # one lookup for all chunks
+    torch.testing.assert_close(emb_g, emb_p, rtol=1e-12, atol=1e-12)
+    weights = torch.linspace(-1, 1, emb_p.numel(), dtype=emb_p.dtype).reshape(emb_p.shape)
+    (emb_p * weights).sum().backward()
+    (emb_g * weights).sum().backward()
+    assert_same({n: p.grad for n, p in grouped.named_parameters() if p.grad is not None},
+                {n: p.grad for n, p in padded.named_parameters() if p.grad is not None})
