@@ -202,15 +202,25 @@ def test_verify_names_a_damaged_token_file(corpus, tmp_path, capsys, damage):
     assert files[1] in err and "align shards tokenize" in err, err
 
 
-def test_a_damaged_token_file_is_tokenised_instead(corpus, tmp_path):
-    """The loader does not trust a sidecar out of step with its text shard: the rows are tokenised, same batches."""
+@pytest.mark.parametrize("damage, said", [("swapped", "stands where the text shard has"),
+                                          ("truncated", "truncated"), ("header", "checksum")])
+def test_a_damaged_token_file_is_tokenised_instead(corpus, tmp_path, damage, said):
+    """The loader does not trust a damaged sidecar: from the damage on its rows are tokenised, same batches."""
     build = tmp_path / "shards"
     shutil.copytree(corpus.shards, build)
     files = [f["path"] for f in next(iter(_manifest(build)["tokens"].values()))["splits"]["train"]["shards"]]
-    shutil.copyfile(build / files[0], build / files[1])  # another shard's keys
+    victim = build / files[1]
+    if damage == "swapped":
+        shutil.copyfile(build / files[0], victim)  # another shard's keys
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2 // 512 * 512 + 100])
+    else:
+        data = bytearray(victim.read_bytes())
+        data[5] ^= 0x01  # a byte of the first member's name
+        victim.write_bytes(bytes(data))
     from alignment.data.samples import TokenSidecarWarning
 
-    with pytest.warns(TokenSidecarWarning, match="stands where the text shard has"):
+    with pytest.warns(TokenSidecarWarning, match=said):
         got = _batches(T.Corpus(build, corpus.tokenizer, corpus.vocab_size))
     _assert_same(got, _batches(_plain(corpus)))
 
