@@ -120,15 +120,19 @@ def decode_ids(payload: bytes) -> dict[str, list[int]]:
     if not sep:
         raise ValueError("no header line")
     lengths = json.loads(head)
-    if not isinstance(lengths, dict) or not all(isinstance(n, int) and n >= 0 for n in lengths.values()):
+    if not isinstance(lengths, dict):
         raise ValueError("header is not an object of lengths")
-    flat = np.frombuffer(body, dtype="<i4")
-    if len(flat) != sum(lengths.values()):
-        raise ValueError(f"{len(flat)} ids for {sum(lengths.values())} announced")
+    if len(body) % 4:
+        raise ValueError(f"{len(body)} bytes of ids, not whole int32 values")
+    flat = np.frombuffer(body, dtype="<i4").tolist()  # one conversion, then list slices (cheaper than per language)
     out, start = {}, 0
     for code, n in lengths.items():
-        out[code] = flat[start : start + n].tolist()
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"length {n!r} of {code!r} is not a count")
+        out[code] = flat[start : start + n]
         start += n
+    if start != len(flat):
+        raise ValueError(f"{len(flat)} ids for {start} announced")
     return out
 
 
