@@ -188,7 +188,7 @@ def parse_config(argv: list[str]):
         raise SystemExit(2) from None
 
 
-_PACKAGE = str(Path(__file__).resolve().parent)
+_PACKAGE = str(Path(__file__).resolve().parents[1])  # alignment/: a check raised anywhere in the package
 
 
 def _raised_here(exc: BaseException) -> bool:

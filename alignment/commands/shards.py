@@ -1,4 +1,4 @@
-"""``align shards build | inspect | verify``: WebDataset shards from multi-way corpora.
+"""``align shards build | inspect | verify | tokenize | merge``: WebDataset shards from multi-way corpora.
 
 A thin layer: flags -> :class:`~alignment.data.readers.CorpusSource`,
 :class:`~alignment.data.cleaning.CleaningConfig` and
@@ -31,6 +31,7 @@ from alignment.data.manifest import (
 from alignment.data.readers import CorpusSource, read_corpus
 from alignment.data.rows import CorpusError
 from alignment.data.shards_write import ShardBuildConfig
+from alignment.data.tokens import TokenizeConfig, format_tokens, verify_tokens
 
 BUILD_EXAMPLES = """\
 examples:
@@ -211,6 +212,42 @@ def verify_parser():
     )
 
 
+def tokenize_parser():
+    p = new_parser(
+        "shards tokenize",
+        "Store the token ids of every text of a shard build beside it (tokens/<key>/<split>/<shard>.tar, recorded in "
+        "manifest.json), keyed by the tokenizer's identity (vocabulary and pipeline hashes, special tokens, "
+        "--max_length, --text_prefix). Training reads them instead of tokenising when --data.tokenizer, "
+        "--data.max_length and --data.text_prefix give the same identity, and says so in its log. Re-running is a "
+        "no-op; another tokenizer adds another entry.",
+        "examples:\n  align shards tokenize --shards data/gettext --tokenizer intfloat/multilingual-e5-small "
+        "--max_length 128 --text_prefix 'query: '",
+    )
+    add_config(p, TokenizeConfig)
+    return p
+
+
+def run_tokenize(argv: Sequence[str]) -> int:
+    p = tokenize_parser()
+    config = build(p, parse(p, argv, "shards tokenize"), TokenizeConfig, "shards tokenize")
+    start = time.perf_counter()
+    try:
+        from alignment.data.tokens import tokenize_build
+        from alignment.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer, "--tokenizer")
+        key, record, written = tokenize_build(config.shards, tokenizer, max_length=config.max_length,
+                                              text_prefix=config.text_prefix)
+    except (ManifestError, ValueError, OSError) as exc:
+        return _error("tokenize", exc)
+    tokens = sum(e["tokens"] for e in record["splits"].values())
+    what = "wrote" if written else "already there (verified; nothing written):"
+    print(f"{what} tokens {key} for {record['tokenizer']}: {tokens} tokens in "
+          f"{sum(len(e['shards']) for e in record['splits'].values())} files, recorded in "
+          f"{manifest_file(config.shards)} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def run_merge(argv: Sequence[str]) -> int:
     args = parse(merge_parser(), argv, "shards merge")
     start = time.perf_counter()
@@ -231,7 +268,7 @@ def run_inspect(argv: Sequence[str]) -> int:
         manifest = load_manifest(args.path)
     except (OSError, ManifestError) as exc:
         return _error("inspect", exc)
-    print(format_manifest(manifest, manifest_file(args.path)))
+    print(format_manifest(manifest, manifest_file(args.path)) + format_tokens(manifest))
     if args.cleaning:
         print()
         print(format_cleaning(manifest))
@@ -241,6 +278,8 @@ def run_inspect(argv: Sequence[str]) -> int:
 def run_verify(argv: Sequence[str]) -> int:
     args = parse(verify_parser(), argv, "shards verify")
     problems = verify_shards(args.path)
+    if not problems:  # the text is sound: check the token files against it
+        problems = verify_tokens(manifest_file(args.path).parent, load_manifest(args.path))
     if problems:
         for problem in problems:
             print(f"FAIL {problem}", file=sys.stderr)
@@ -249,7 +288,9 @@ def run_verify(argv: Sequence[str]) -> int:
     manifest = load_manifest(args.path)
     shards = sum(len(e["shards"]) for e in manifest["splits"].values())
     rows = sum(e["rows"] for e in manifest["splits"].values())
-    print(f"OK {manifest_file(args.path)}: {shards} shards, {rows} rows, checksums and samples verified")
+    entries = manifest.get("tokens") or {}
+    tokens = f", {len(entries)} pre-tokenised entr{'y' if len(entries) == 1 else 'ies'}" if entries else ""
+    print(f"OK {manifest_file(args.path)}: {shards} shards, {rows} rows{tokens}, checksums and samples verified")
     return 0
 
 
@@ -259,6 +300,8 @@ SUBCOMMANDS = {  # name: (one-line help, parser, run)
               build_parser, run_build),
     "inspect": ("print a build's manifest as tables", inspect_parser, run_inspect),
     "verify": ("re-check checksums, row counts and sample JSON; exit 1 on any mismatch", verify_parser, run_verify),
+    "tokenize": ("store token ids beside the text, keyed by the tokenizer; training reads them when they match",
+                 tokenize_parser, run_tokenize),
     "merge": ("finish a parallel build: write the shards and manifest from the parts of `build --part I/N`",
               merge_parser, run_merge),
 }
@@ -267,7 +310,7 @@ SUBCOMMANDS = {  # name: (one-line help, parser, run)
 def parser():
     """``align shards`` itself: only --config/--print_config and the list of its subcommands."""
     return new_parser("shards", "WebDataset shards of multi-way parallel corpora (align shards build --help).",
-                      "subcommands:\n" + "\n".join(f"  {k:<8} {v[0]}" for k, v in SUBCOMMANDS.items()))
+                      "subcommands:\n" + "\n".join(f"  {k:<9} {v[0]}" for k, v in SUBCOMMANDS.items()))
 
 
 def main(argv: Sequence[str]) -> int:

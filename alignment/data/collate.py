@@ -17,11 +17,13 @@ from alignment.batch import Batch
 
 @dataclass
 class SelectedRow:
-    """A row after language selection: sentences and their language ids, in vocabulary order."""
+    """A row after language selection: sentences and their language ids, in vocabulary order, and the
+    sentences' pre-tokenised ids when the shard has them."""
 
     key: str
     lang_ids: list[int]
     texts: list[str]
+    ids: list[list[int]] | None = None
 
 
 def select_languages(
@@ -72,6 +74,17 @@ def tokenize(tokenizer: Any, texts: Sequence[str], *, max_length: int, prefix: s
         return_token_type_ids=False,
     )
     return encoded["input_ids"]
+
+
+def row_sequences(tokenizer: Any, rows: Sequence[SelectedRow], *, max_length: int, prefix: str = ""
+                  ) -> list[list[int]]:
+    """Every sentence's token ids, row-major: pre-tokenised ones as read, the others in one :func:`tokenize` call."""
+    missing = [text for row in rows if row.ids is None for text in row.texts]
+    fresh = iter(tokenize(tokenizer, missing, max_length=max_length, prefix=prefix))
+    out: list[list[int]] = []
+    for row in rows:
+        out.extend(row.ids if row.ids is not None else itertools.islice(fresh, len(row.texts)))
+    return out
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
@@ -256,6 +257,7 @@ class AlignmentDataModule(LightningDataModule):
         train_shards = resolve_shard_spec(cfg.train_shards, TRAIN_SPLIT) if fitting and self.train_stream is None else None
         vocabulary = self._vocabulary()
         if train_shards is not None:
+            train_shards = self._pretokenised(train_shards, cfg.train_shards, TRAIN_SPLIT, "train_shards")
             self.train_stream = MultiWayStream(
                 train_shards, self.tokenizer, cfg, languages=vocabulary, num_workers=cfg.num_workers, shuffle=True
             )
@@ -268,6 +270,35 @@ class AlignmentDataModule(LightningDataModule):
                                  "its manifest)")
             field = "test_shards" if cfg.test_shards is not None else "val_shards"
             self.test_stream = self._validation_stream(vocabulary, spec=spec, split=TEST_SPLIT, field=field)
+
+    def _pretokenised(self, shards: list[ShardRef], spec: ShardSpec, split: str, field: str) -> list[ShardRef]:
+        """The shards with their pre-tokenised sidecars when the manifest has ids of the configured tokenizer,
+        max length and prefix (said once per split in the log); else as they are, with the reason in the log."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from alignment.data.manifest import MANIFEST_NAME, load_manifest, manifest_file
+        from alignment.data.tokens import match_tokens, sidecar_paths, tokenizer_identity, tokenizer_name
+
+        if not isinstance(spec, str) or not (Path(spec).suffix == ".json" or (Path(spec) / MANIFEST_NAME).is_file()):
+            return shards  # no manifest, no sidecars
+        file = manifest_file(spec)
+        cfg = self.config
+        identity = tokenizer_identity(self.tokenizer, max_length=cfg.max_length, text_prefix=cfg.text_prefix)
+        key, record, why = match_tokens(load_manifest(file), identity)
+        name = tokenizer_name(self.tokenizer)
+        if key is None:
+            rank_zero_info(f"data: tokenising {flag(field)} ({split}) with {name} in the loader: {why}")
+            return shards
+        paths = sidecar_paths(file, split, key)
+        covered = [replace(ref, tokens=paths.get(ref.url)) for ref in shards]
+        have = sum(ref.tokens is not None for ref in covered)
+        if not have:
+            rank_zero_info(f"data: tokenising {flag(field)} ({split}) with {name} in the loader: entry {key} of "
+                           f"{file} has no token files for the {split} split")
+            return shards
+        rank_zero_info(f"data: pre-tokenised ids for {name} (key {key}) from {file} ({split}: {have} of "
+                       f"{len(covered)} shards)")
+        return covered
 
     def _vocabulary(self) -> list[str]:
         if self.config.languages is not None:
@@ -293,6 +324,7 @@ class AlignmentDataModule(LightningDataModule):
                 "each rank needs one; "
                 f"write the {split} split with smaller shards"
             )
+        shards = self._pretokenised(shards, cfg.val_shards if spec is None else spec, split, field)
         # Validation sets are small: use fewer workers rather than refuse (one shard per reader at least).
         workers = min(cfg.num_workers, len(shards) // world)
         return MultiWayStream(shards, self.tokenizer, cfg, languages=vocabulary, num_workers=workers, shuffle=False)

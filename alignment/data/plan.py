@@ -22,10 +22,12 @@ from alignment.data.config import flag
 
 @dataclass(frozen=True)
 class ShardRef:
-    """A shard to read: a local file path (opened as a plain file, never as a URL) and its row count."""
+    """A shard to read: a local file path (opened as a plain file, never as a URL), its row count, and the
+    sidecar of pre-tokenised ids to read beside it (:mod:`alignment.data.tokens`), if any."""
 
     url: str
     rows: int | None = None
+    tokens: str | None = None
 
 
 def as_shard_refs(shards: Iterable[Any]) -> list[ShardRef]:
@@ -72,7 +74,7 @@ def count_shard_rows(url: str) -> int:
 
 def with_row_counts(shards: Sequence[ShardRef]) -> list[ShardRef]:
     """Fill in unknown row counts by scanning tar headers (see :func:`count_shard_rows` for the cost)."""
-    return [s if s.rows is not None else ShardRef(s.url, count_shard_rows(s.url)) for s in shards]
+    return [s if s.rows is not None else ShardRef(s.url, count_shard_rows(s.url), s.tokens) for s in shards]
 
 
 @dataclass(frozen=True)

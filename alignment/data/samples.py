@@ -22,6 +22,10 @@ class SkippedSampleWarning(UserWarning):
     """A sample or shard was skipped; emitted once per reason per worker and epoch."""
 
 
+class TokenSidecarWarning(UserWarning):
+    """A shard's pre-tokenised ids could not be used (missing, damaged, out of step); its rows are tokenised."""
+
+
 class SkipTally:
     """Skipped-sample counts by reason, warning once per reason with the shard and sample key."""
 
@@ -86,17 +90,68 @@ def iter_shard_payloads(shard: ShardRef, tally: SkipTally) -> Iterator[tuple[str
         )
 
 
+def with_token_ids(
+    shard: ShardRef, payloads: Iterator[tuple[str, bytes]]
+) -> Iterator[tuple[str, bytes, dict[str, list[int]] | None]]:
+    """``(key, payload, ids)``: each sample with its pre-tokenised ids from ``shard.tokens`` (read in lockstep).
+
+    ``ids`` is None without a sidecar; from the first problem on (a missing or
+    damaged file, a sample key out of step) the rest of the shard has none, with one
+    :class:`TokenSidecarWarning`: those rows are tokenised, the batches stay the same.
+    """
+    if shard.tokens is None:
+        for key, payload in payloads:
+            yield key, payload, None
+        return
+    from alignment.data.tokens import decode_ids, iter_sidecar
+
+    side = iter_sidecar(shard.tokens)
+    broken = False
+    try:
+        for key, payload in payloads:
+            ids = None
+            if not broken:
+                try:
+                    side_key, side_payload = next(side)
+                    if side_key != key:
+                        raise ValueError(f"its sample {side_key!r} stands where the text shard has {key!r}")
+                    ids = decode_ids(side_payload)
+                except StopIteration:
+                    problem: object = f"it ends before sample {key!r}"
+                    broken = True
+                except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+                    problem, broken = exc, True
+                if broken:
+                    warnings.warn(
+                        f"pre-tokenised ids {shard.tokens} of {shard.url} not used from sample {key!r} on: {problem}; "
+                        "those rows are tokenised (run `align shards verify` on the build)",
+                        TokenSidecarWarning,
+                        stacklevel=2,
+                    )
+            yield key, payload, ids
+    finally:
+        side.close()
+
+
 @dataclass
 class ParsedRow:
-    """A shard sample reduced to the vocabulary: its id and non-empty texts by canonical code."""
+    """A shard sample reduced to the vocabulary: its id and non-empty texts by canonical code, and their
+    pre-tokenised ids when the shard has them."""
 
     key: str
     texts: dict[str, str]
     shard: str = ""
+    ids: dict[str, list[int]] | None = None
 
 
 def parse_payload(
-    key: str, payload: bytes, *, shard: str, vocabulary: frozenset[str], tally: SkipTally
+    key: str,
+    payload: bytes,
+    *,
+    shard: str,
+    vocabulary: frozenset[str],
+    tally: SkipTally,
+    token_ids: dict[str, list[int]] | None = None,
 ) -> ParsedRow | None:
     """Decode one sample's JSON; ``None`` (and a counted skip) if it is bad.
 
@@ -112,6 +167,7 @@ def parse_payload(
         tally.skip("bad_json", shard=shard, key=key, detail=f"{type(exc).__name__}: {exc}")
         return None
     texts: dict[str, str] = {}
+    codes: dict[str, str] = {}
     for code, text in raw_texts.items():
         try:
             lang = normalize_language(str(code))
@@ -120,6 +176,7 @@ def parse_payload(
             return None
         if lang in vocabulary and isinstance(text, str) and text.strip():
             texts[lang] = text
+            codes[lang] = str(code)
     if len(texts) < 2:
         tally.skip(
             "no_usable_text",
@@ -128,4 +185,7 @@ def parse_payload(
             detail=f"usable texts in {sorted(texts) or 'no language'}; a row needs two languages of the vocabulary",
         )
         return None
-    return ParsedRow(key=str(row_id), texts=texts, shard=shard)
+    ids = None
+    if token_ids is not None and all(codes[lang] in token_ids for lang in texts):
+        ids = {lang: token_ids[codes[lang]] for lang in texts}
+    return ParsedRow(key=str(row_id), texts=texts, shard=shard, ids=ids)

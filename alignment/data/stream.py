@@ -14,7 +14,8 @@ The pipeline, per DataLoader worker of each rank::
       -> shuffle buffer (webdataset)
       -> language selection (all | k | pivot_pair)
       -> planned batch sizes, optionally length-bucketed
-      -> one fast-tokenizer call per batch (or per bucket), padding
+      -> one fast-tokenizer call per batch (or per bucket), or the ids of
+         a pre-tokenised sidecar read in step with the shard, padding
       -> Batch
 
 Where each step lives: :mod:`~alignment.data.plan` (the epoch plan),
@@ -66,7 +67,7 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from alignment.batch import Batch
-from alignment.data.collate import SelectedRow, collate, select_languages, tokenize
+from alignment.data.collate import SelectedRow, collate, row_sequences, select_languages
 from alignment.data.config import StreamConfig, check_k, flag
 from alignment.data.plan import (
     EpochPlan,
@@ -77,7 +78,7 @@ from alignment.data.plan import (
     split_evenly,
     with_row_counts,
 )
-from alignment.data.samples import ParsedRow, SkipTally, iter_shard_payloads, parse_payload
+from alignment.data.samples import ParsedRow, SkipTally, iter_shard_payloads, parse_payload, with_token_ids
 from alignment.languages import parse_languages
 
 
@@ -275,14 +276,15 @@ class MultiWayStream(IterableDataset):
             if chosen is None:
                 tally.skip("no_pivot", shard=row.shard, key=row.key, detail=f"no {cfg.pivot} text in the row")
                 continue
-            yield SelectedRow(row.key, [lang_index[lang] for lang in chosen], [row.texts[lang] for lang in chosen])
+            ids = [row.ids[lang] for lang in chosen] if row.ids is not None else None
+            yield SelectedRow(row.key, [lang_index[lang] for lang in chosen], [row.texts[lang] for lang in chosen], ids)
 
     def _parsed(self, shards: Iterable[ShardRef], tally: SkipTally, vocabulary: frozenset[str]) -> Iterator[ParsedRow]:
         empty_reads = 0
         for shard in shards:
             got = 0
-            for key, payload in iter_shard_payloads(shard, tally):
-                row = parse_payload(key, payload, shard=shard.url, vocabulary=vocabulary, tally=tally)
+            for key, payload, ids in with_token_ids(shard, iter_shard_payloads(shard, tally)):
+                row = parse_payload(key, payload, shard=shard.url, vocabulary=vocabulary, tally=tally, token_ids=ids)
                 if row is not None:
                     got += 1
                     yield row
@@ -315,8 +317,7 @@ class MultiWayStream(IterableDataset):
             for batch_rows, sequences in self._cut(chunk, chunk_sizes, rngs["order"]):
                 if emitted >= skip:
                     if sequences is None:
-                        texts = [text for row in batch_rows for text in row.texts]
-                        sequences = tokenize(self.tokenizer, texts, max_length=cfg.max_length, prefix=cfg.text_prefix)
+                        sequences = self._sequences(batch_rows)
                     yield collate(
                         batch_rows,
                         sequences,
@@ -340,9 +341,7 @@ class MultiWayStream(IterableDataset):
         """
         if not self.config.bucketing:
             return [(chunk, None)]
-        cfg = self.config
-        texts = [text for row in chunk for text in row.texts]
-        sequences = tokenize(self.tokenizer, texts, max_length=cfg.max_length, prefix=cfg.text_prefix)
+        sequences = self._sequences(chunk)
         per_row, start = [], 0
         for row in chunk:
             per_row.append(sequences[start : start + len(row.texts)])
@@ -355,6 +354,10 @@ class MultiWayStream(IterableDataset):
             batches.append(([chunk[i] for i in picked], [seq for i in picked for seq in per_row[i]]))
         rng.shuffle(batches)
         return batches
+
+    def _sequences(self, rows: Sequence[SelectedRow]) -> list[list[int]]:
+        """The rows' token ids: read from the shards' pre-tokenised sidecars where present, else tokenised."""
+        return row_sequences(self.tokenizer, rows, max_length=self.config.max_length, prefix=self.config.text_prefix)
 
     def _drain_unplanned(self, rows: Iterator[SelectedRow], tally: SkipTally) -> None:
         """Rows left after the plan's last chunk mean the row counts were stale: count and drop them."""

@@ -25,14 +25,14 @@ PACKAGE = REPO / "alignment"
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_-]*(?:\.[a-z0-9_*-]+)*)")
 
 FIT = ("fit",)
-SHARDS = ("shards build", "shards inspect", "shards verify", "shards merge")
+SHARDS = ("shards build", "shards inspect", "shards verify", "shards merge", "shards tokenize")
 TRANSLATE = ("translate run", "translate merge", "translate codes")
 RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a folder ending in /) -> commands
     "cli.py": (),
     "commands/common.py": (),
     "commands/eval.py": ("eval",),
     "commands/mine.py": ("mine",),
-    "commands/shards.py": SHARDS,
+    "commands/shards.py": (*SHARDS, *FIT),  # tokenize's help names the --data.* flags its ids must match
     "commands/export.py": ("export", *FIT),  # names the --data.tokenizer recorded by align fit
     "commands/offline_encoder.py": ("offline-encoder",),
     "commands/translate.py": (*TRANSLATE, "submit", "shards build"),  # its examples go on to those
@@ -43,6 +43,7 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "export.py": ("export", *FIT),  # align export, and the export at the end of align fit
     "data/": (*FIT, "shards build", "shards merge", "shards inspect", "shards verify", "eval"),
     "evaluate/": ("eval", "mine", *FIT, "export"),  # a checkpoint without a tokenizer: align export --tokenizer
+    "data/tokens.py": ("shards tokenize", "shards verify", "shards inspect", *FIT),  # FIT: the fallback's flags
     "demo/": ("offline-encoder",),
     "demo/table.py": ("python -m alignment.demo.table",),
     "staging.py": (*FIT, "shards build", "eval"),
