@@ -22,7 +22,14 @@ columns would shift the absolute positions BERT-style models give each token
 mask is encoded in one padded forward, as before.
 
 Knows nothing of Lightning or ranks: ``model`` is any ``Batch -> (n, D)``
-callable (a ``DualEncoder``, its frozen drift reference, a DDP wrapper).
+callable (a ``DualEncoder``, its frozen drift reference, a DDP wrapper). A model
+with ``token_embeddings(input_ids)`` (``DualEncoder``) has the batch's word
+embeddings looked up once and each chunk gets its slice as ``inputs_embeds``:
+otherwise every chunk's backward would build the dense ``vocab x H`` gradient of
+the embedding table again (for E5/XLM-R, 96M floats per chunk).
+
+Cost per call: one device-to-host copy of the ``N`` lengths and a chunk plan
+under a millisecond (at most ``max_length`` distinct lengths).
 """
 
 from __future__ import annotations
