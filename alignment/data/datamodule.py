@@ -219,6 +219,7 @@ class AlignmentDataModule(LightningDataModule):
         super().__init__()
         self.config = config if config is not None else DataConfig()
         self._tokenizer = tokenizer
+        self._token_identity: dict | None = None  # hashes the whole vocabulary: once, not per split
         self.train_stream: MultiWayStream | None = None
         self.val_stream: MultiWayStream | None = None
         self.test_stream: MultiWayStream | None = None
@@ -283,8 +284,10 @@ class AlignmentDataModule(LightningDataModule):
             return shards  # no manifest, no sidecars
         file = manifest_file(spec)
         cfg = self.config
-        identity = tokenizer_identity(self.tokenizer, max_length=cfg.max_length, text_prefix=cfg.text_prefix)
-        key, record, why = match_tokens(load_manifest(file), identity)
+        if self._token_identity is None:
+            self._token_identity = tokenizer_identity(self.tokenizer, max_length=cfg.max_length,
+                                                      text_prefix=cfg.text_prefix)
+        key, record, why = match_tokens(load_manifest(file), self._token_identity)
         name = tokenizer_name(self.tokenizer)
         if key is None:
             rank_zero_info(f"data: tokenising {flag(field)} ({split}) with {name} in the loader: {why}")

@@ -79,12 +79,12 @@ def _pipeline(tokenizer: Any) -> str:
 
 def tokenizer_identity(tokenizer: Any, *, max_length: int, text_prefix: str) -> dict[str, Any]:
     """What decides the ids :func:`alignment.data.collate.tokenize` gives (the key is this dict's hash)."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    vocab = tokenizer.get_vocab()
     special = {name: value for name, value in sorted(tokenizer.special_tokens_map.items())}
     return {
         "class": type(tokenizer).__name__,
-        "vocab_size": len(tokenizer.get_vocab()),
-        "vocab_sha256": _sha256(vocab.encode("utf-8")),
+        "vocab_size": len(vocab),
+        "vocab_sha256": _sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8")),
         "pipeline_sha256": _sha256(_pipeline(tokenizer).encode("utf-8")),
         "special_tokens": special,
         "special_ids": sorted(int(i) for i in tokenizer.all_special_ids),
