@@ -46,6 +46,7 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "data/tokens.py": ("shards tokenize", "shards verify", "shards inspect", *FIT),  # FIT: the fallback's flags
     "demo/": ("offline-encoder",),
     "demo/table.py": ("python -m alignment.demo.table",),
+    "demo/ood.py": ("python -m alignment.demo.ood", "eval"),  # its output is `align eval --data` input
     "staging.py": (*FIT, "shards build", "eval"),
     "fsutil.py": (*FIT, *SHARDS, "export", "offline-encoder"),
 }
@@ -117,7 +118,8 @@ def _parser_flags(parser) -> set[str]:
     return flags
 
 
-SCRIPTS = {"python -m alignment.demo.table": frozenset({"out"})}
+SCRIPTS = {"python -m alignment.demo.table": frozenset({"out", "ood"}),
+           "python -m alignment.demo.ood": frozenset({"shards", "out", "packages", "languages", "min_languages"})}
 """Scripts (not align subcommands) whose own argparse flags a module's messages name."""
 
 

@@ -473,7 +473,10 @@ def test_demo_build_keeps_every_piece_and_tokenises_corpus_and_other_text_as_the
     corpus = [text for row, _ in zip(rows, range(300)) for text in row.texts.values()]
     assert len(corpus) > 2000
     rules = e5_file.normalizer
-    texts = [t for t in corpus + TEXTS + NORMALISATION_TEXTS if t.strip() and not _hits_grapheme_quirk(t, rules)]
+    # sentencepiece drops edge whitespace where the hub tokenizer (and this one) keeps a final "▁" (pinned in
+    # test_saved_folder_loads_offline_with_e5_card): compared on stripped texts
+    texts = [t.strip() for t in corpus + TEXTS + NORMALISATION_TEXTS]
+    texts = [t for t in texts if t and not _hits_grapheme_quirk(t, rules)]
     ours = full_tokenizer.backend_tokenizer.encode_batch(["query: " + t for t in texts], add_special_tokens=False)
     reference = sentencepiece_reference.encode(["query: " + t for t in texts])
     assert [t for t, e, r in zip(texts, ours, reference) if not _same_best_segmentation(e.ids, r, vocab)] == []
