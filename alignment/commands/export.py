@@ -33,7 +33,19 @@ def parser():
                    help="Tokenizer to bundle (default: the --data.tokenizer recorded in the checkpoint).")
     p.add_argument("--max_seq_length", type=int, default=128, metavar="N", help="sentence-transformers' max_seq_length.")
     p.add_argument("--overwrite", type=bool, default=False, help="Replace OUT if it exists.")
+    add_adapter_argument(p)
     return p
+
+
+def add_adapter_argument(p) -> None:
+    """``--adapter merge|peft``: how an encoder trained with peft adapters is written (alignment/adapters.py)."""
+    from alignment.adapters import ExportAdapter
+
+    p.add_argument("--adapter", type=ExportAdapter, default="merge",
+                   help="For an encoder trained with --model.encoder.adapter.method lora: 'merge' folds the adapter "
+                   "into a plain model (SentenceTransformer(OUT) loads it; language adapters: a Router, one merged "
+                   "encoder per adapter, chosen by encode(..., task=LANG)); 'peft' writes a peft adapter folder "
+                   "(PeftModel.from_pretrained(AutoModel.from_pretrained(base), OUT)). Ignored without adapters.")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -46,7 +58,8 @@ def main(argv: Sequence[str]) -> int:
     start = time.perf_counter()
     try:
         out = export_checkpoint(Path(args.ckpt), Path(args.out), tokenizer=args.tokenizer,
-                                max_seq_length=args.max_seq_length, overwrite=args.overwrite)  # fmt: skip
+                                max_seq_length=args.max_seq_length, overwrite=args.overwrite,
+                                adapter=args.adapter)  # fmt: skip
     except (FileExistsError, FileNotFoundError, ValueError, OSError) as exc:
         print(f"align export: error: {exc}", file=sys.stderr)
         return 2

@@ -130,3 +130,17 @@ def test_value_checks_name_the_flag():
     config = parse_config(["--config", str(CONFIGS / "debug.yaml"), "--model.optim.lr", "-1"])
     with pytest.raises(ValueError, match="--model.optim.lr must be > 0"):
         _typed(config)
+
+
+ADAPTERS = sorted((CONFIGS / "adapters").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ADAPTERS, ids=lambda p: p.stem)
+def test_adapter_config_composes_after_a_recipe(path):
+    recipe = CONFIGS / "recipes" / "xlm-roberta-base-multiway.yaml"
+    config = parse_config(["--config", str(recipe), "--config", str(path)])
+    encoder, _, optim, _ = _typed(config)
+    assert encoder.adapter.method == "lora" and encoder.adapter.target_modules == ["query", "key", "value", "dense"]
+    assert encoder.name_or_path == "xlm-roberta-base" and optim.lr == pytest.approx(5e-4)
+    if path.stem == "language-adapters":
+        assert encoder.adapter.language_groups["de"] == "germanic"
