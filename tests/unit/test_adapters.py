@@ -141,3 +141,11 @@ def test_each_adapter_gets_gradients_from_its_languages_only(tokenizer, batch):
     assert norms["germanic"] > 0 and norms["default"] == 0 and norms["romance"] == 0
     # every adapter parameter has a gradient (zeros for unused ones): DDP and GradCache need the same set
     assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)
+
+
+def test_peft_export_of_a_random_base_is_refused_before_writing(tokenizer, tmp_path):
+    from alignment.export import export_encoder
+
+    with pytest.raises(ValueError, match="--adapter peft writes only the adapter, and the base None"):
+        export_encoder(encoder(tokenizer), tmp_path / "out", tokenizer=tokenizer, adapter="peft")
+    assert not (tmp_path / "out").exists()
