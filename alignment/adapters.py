@@ -141,22 +141,25 @@ def adapter_parameters(backbone: nn.Module, name: str) -> list[nn.Parameter]:
 
 @contextlib.contextmanager
 def use_adapter(backbone: nn.Module, name: str):
-    """Run ``backbone`` with adapter ``name`` active; the trainable flags are left as they were.
+    """Run ``backbone`` with adapter ``name`` active, leaving every ``requires_grad`` flag alone.
 
     peft's ``set_adapter`` also freezes the inactive adapters; training encodes several groups before one
-    backward, so every adapter must keep ``requires_grad`` (autograd skips the gradient of a leaf that no
-    longer requires it at backward time)."""
-    flags = [(p, p.requires_grad) for p in backbone.parameters()]
-    previous = backbone.active_adapter
-    backbone.base_model.set_adapter(name)
-    for p, flag in flags:
-        p.requires_grad_(flag)
+    backward, so every adapter must keep requiring gradients (autograd skips a leaf that no longer does, and
+    toggling the flag detaches DeepSpeed ZeRO-2's gradient hooks). The active adapter is therefore set on the
+    tuner layers themselves (peft's ``BaseTunerLayer._active_adapter``, what ``set_adapter`` sets); the test
+    ``test_language_adapters_route_each_sentence_as_peft_mixed_batches_do`` checks it against peft's own
+    mixed-batch inference."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m._active_adapter for m in layers]
+    for m in layers:
+        m._active_adapter = [name]
     try:
         yield
     finally:
-        backbone.base_model.set_adapter(previous)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for m, active in zip(layers, previous):
+            m._active_adapter = active
 
 
 def routed_forward(encoder: "DualEncoder", batch: "Batch", inputs_embeds: Tensor | None = None) -> Tensor:
@@ -213,6 +216,9 @@ class AdapterFreeReference:
     def __call__(self, batch: "Batch", inputs_embeds: Tensor | None = None) -> Tensor:
         encoder = self.encoder
         was_training, projection = encoder.training, encoder.projection
+        # peft's disable_adapter freezes every adapter and, on exit, unfreezes only the active one: the
+        # flags are restored as they were (language adapters: all trainable)
+        flags = [(p, p.requires_grad) for p in encoder.backbone.parameters()]
         encoder.eval()
         try:
             if projection is not None:
@@ -223,6 +229,8 @@ class AdapterFreeReference:
             if projection is not None:
                 encoder.projection = projection
             encoder.train(was_training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 # --------------------------------------------------------------------------- export

@@ -5,7 +5,7 @@ gradients handed to the optimiser; the test process computes the same module's l
 global batch in one process and requires every trainable (adapter) gradient to agree to a relative 1e-9.
 Cases: LoRA, LoRA with the drift regulariser (reference = the adapter-free base), LoRA under GradCache,
 language adapters (sentences routed to their group's adapter; a rank whose batch lacks a group still gives
-that adapter a zero gradient, so DDP's reducer sees every parameter) and language adapters under GradCache.
+that adapter a zero gradient, so DDP's reducer sees every parameter), with drift and under GradCache.
 The adapters' ``lora_B`` start at random values (peft starts them at zero, where ``lora_A``'s gradient is 0).
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _spawn import run_world
 
 from alignment.synthetic import rows_to_batch, synthetic_rows, tiny_tokenizer
 from tests import _training as T
+from tests.distributed._spawn import free_port, run_world
 
 pytestmark = pytest.mark.distributed
 
@@ -33,6 +33,8 @@ CASES = {
                        loss={"objective": "multi_positive", "drift_weight": 0.5}),
     "lora_gradcache": dict(encoder={"adapter": LORA}, gradcache={"chunk_size": 4}, step={"token_budget": 24}),
     "language": dict(encoder={"adapter": {**LORA, **GROUPS}}, step={"token_budget": 24}),
+    "language_drift": dict(encoder={"adapter": {**LORA, **GROUPS}}, loss={"objective": "multi_positive",
+                                                                            "drift_weight": 0.5}),
     "language_gradcache": dict(encoder={"adapter": {**LORA, **GROUPS}}, gradcache={"chunk_size": 4}),
 }
 
@@ -109,3 +111,75 @@ def test_adapter_gradients_equal_one_process_over_the_global_batch(world_results
         for name, grad in expected.items():
             torch.testing.assert_close(got[name], grad, rtol=RTOL, atol=RTOL * scale,
                                        msg=lambda m, n=name, r=rank: f"{case} rank {r} {n}: {m}")
+
+
+# ---------------------------------------------------------------------------- DeepSpeed ZeRO-2 on CPU
+
+
+def deepspeed_worker(spec_path: str) -> None:
+    """One rank of ``test_lora_under_deepspeed_zero2_exports_what_was_trained`` (a launcher-style process)."""
+    import json
+    import os
+
+    from alignment.callbacks import ExportOnFitEnd
+    from tests.distributed.test_deepspeed_cpu import TEXTS, _Probe, _trainer
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(1)
+    corpus = T.Corpus(Path(spec["shards"]), Path(spec["tokenizer"]), spec["vocab_size"])
+    tokenizer = T.datamodule(corpus).tokenizer
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    world = int(os.environ["WORLD_SIZE"])  # read once: the first fit's teardown clears it
+    for name, adapter in (("lora", LORA), ("language", {**LORA, **GROUPS})):
+        module = T.module(corpus, encoder={"adapter": adapter}, loss={"drift_weight": 0.1}, seed=0)
+        probe = _Probe(enc["input_ids"], enc["attention_mask"], out / f"{name}-probe.pt")
+        trainer = _trainer(2, world, out / name, 3,
+                           [probe.callback, ExportOnFitEnd(dir=str(out / f"{name}-export"))])
+        trainer.fit(module, datamodule=T.datamodule(corpus, batch_size=8))
+        trainer.strategy.barrier("case-done")
+
+
+@pytest.mark.slow
+def test_lora_under_deepspeed_zero2_exports_what_was_trained(tmp_path):
+    """LoRA (+ drift against the adapter-free base) under Lightning's DeepSpeed ZeRO-2 on 2 CPU ranks: it
+    trains, and the end-of-fit export (merged) loads in sentence-transformers with the trained embeddings."""
+    import json
+    import subprocess
+    import sys
+
+    from sentence_transformers import SentenceTransformer
+
+    from tests.distributed.test_deepspeed_cpu import COSINE, EXTENSIONS, TEXTS, _cosines
+
+
+    corpus = T.make_corpus(tmp_path / "data", rows=64, rows_per_shard=16)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"shards": str(corpus.shards), "tokenizer": str(corpus.tokenizer),
+                                "vocab_size": corpus.vocab_size, "out": str(tmp_path / "out")}))
+    port, procs = str(free_port()), []
+    for rank in range(WORLD):
+        env = T.align_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                          NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, DS_ACCELERATOR="cpu",
+                          TORCH_EXTENSIONS_DIR=EXTENSIONS)
+        code = f"from tests.distributed.test_adapters_ddp import deepspeed_worker; deepspeed_worker({str(spec)!r})"
+        log = tmp_path / f"rank{rank}.log"
+        procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=open(log, "w"),
+                                       stderr=subprocess.STDOUT), log))
+    for proc, log in procs:
+        try:
+            rc = proc.wait(timeout=400)
+        except subprocess.TimeoutExpired:
+            for p, _ in procs:
+                p.kill()
+            rc = "timeout"
+        assert rc == 0, f"{log} exit {rc}:\n{log.read_text()[-3000:]}"
+    for name in ("lora", "language"):
+        probe = torch.load(tmp_path / "out" / f"{name}-probe.pt", map_location="cpu")
+        assert probe["global_step"] == 3
+        assert (1 - _cosines(probe["end"], probe["start"])).max() > 1e-6, "the adapters did not train"
+        model = SentenceTransformer(str(tmp_path / "out" / f"{name}-export"), device="cpu")
+        # the probe encodes through the active adapter "default": the Router's route without a task
+        cos = _cosines(model.encode(TEXTS, convert_to_tensor=True), probe["end"])
+        assert cos.min() >= COSINE, (name, cos.tolist())

@@ -149,3 +149,12 @@ def test_peft_export_of_a_random_base_is_refused_before_writing(tokenizer, tmp_p
     with pytest.raises(ValueError, match="--adapter peft writes only the adapter, and the base None"):
         export_encoder(encoder(tokenizer), tmp_path / "out", tokenizer=tokenizer, adapter="peft")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_drift_reference_leaves_every_language_adapter_trainable(tokenizer, batch):
+    """peft's ``disable_adapter`` re-enables only the active adapter on exit; the reference restores all."""
+    enc = encoder(tokenizer, language_groups=GROUPS).train()
+    before = {n for n, p in enc.named_parameters() if p.requires_grad}
+    enc.frozen_copy()(batch)
+    assert {n for n, p in enc.named_parameters() if p.requires_grad} == before
+    assert any(".germanic." in n for n in before) and any(".romance." in n for n in before)
