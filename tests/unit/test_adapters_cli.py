@@ -105,7 +105,7 @@ def test_language_adapters_export_a_router_chosen_by_language(tmp_path, corpus, 
     corpus, base = corpus
     groups = "{de: germanic, fr: romance, es: romance}"
     assert _fit(tmp_path, corpus, base, monkeypatch, "--config", str(REPO_CONFIGS / "language-adapters.yaml"),
-                "--model.encoder.adapter.language_groups", groups, "--trainer.max_steps", "3") == 0
+                "--model.encoder.adapter.language_groups", groups, "--trainer.max_steps", "3", "--export.dir", "") == 0
     ckpt = tmp_path / "runs" / "debug" / "checkpoints" / "last.ckpt"
     assert main(["export", str(ckpt), str(tmp_path / "cli-export")]) == 0
     trained, tokenizer, _ = encoder_from_checkpoint(ckpt)
@@ -115,7 +115,7 @@ def test_language_adapters_export_a_router_chosen_by_language(tmp_path, corpus, 
         with use_adapter(trained.backbone, adapter):
             return T.encode_texts(trained, tokenizer, texts)
 
-    for folder in ("runs/debug/export", "cli-export"):
+    for folder in ("cli-export",):  # the end-of-fit export writes the same Router (test_lora_...: the same call)
         model = SentenceTransformer(str(tmp_path / folder), device="cpu")
         for lang in T.LANGUAGES:
             texts = _texts(lang)
