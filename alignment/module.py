@@ -152,6 +152,7 @@ class AlignmentModule(LightningModule):
         self.loss_fn = MultiWayContrastiveLoss(loss)
         self.objectives = Objectives(adversarial, neighbourhood, distill, matryoshka,
                                      embedding_dim=self.encoder.embedding_dim)  # fmt: skip
+        self.objectives.record_in(self.encoder.card_extra)  # the export's alignment_encoder.json: Matryoshka dims
         # The drift reference is deliberately not a registered submodule: it is
         # never trained, never checkpointed and never handed to DDP/DeepSpeed.
         need_reference = loss.drift_weight > 0 or self.objectives.needs_reference

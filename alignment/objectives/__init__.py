@@ -66,6 +66,14 @@ class Objectives(nn.Module):
         # not a registered submodule: never trained, checkpointed, or handed to DDP/DeepSpeed
         object.__setattr__(self, "_teacher", load_teacher(distill, embedding_dim) if distill.enabled else None)
 
+    def record_in(self, card: dict) -> None:
+        """Note what an export must tell its users in the encoder's ``alignment_encoder.json`` (``card_extra``):
+        ``matryoshka_dims``, the widths it was trained to be truncated to (``SentenceTransformer(folder,
+        truncate_dim=d)``, ``align eval --dims``). A stale note from the starting folder is dropped."""
+        card.pop("matryoshka_dims", None)
+        if self.matryoshka.enabled:
+            card["matryoshka_dims"] = list(self.matryoshka.dims)
+
     @property
     def needs_reference(self) -> bool:
         """Whether a term reads the frozen starting encoder (``AlignmentModule._reference``)."""

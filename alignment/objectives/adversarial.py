@@ -133,7 +133,9 @@ def adversarial_loss(
         over ranks is the global batch's), ``adv_lambda``.
     """
     logits = discriminator(reverse_gradient(emb, coefficient))  # (n, L)
-    ce = F.cross_entropy(logits.float(), lang_ids, reduction="sum")  # a sum over local sentences
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the cross-entropy in at least float32 (autocast)
+    ce = F.cross_entropy(logits, lang_ids, reduction="sum")  # a sum over local sentences
     scale = world_size / max(num_sentences, 1)
     # + 0 * logits.sum(): the discriminator is used on every rank, even one with an empty batch (DDP)
     loss = weight * scale * ce + 0.0 * logits.sum()
