@@ -383,12 +383,12 @@ class AlignmentModule(LightningModule):
         if rows is not None:
             check_global_batch(rows, self.trainer.world_size)
         self._check_max_length(getattr(getattr(datamodule, "config", None), "max_length", None))
+        # The strategy's precision converted the encoder (64-true, bf16-true, DeepSpeed's bf16) but not the
+        # unregistered reference and teacher: give them the encoder's device and dtype (like compared with like).
+        dtype = next(p.dtype for p in self.encoder.parameters() if p.is_floating_point())
         if self._reference is not None:
-            # The strategy's precision converted the encoder (64-true, bf16-true, DeepSpeed's bf16) but not the
-            # unregistered reference: give it the encoder's device and dtype, so drift compares like with like.
-            dtype = next(p.dtype for p in self.encoder.parameters() if p.is_floating_point())
             self._reference.to(device=self.device, dtype=dtype)
-        self.objectives.teacher_to(self.device)
+        self.objectives.teacher_to(self.device, dtype)
 
     def _check_tokenizer(self, tokenizer) -> None:
         vocab = self.encoder.backbone.get_input_embeddings().num_embeddings

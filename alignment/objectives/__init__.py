@@ -98,9 +98,10 @@ class Objectives(nn.Module):
                 f"{num_languages} languages; raise it or leave it null (the data's vocabulary)"
             )
 
-    def teacher_to(self, device: torch.device) -> None:
+    def teacher_to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """The teacher on the student's device and in its precision (as the drift reference)."""
         if self._teacher is not None:
-            self._teacher[0].to(device)
+            self._teacher[0].to(device=device, dtype=dtype)
 
     def add_terms(self, out: dict[str, Tensor], emb: Tensor, batch: Batch, candidates: GlobalCandidates,
                   loss_fn: nn.Module, *, reference: Tensor | None, step: int) -> None:

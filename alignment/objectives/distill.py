@@ -104,14 +104,16 @@ def teacher_targets(teacher, tokenizer, batch: Batch, config: DistillConfig, dev
             f"--model.distill.teacher needs the batch's texts, but the batch carries {len(batch.texts)} texts for "
             f"{batch.num_sentences} sentences (a batch built without alignment.data.collate?)"
         )
-    targets = torch.zeros(batch.num_rows, teacher.embedding_dim, device=device)
+    dtype = next(p.dtype for p in teacher.parameters())
+    targets = torch.zeros(batch.num_rows, teacher.embedding_dim, device=device,
+                          dtype=dtype if dtype == torch.float64 else torch.float32)  # fmt: skip
     has = torch.zeros(batch.num_rows, dtype=torch.bool, device=device)
     if index:
         texts = [config.text_prefix + batch.texts[i] for i in index]
         enc = tokenizer(texts, padding=True, truncation=True, max_length=config.max_length, return_tensors="pt")
-        emb = teacher.encode(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()  # (p, D)
+        emb = teacher.encode(enc["input_ids"].to(device), enc["attention_mask"].to(device))  # (p, D)
         rows = batch.row_ids[index].to(device)
-        targets[rows] = emb
+        targets[rows] = emb.to(targets.dtype)
         has[rows] = True
     return targets, has
 
