@@ -50,7 +50,7 @@ examples:
   align eval --model runs/demo/export --data data/gettext --retrieval.ks [1,5] --probe.max_iter 200 --hubness_k 0
   align eval --config eval.yaml --encode.batch_size 128
 
-  # retrieval also at the first 64 and 128 coordinates (a Matryoshka-trained model: --model.matryoshka.dims)
+  # retrieval also at the first 64 and 128 coordinates (a model fitted with Matryoshka prefixes)
   align eval --model runs/demo/export --data data/gettext --dims 64,128
 
   # MTEB tasks (needs: pip install 'multiway-align[mteb]' and access to the Hugging Face hub)
