@@ -162,3 +162,42 @@ def test_matryoshka_matches_loop_over_truncated_renormalised_embeddings(objectiv
 def test_config_errors_name_the_flag(build, flag):
     with pytest.raises(ValueError, match=flag.replace(".", r"\.")):
         build()
+
+
+def _objectives(**configs):
+    from alignment.objectives import Objectives
+
+    args = {"adversarial": AdversarialConfig(), "neighbourhood": NeighbourhoodConfig(), "distill": DistillConfig(),
+            "matryoshka": MatryoshkaConfig(), **configs}
+    return Objectives(**args, embedding_dim=32)
+
+
+def test_teacher_of_another_width_is_refused_naming_both_flags(tmp_path):
+    from alignment.model import DualEncoder
+    from alignment.synthetic import tiny_tokenizer
+
+    tok = tiny_tokenizer(save_dir=tmp_path / "teacher")
+    DualEncoder.from_config(DualEncoder.tiny_config(len(tok)), projection_dim=16).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match=r"--model\.distill\.teacher .* 16 dimensions .* student in 32.*"
+                                         r"--model\.encoder\.projection_dim 16"):
+        _objectives(distill=DistillConfig(teacher=str(tmp_path / "teacher")))
+    with pytest.raises(ValueError, match=r"--model\.distill\.teacher .* does not load"):
+        _objectives(distill=DistillConfig(teacher=str(tmp_path / "missing")))
+
+
+def test_objectives_refuse_what_cannot_train():
+    with pytest.raises(ValueError, match=r"--model\.distill\.contrastive_weight 0 leaves no alignment objective"):
+        _objectives(distill=DistillConfig(contrastive_weight=0.0))
+    adversarial = _objectives(adversarial=AdversarialConfig(weight=1.0))
+    with pytest.raises(ValueError, match=r"--model\.adversarial\.num_languages is needed"):
+        adversarial.setup_languages(None)
+    adversarial.setup_languages(5)  # sized by the data's vocabulary
+    assert adversarial.discriminator.net[-1].out_features == 5
+    fixed = _objectives(adversarial=AdversarialConfig(weight=1.0, num_languages=3))
+    with pytest.raises(ValueError, match=r"--model\.adversarial\.num_languages 3 is below the data's 4 languages"):
+        fixed.setup_languages(4)
+    card = {"matryoshka_dims": [1]}  # a stale note from the starting folder
+    _objectives().record_in(card)
+    assert card == {}
+    _objectives(matryoshka=MatryoshkaConfig(dims=[8, 16])).record_in(card)
+    assert card == {"matryoshka_dims": [8, 16]}
