@@ -132,7 +132,8 @@ def adversarial_loss(
         ``adversarial_loss`` (weighted, rank-local), ``adv_accuracy`` (the discriminator's accuracy; its mean
         over ranks is the global batch's), ``adv_lambda``.
     """
-    logits = discriminator(reverse_gradient(emb, coefficient))  # (n, L)
+    weight_dtype = next(discriminator.parameters()).dtype  # bf16-true / DeepSpeed bf16: the embeddings are fp32
+    logits = discriminator(reverse_gradient(emb, coefficient).to(weight_dtype))  # (n, L)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # the cross-entropy in at least float32 (autocast)
     ce = F.cross_entropy(logits, lang_ids, reduction="sum")  # a sum over local sentences
