@@ -7,6 +7,7 @@ The step (``../shared/docs/architecture.md``)::
                                      (n, D)      --model.step.token_budget, back in batch order (model.py)
       -> gather_candidates(...)      (M, D)      alignment/distributed.py, with gradients
       -> MultiWayContrastiveLoss     dict        alignment/losses.py, + drift_loss
+      -> Objectives.add_terms        dict        alignment/objectives/: adversarial, neighbourhood, distill, matryoshka
       -> sum of *_loss terms, logged with every metric
 
 With ``--model.gradcache.chunk_size > 0`` the step runs GradCache under
