@@ -104,3 +104,20 @@ def test_eval_dims_matches_sentence_transformers_truncate_dim(fitted, capsys):
         assert metrics[f"dim{dim}/retrieval_acc/mean"] == pytest.approx(table.mean("accuracy"), abs=1e-6)
         assert metrics[f"dim{dim}/xsim/mean"] == pytest.approx(table.mean("xsim_error"), abs=1e-6)
     assert "retrieval_acc/mean" in metrics  # the full width as before
+
+
+def test_align_export_of_the_checkpoint_leaves_the_discriminator_out(fitted):
+    """The checkpoint holds the discriminator; ``align export`` keeps the encoder only (and the Matryoshka
+    widths), and ``SentenceTransformer`` on it embeds as the export written at the end of fit."""
+    from sentence_transformers import SentenceTransformer
+
+    root, _ = fitted
+    out = root / "export-from-ckpt"
+    assert main(["export", str(root / "runs" / "debug" / "checkpoints" / "last.ckpt"), str(out)]) == 0
+    texts = ["en_w1 en_w2 en_w3", "de_w4 de_w5", "fr_w7 fr_w8"]
+    again = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True)
+    at_fit_end = SentenceTransformer(str(root / "runs" / "debug" / "export"), device="cpu").encode(
+        texts, convert_to_tensor=True)
+    torch.testing.assert_close(again, at_fit_end, rtol=1e-5, atol=1e-6)
+    assert not any("discriminator" in p.name for p in out.rglob("*"))
+    assert json.loads((out / "alignment_encoder.json").read_text())["matryoshka_dims"] == list(DIMS)  # via the run record
