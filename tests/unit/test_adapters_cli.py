@@ -25,7 +25,7 @@ from alignment.synthetic import synthetic_rows
 from tests import _training as T
 
 ATOL = 1e-5  # float32, the same weights in another module layout (merged: a different summation order)
-REPO_CONFIGS = T.REPO / "configs" / "adapters"
+REPO_CONFIGS = T.REPO / "configs" / "recipes" / "adapters"
 CSV_ONLY = """trainer:
   logger:
     - class_path: lightning.pytorch.loggers.CSVLogger

@@ -49,6 +49,7 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "staging.py": (*FIT, "shards build", "eval"),
     "fsutil.py": (*FIT, *SHARDS, "export", "offline-encoder"),
     "adapters.py": ("export", *FIT),  # align export --adapter, and the --model.encoder.adapter.* checks of align fit
+    "objectives/": FIT,
 }
 FIT_MODULES = ("module.py", "optim.py", "model.py", "losses.py", "gradcache.py", "strategies.py", "callbacks.py",
                "runs.py", "commands/fit.py", "loading.py", "preemption.py", "resources.py", "loggers.py", "train_logging.py",
