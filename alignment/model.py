@@ -259,6 +259,9 @@ class DualEncoder(nn.Module):
 
         path = Path(name_or_path)
         meta = json.loads((path / ENCODER_META).read_text()) if (path / ENCODER_META).is_file() else {}
+        if (meta.get("adapter") or {}).get("format") == "router":
+            raise ValueError(f"{path} is a language-adapter export (one encoder per adapter): load it with "
+                             "SentenceTransformer(folder).encode(texts, task=LANGUAGE), or use the training checkpoint")
         settings = {k: meta[k] for k in ("pooling", "normalize", "projection_dim", "share_encoder") if k in meta}
         settings.update(knobs)
         if meta:

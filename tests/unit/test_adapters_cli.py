@@ -99,6 +99,9 @@ def test_lora_fit_resume_and_both_exports_give_the_trained_embeddings(tmp_path, 
         hidden = model(**enc).last_hidden_state
     got = F.normalize(pool(hidden, enc["attention_mask"], "mean"), dim=-1)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    # align eval / align mine load an export with DualEncoder.from_pretrained (transformers applies the adapter)
+    loaded = DualEncoder.from_pretrained(tmp_path / "peft")
+    torch.testing.assert_close(T.encode_texts(loaded, tok, texts), expected, atol=ATOL, rtol=0)
 
 
 def test_language_adapters_export_a_router_chosen_by_language(tmp_path, corpus, monkeypatch):
@@ -125,6 +128,8 @@ def test_language_adapters_export_a_router_chosen_by_language(tmp_path, corpus, 
         # German through its own adapter differs from German through the shared one
         de = _texts("de")
         assert (expected(de, "germanic") - expected(de, "default")).abs().max() > 1e-4
+        with pytest.raises(ValueError, match="language-adapter export"):  # align eval: one encoder per adapter
+            DualEncoder.from_pretrained(tmp_path / folder)
         # documented: a language without an adapter (or no task) takes the shared adapter "default"
         for task in ("sw", None):
             got = model.encode(de, task=task, convert_to_tensor=True) if task else model.encode(de, convert_to_tensor=True)
