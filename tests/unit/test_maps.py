@@ -123,3 +123,14 @@ def test_fit_map_flags_are_checked_before_compute(fitted, capsys):
     assert "--kind: must be one of procrustes, centring, centring+procrustes" in capsys.readouterr().err
     assert main(["fit-map", "--model", str(export), "--data", str(corpus.shards), "--out", str(root / "maps")]) == 2
     assert "--out" in capsys.readouterr().err and not (root / "m2").exists()
+
+
+@pytest.mark.parametrize("name,command", [("fit-map.yaml", "fit_map"), ("eval-variants.yaml", "eval")])
+def test_deploy_config_examples_parse(name, command):
+    import importlib
+
+    from tests._training import REPO
+
+    parser = importlib.import_module(f"alignment.commands.{command}").parser()
+    ns = parser.parse_args(["--config", str(REPO / "configs" / "deploy" / name)])
+    assert ns.model == "runs/demo/export"
