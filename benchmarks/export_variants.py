@@ -33,7 +33,7 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-PACKAGES = ("onnx", "onnxruntime", "sentence-transformers", "transformers")
+PACKAGES = ("onnx", "onnxruntime", "sentence_transformers", "transformers")
 
 
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -76,9 +76,17 @@ def export_onnx(encoder: DualEncoder, path: str | os.PathLike, *, opset: int = O
 
 def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     """int8 dynamic quantisation of an ONNX file (weights int8, per-channel; activations at run time)."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its "consider pre-processing" advice is for static quantisation of CNNs
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
     return Path(target)
 
 
