@@ -133,22 +133,20 @@ def evaluate_variants(
     """
     rows: list[VariantRow] = []
     ref = reference.embeddings
-    dim = ref.dim
+    fp32_mb = float("nan")
     with tempfile.TemporaryDirectory(prefix="align-variants-") as tmp:
-        fp32_mb = None
         for name in names:
             if name in MODEL_VARIANTS:
                 model, size = model_variant(name, encoder, Path(tmp))
                 encoded = reference if name == "fp32" else encode(model)
-                emb, speed, cos, width = encoded.embeddings, encoded.sentences_per_second, None, 4 * dim
-                cos = 1.0 if name == "fp32" else _cosine(emb, ref)
+                emb, speed, width = encoded.embeddings, encoded.sentences_per_second, 4 * ref.dim
+                cos = _cosine(emb, ref)
                 fp32_mb = size if name == "fp32" else fp32_mb
-            else:
+            else:  # the fp32 model ships; the index holds the quantised vectors
                 start = time.perf_counter()
                 emb = quantized_embeddings(ref, name)
-                extra = time.perf_counter() - start
-                speed = reference.num_sentences / (reference.seconds + extra)
-                size, cos, width = fp32_mb or float("nan"), None, dim // 8 if name == "binary" else dim
+                speed = reference.num_sentences / (reference.seconds + time.perf_counter() - start)
+                size, cos, width = fp32_mb, None, ref.dim // 8 if name == "binary" else ref.dim
             table = evaluate_retrieval(emb, retrieval, training_languages=training_languages)
             rows.append(VariantRow(name, size, width, speed, table.mean("accuracy"), table.mean("xsim_error"), cos))
     return rows

@@ -81,8 +81,8 @@ def test_a_language_without_a_map_is_an_error(fitted):
 
 
 def test_eval_maps_reports_unmapped_and_mapped_retrieval(fitted, capsys):
-    root, corpus, export = fitted
-    rc = main(["eval", "--model", str(export), "--data", str(corpus.shards), "--split", "test", "--maps",
+    root, corpus, _ = fitted  # the export with maps: the encoder and the maps it carries
+    rc = main(["eval", "--model", str(root / "export-maps"), "--data", str(corpus.shards), "--split", "test", "--maps",
                str(root / "export-maps"), "--out", str(root / "eval"), "--hubness_k", "0", "--diagnostics", "false",
                "--train_languages", "en,de,fr,es", "--encode.quiet", "true"])  # fmt: skip
     assert rc == 0
