@@ -50,6 +50,9 @@ examples:
   align eval --model runs/demo/export --data data/gettext --retrieval.ks [1,5] --probe.max_iter 200 --hubness_k 0
   align eval --config eval.yaml --encode.batch_size 128
 
+  # retrieval also at the first 64 and 128 coordinates (a model fitted with Matryoshka prefixes)
+  align eval --model runs/demo/export --data data/gettext --dims 64,128
+
   # MTEB tasks (needs: pip install 'multiway-align[mteb]' and access to the Hugging Face hub)
   align eval --model runs/demo/export --mteb STS22.v2,Tatoeba --out eval/mteb
 """
@@ -124,7 +127,7 @@ class EvalRunConfig(EvalConfig):
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(retrieval=self.retrieval, probe=self.probe, diagnostics=self.diagnostics,
-                          hubness_k=self.hubness_k, procrustes=self.procrustes)  # fmt: skip
+                          hubness_k=self.hubness_k, procrustes=self.procrustes, dims=self.dims)  # fmt: skip
 
     def command_line(self) -> str:
         """The run as one explicit ``align eval`` command, every setting spelled out, for the report."""
@@ -277,7 +280,7 @@ def summary_table(results: EvalResults) -> str:
     def headline(key: str) -> bool:
         if "/" not in key or key.startswith("sts_spearman/"):
             return True
-        if key.startswith(("procrustes/", "maps/")):
+        if key.startswith(("procrustes/", "maps/", "dim")):  # dim<d>/...: retrieval at a truncated width (--dims)
             return key.endswith("/mean")
         if key.startswith("variant/"):
             return key.endswith(("/retrieval_acc", "/model_mb", "/sentences_per_s"))

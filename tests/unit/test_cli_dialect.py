@@ -51,6 +51,7 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "demo/table.py": ("python -m alignment.demo.table",),
     "staging.py": (*FIT, "shards build", "eval"),
     "fsutil.py": (*FIT, *SHARDS, "export", "offline-encoder"),
+    "objectives/": FIT,
 }
 FIT_MODULES = ("module.py", "optim.py", "model.py", "losses.py", "gradcache.py", "strategies.py", "callbacks.py",
                "runs.py", "commands/fit.py", "loading.py", "preemption.py", "resources.py", "loggers.py", "train_logging.py",
