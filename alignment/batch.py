@@ -45,6 +45,9 @@ class Batch:
             gives that worker's total; aggregate per ``origin``.
         origin: ``(epoch, worker id)`` of the worker that built the batch
             (worker 0 when the DataLoader has no workers).
+        texts: ``(N,)`` the sentences' texts in ``input_ids`` order (for a teacher with its own tokenizer,
+            ``--model.distill.teacher``); empty when the builder did not keep them. Encoder chunks
+            (``alignment.encode``, GradCache) keep the whole batch's tuple: read it on the whole batch only.
     """
 
     input_ids: Tensor
@@ -56,6 +59,7 @@ class Batch:
     row_keys: tuple[str, ...]
     skip_counts: dict[str, int] = field(default_factory=dict)
     origin: tuple[int, int] = (0, 0)
+    texts: tuple[str, ...] = ()
 
     @property
     def num_sentences(self) -> int:

@@ -129,6 +129,7 @@ def collate(
         row_keys=tuple(row.key for row in rows),
         skip_counts=dict(skip_counts or {}),
         origin=origin,
+        texts=tuple(text for row in rows for text in row.texts),
     )
 
 
