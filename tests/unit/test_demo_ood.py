@@ -73,3 +73,29 @@ def test_table_adds_the_out_of_domain_section(tmp_path, capsys):
     assert held_out.startswith("## held-out test rows: 10 rows (") and "| retrieval_acc de | 0.5000 | 0.7500 | +0.2500 |" in held_out
     assert "| retrieval_acc de | 0.2500 | 0.1250 | -0.1250 |" in ood
     assert (tmp_path / "out" / "before_after.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_seeds_report_gives_mean_sd_of_the_change_per_set():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_seeds.py"
+    spec = importlib.util.spec_from_file_location("demo_seeds", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    names = module.METRICS
+
+    def ev(value: float) -> dict:
+        return {"metrics": dict.fromkeys(names, value), "rows": 7}
+
+    data = {"command": "python benchmarks/demo_seeds.py", "date": "2026-12-02T00:00:00+00:00", "fit_args": [],
+            "machine": {"cpu": "cpu", "cores": 2, "python": "3.11", "torch": "2"}, "seeds": [0, 1],
+            "before": {"test": ev(0.5), "ood": ev(0.25)},
+            "runs": [{"seed": s, "fit": {"wall_s": 1.0, "cpu_s": 2.0}, "eval": {"test": ev(v), "ood": ev(v / 2)}}
+                     for s, v in ((0, 0.6), (1, 0.8))]}
+    text = module.report(data)
+    test_part, ood_part = text.split("## out-of-domain rows (other packages): 7 rows")
+    # test set: after 0.6, 0.8 -> 0.700 ± 0.141; change +0.1, +0.3 -> 0.200 ± 0.141
+    assert "| retrieval_acc/seen_mean | 0.500 | 0.700 ± 0.141 | 0.200 ± 0.141 | +0.100 +0.300 |" in test_part
+    assert "| retrieval_acc/unseen_mean | 0.250 | 0.350 ± 0.071 | 0.100 ± 0.071 | +0.050 +0.150 |" in ood_part
