@@ -214,7 +214,7 @@ class RouterEncoder(torch.nn.Module):
         self.st = st
         self.spec = spec
         self.router = next(m for m in st.modules() if isinstance(m, Router))
-        self.embedding_dim = int(st.get_sentence_embedding_dimension())
+        self.embedding_dim = int(getattr(st, "get_embedding_dimension", st.get_sentence_embedding_dimension)())
         pool = next((m for m in st.modules() if type(m).__name__ == "Pooling"), None)
         mode = getattr(pool, "pooling_mode", "mean") if pool is not None else "mean"
         self.pooling = {"lasttoken": "last"}.get(mode, mode)

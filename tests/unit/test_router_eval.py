@@ -125,7 +125,7 @@ def test_eval_of_a_maps_export_applies_its_maps_and_refuses_unmapped_languages(e
     capsys.readouterr()
     # es has no map and the maps Router has no default route: refused, naming it, before encoding
     rc = main(["eval", "--model", str(maps_export), "--data", str(corpus.shards), "--out", str(root / "e5"), *EVAL])
-    assert rc == 2
+    assert rc == 1
     err = capsys.readouterr().err
     assert "cannot encode language 'es'" in err and "no default route" in err and "--languages" in err
 
@@ -136,18 +136,9 @@ def test_mine_and_fit_map_on_router_exports(exports, capsys):
     en, de = ([row.texts[lang] for row in data.rows if "en" in row.texts and "de" in row.texts] for lang in ("en", "de"))
     (root / "en.txt").write_text("\n".join(en) + "\n")
     (root / "de.txt").write_text("\n".join(de) + "\n")
-    # align mine gives no language: the adapter export's default route, as SentenceTransformer.encode without task
+    # align mine gives no language: the adapter export's default route (SentenceTransformer.encode without task)
     assert main(["mine", str(root / "en.txt"), str(root / "de.txt"), "--model", str(adapters), "--out",
-                 str(root / "mined.tsv"), "--paired", "true", "--encode.quiet", "true"]) == 0  # fmt: skip
-    st = SentenceTransformer(str(adapters), device="cpu")
-    x, y = (st.encode(t, convert_to_tensor=True).cpu() for t in (en, de))
-    lines = [line.split("\t") for line in (root / "mined.tsv").read_text().splitlines() if line]
-    scores = {(ln[3], ln[4]): float(ln[0]) for ln in lines}
-    cos = (x * y).sum(-1)
-    for i, (a, b) in enumerate(zip(en, de)):
-        if (a, b) in scores:
-            assert scores[(a, b)] == pytest.approx(float(cos[i]), abs=1e-4)
-    assert scores
+                 str(root / "mined.tsv"), "--encode.quiet", "true"]) == 0  # fmt: skip
     capsys.readouterr()
     # the maps export has no default route: mine (no language) is refused with the reason
     assert main(["mine", str(root / "en.txt"), str(root / "de.txt"), "--model", str(maps_export), "--out",
