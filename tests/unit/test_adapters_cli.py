@@ -61,7 +61,7 @@ def _texts(language: str) -> list[str]:
     return [r.texts[language] for r in synthetic_rows(8, T.LANGUAGES, seed=11) if language in r.texts]
 
 
-def test_lora_fit_resume_and_both_exports_give_the_trained_embeddings(tmp_path, corpus, monkeypatch):
+def test_lora_fit_resume_and_both_exports_give_the_trained_embeddings(tmp_path, corpus, monkeypatch, capsys):
     corpus, base = corpus
     lora = ["--config", str(REPO_CONFIGS / "lora.yaml"), "--checkpoint.every_n_train_steps", "2"]
     assert _fit(tmp_path, corpus, base, monkeypatch, *lora, "--trainer.max_steps", "2") == 0
@@ -102,6 +102,19 @@ def test_lora_fit_resume_and_both_exports_give_the_trained_embeddings(tmp_path, 
     # align eval / align mine load an export with DualEncoder.from_pretrained (transformers applies the adapter)
     loaded = DualEncoder.from_pretrained(tmp_path / "peft")
     torch.testing.assert_close(T.encode_texts(loaded, tok, texts), expected, atol=ATOL, rtol=0)
+
+    # ONNX of the LoRA-merged model: onnxruntime's embeddings = the trained (unmerged) encoder's, max abs <= 1e-4
+    import onnxruntime as ort
+
+    assert main(["export", str(ckpt), str(tmp_path / "onnx"), "--format", "onnx", "--onnx_int8", "false"]) == 0
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = tok(texts, padding=True, return_tensors="np")
+    (got,) = session.run(["sentence_embedding"], {k: batch[k] for k in ("input_ids", "attention_mask")})
+    assert float((torch.from_numpy(got) - expected).abs().max()) <= 1e-4
+    capsys.readouterr()
+    # a peft adapter folder carries no ONNX graph: refused with the reason
+    assert main(["export", str(ckpt), str(tmp_path / "peft-onnx"), "--adapter", "peft", "--format", "onnx"]) != 0
+    assert "--format onnx and --maps apply to a plain (merged) export" in capsys.readouterr().err
 
 
 def test_language_adapters_export_a_router_chosen_by_language(tmp_path, corpus, monkeypatch):

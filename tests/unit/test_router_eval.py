@@ -88,7 +88,7 @@ def _eval_retrieval(out) -> dict[str, float]:
     return {f"{r['src']}-{r['tgt']}": r["accuracy"] for r in metrics["retrieval"]["pairs"]}
 
 
-def test_eval_of_a_language_adapter_export_routes_each_language(exports):
+def test_eval_of_a_language_adapter_export_routes_each_language(exports, capsys):
     root, corpus, adapters, _, _ = exports
     model, _, info = load_encoder(adapters)
     assert isinstance(model, RouterEncoder) and set(model.routes) == {"default", "germanic", "romance"}
@@ -103,6 +103,11 @@ def test_eval_of_a_language_adapter_export_routes_each_language(exports):
     routed = model.encode_language(texts, "de", batch_size=4, max_length=128)
     torch.testing.assert_close(routed, st.encode(texts, task="de", convert_to_tensor=True).cpu(), atol=1e-5, rtol=0)
     assert (routed - model.encode_language(texts, None, batch_size=4, max_length=128)).abs().max() > 1e-4
+
+    # a language-adapter Router export has no single graph: --format onnx is refused with the reason
+    ckpt = root / "runs" / "debug" / "checkpoints" / "last.ckpt"
+    assert main(["export", str(ckpt), str(root / "adapters-onnx"), "--format", "onnx"]) != 0
+    assert "--format onnx and --maps apply to a plain (merged) export" in capsys.readouterr().err
 
 
 def test_eval_of_a_maps_export_applies_its_maps_and_refuses_unmapped_languages(exports, capsys):
