@@ -16,6 +16,7 @@ from sentence_transformers import SentenceTransformer
 
 from alignment.cli import main
 from alignment.evaluate.embeddings import MultiWayEmbeddings
+from alignment.evaluate.encode import EncodeConfig, encode_texts
 from alignment.evaluate.encoder import RouterEncoder, load_encoder
 from alignment.evaluate.readers import load_eval_data
 from alignment.evaluate.retrieval import evaluate_retrieval
@@ -144,6 +145,10 @@ def test_mine_and_fit_map_on_router_exports(exports, capsys):
     # align mine gives no language: the adapter export's default route (SentenceTransformer.encode without task)
     assert main(["mine", str(root / "en.txt"), str(root / "de.txt"), "--model", str(adapters), "--out",
                  str(root / "mined.tsv"), "--encode.quiet", "true"]) == 0  # fmt: skip
+    model, tokenizer, _ = load_encoder(adapters)  # what align mine encodes with: no language, the default route
+    got = encode_texts(model, tokenizer, en, EncodeConfig(quiet=True))
+    want = SentenceTransformer(str(adapters), device="cpu").encode(en, convert_to_tensor=True).cpu()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     capsys.readouterr()
     # the maps export has no default route: mine (no language) is refused with the reason
     assert main(["mine", str(root / "en.txt"), str(root / "de.txt"), "--model", str(maps_export), "--out",
