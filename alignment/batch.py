@@ -45,6 +45,11 @@ class Batch:
             gives that worker's total; aggregate per ``origin``.
         origin: ``(epoch, worker id)`` of the worker that built the batch
             (worker 0 when the DataLoader has no workers).
+        text_ids: ``(N,)`` long, each sentence's text identity (a 64-bit hash of
+            its normalised text, ``alignment.data.identity``): equal for
+            identical or near-identical texts, which the loss keeps from being
+            negatives of one another (``alignment.negatives``); ``None`` when
+            the batch was built without them.
     """
 
     input_ids: Tensor
@@ -56,6 +61,7 @@ class Batch:
     row_keys: tuple[str, ...]
     skip_counts: dict[str, int] = field(default_factory=dict)
     origin: tuple[int, int] = (0, 0)
+    text_ids: Tensor | None = None
 
     @property
     def num_sentences(self) -> int:
@@ -87,6 +93,7 @@ class Batch:
             attention_mask=move(self.attention_mask),
             row_ids=move(self.row_ids),
             lang_ids=move(self.lang_ids),
+            text_ids=None if self.text_ids is None else move(self.text_ids),
         )
 
     def pin_memory(self) -> "Batch":
@@ -97,4 +104,5 @@ class Batch:
             attention_mask=self.attention_mask.pin_memory(),
             row_ids=self.row_ids.pin_memory(),
             lang_ids=self.lang_ids.pin_memory(),
+            text_ids=None if self.text_ids is None else self.text_ids.pin_memory(),
         )

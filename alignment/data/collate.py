@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from alignment.batch import Batch
+from alignment.data.identity import text_ids
 
 
 @dataclass
@@ -111,7 +112,8 @@ def collate(
     """Build a :class:`Batch` from selected rows and their sentences' token ids (row-major, as in the rows).
 
     ``sequences`` has one entry per sentence of ``rows`` in order; sentence ``i``
-    gets the batch-local index of its row and its language id.
+    gets the batch-local index of its row, its language id and its text identity
+    (``alignment.data.identity``: about 6 us per sentence, in the loader's workers).
     """
     per_row = np.fromiter((len(row.texts) for row in rows), dtype=np.int64, count=len(rows))  # (R,)
     if int(per_row.sum()) != len(sequences):
@@ -129,6 +131,7 @@ def collate(
         row_keys=tuple(row.key for row in rows),
         skip_counts=dict(skip_counts or {}),
         origin=origin,
+        text_ids=torch.tensor(text_ids(text for row in rows for text in row.texts), dtype=torch.long),  # (N,)
     )
 
 
