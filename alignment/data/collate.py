@@ -25,6 +25,8 @@ class SelectedRow:
     lang_ids: list[int]
     texts: list[str]
     ids: list[list[int]] | None = None
+    negatives: list[dict] | None = None
+    """Its mined hard negatives (``alignment.data.hard_negatives``), when read with them."""
 
 
 def select_languages(
