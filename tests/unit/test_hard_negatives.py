@@ -183,3 +183,7 @@ def test_align_fit_trains_with_hard_negatives(built, tmp_path):
     assert done.returncode == 0, out[-3000:]
     said = [line for line in out.splitlines() if "data: 2 hard negatives per row from entry" in line]
     assert len(said) == 1, out[-3000:]
+    logged = [r for r in T.csv_metrics(next(tmp_path.glob("runs/debug/csv/version_*/metrics.csv")))
+              if "train/masked_negatives" in r]
+    assert len(logged) == 2 and all(r["train/masked_negatives"] >= 0 for r in logged)  # the false-negative count
+    assert all(r["train/rows"] > 8 for r in logged)  # 8 drawn rows plus their mined negatives
