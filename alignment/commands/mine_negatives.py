@@ -31,7 +31,9 @@ from alignment.commands.common import add_config, build, new_parser, parse
 from alignment.commands.eval import USER_ERRORS, error
 from alignment.data.hard_negatives import encode_lines, record_entry
 from alignment.data.identity import text_ids
-from alignment.data.manifest import iter_shard_rows, load_manifest, manifest_file
+from alignment.data.manifest import load_manifest, manifest_file
+from alignment.data.rows import MultiWayRow
+from alignment.data.tokens import _text_samples
 from alignment.evaluate.encode import EncodeConfig, encode_texts, quiet_library_bars, resolve_prefix
 from alignment.evaluate.search import KNN_BACKENDS, KnnBackend, knn, resolve_backend
 from alignment.model import Pooling
@@ -92,7 +94,8 @@ def read_split(shards: str, split: str) -> SplitRows:
         raise ValueError(f"--split {split!r}: {file} has the splits {', '.join(sorted(manifest['splits']))}")
     out = SplitRows()
     for shard in manifest["splits"][split]["shards"]:
-        for key, row in iter_shard_rows(file.parent / shard["path"]):
+        for key, payload in _text_samples(file.parent / shard["path"]):  # the keys the training stream reads
+            row = MultiWayRow.from_json(json.loads(payload.decode("utf-8")), source=f"{shard['path']}:{key}")
             out.keys.append(key)
             out.ids.append(str(row.id))
             out.texts.append(dict(row.texts))
