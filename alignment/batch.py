@@ -50,6 +50,9 @@ class Batch:
             identical or near-identical texts, which the loss keeps from being
             negatives of one another (``alignment.negatives``); ``None`` when
             the batch was built without them.
+        texts: ``(N,)`` the sentences' texts in ``input_ids`` order (for a teacher with its own tokenizer,
+            ``--model.distill.teacher``); empty when the builder did not keep them. Encoder chunks
+            (``alignment.encode``, GradCache) keep the whole batch's tuple: read it on the whole batch only.
     """
 
     input_ids: Tensor
@@ -62,6 +65,7 @@ class Batch:
     skip_counts: dict[str, int] = field(default_factory=dict)
     origin: tuple[int, int] = (0, 0)
     text_ids: Tensor | None = None
+    texts: tuple[str, ...] = ()
 
     @property
     def num_sentences(self) -> int:

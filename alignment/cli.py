@@ -22,6 +22,7 @@ COMMAND_MODULES = {
     "mine": "alignment.commands.mine",
     "mine-negatives": "alignment.commands.mine_negatives",
     "export": "alignment.commands.export",
+    "fit-map": "alignment.commands.fit_map",
     "submit": "alignment.commands.submit",
     "translate": "alignment.commands.translate",
 }

@@ -21,7 +21,8 @@ equal the uncached computation's to float rounding (tested with dropout on).
 
 Data-parallel use: pass ``no_sync`` (e.g. ``ddp_model.no_sync``) so that DDP
 all-reduces gradients only during the last chunk's backward. Parameters used
-only inside the loss (a learnable temperature) get their gradient in step 2,
+only inside the loss (a learnable temperature, the language discriminator of
+``alignment.objectives``) get their gradient in step 2,
 outside any DDP backward: GradCache averages them across ranks itself
 (``alignment.distributed.average_gradients_``).
 """

@@ -7,6 +7,7 @@ The step (``../shared/docs/architecture.md``)::
                                      (n, D)      --model.step.token_budget, back in batch order (model.py)
       -> gather_candidates(...)      (M, D)      alignment/distributed.py, with gradients
       -> MultiWayContrastiveLoss     dict        alignment/losses.py, + drift_loss
+      -> Objectives.add_terms        dict        alignment/objectives/: adversarial, neighbourhood, distill, matryoshka
       -> sum of *_loss terms, logged with every metric
 
 With ``--model.gradcache.chunk_size > 0`` the step runs GradCache under
@@ -17,6 +18,7 @@ strategy-specific code in ``alignment.strategies``.
 Collective budget of one optimiser step (``tests/distributed/test_module_ddp.py`` counts them)::
 
     gather_candidates        3 all-gathers (sizes, embeddings, ids) + 1 reduce-scatter in backward: the loss
+    objectives               --model.neighbourhood.weight > 0: 1 all-gather of the reference's embeddings (none else)
     the step guard           1 all-reduce of a few floats (_guard_and_log): NaN/inf check, preemption flag, global loss;
                              on logging steps the same all-reduce also carries every logged term and counter
                              (train/padding_share of the length-grouped encoder included)
@@ -40,12 +42,13 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
-from alignment import distributed, preemption, strategies
+from alignment import adapters, distributed, preemption, strategies
 from alignment.batch import SKIP_REASONS, Batch
 from alignment.encode import PaddingStats, encode_grouped
 from alignment.gradcache import GradCache, GradCacheConfig
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
 from alignment.model import DualEncoder, ModelConfig, max_positions, transformer_layers
+from alignment.objectives import AdversarialConfig, DistillConfig, MatryoshkaConfig, NeighbourhoodConfig, Objectives
 from alignment.optim import OptimConfig, build_optimizer, build_scheduler
 from alignment.runs import CKPT_RUN, check_resume, describe_run
 
@@ -113,6 +116,9 @@ class AlignmentModule(LightningModule):
         optim: AdamW + schedule (``--model.optim.*``).
         gradcache: chunked encoding for global batches beyond memory (``--model.gradcache.*``).
         step: NaN guard and evaluation settings (``--model.step.*``).
+        adversarial, neighbourhood, distill, matryoshka: extra objectives (``alignment/objectives/``):
+            language-adversarial discriminator, within-language neighbourhood preservation, teacher
+            distillation, nested-prefix (Matryoshka) contrastive terms; all off by default.
 
     The encoder is built here, in ``__init__``, with its pretrained weights, so
     DeepSpeed ZeRO-3 partitions already-loaded tensors at ``deepspeed.initialize``
@@ -128,21 +134,31 @@ class AlignmentModule(LightningModule):
         optim: OptimConfig = OptimConfig(),
         gradcache: GradCacheConfig = GradCacheConfig(),
         step: StepConfig = StepConfig(),
+        adversarial: AdversarialConfig = AdversarialConfig(),
+        neighbourhood: NeighbourhoodConfig = NeighbourhoodConfig(),
+        distill: DistillConfig = DistillConfig(),
+        matryoshka: MatryoshkaConfig = MatryoshkaConfig(),
     ) -> None:
         super().__init__()
         self.encoder_config, self.loss_config, self.optim_config = encoder, loss, optim
         self.gradcache_config, self.step_config = gradcache, step
         self.save_hyperparameters(
             {"encoder": asdict(encoder), "loss": asdict(loss), "optim": asdict(optim),
-             "gradcache": asdict(gradcache), "step": asdict(step)}
+             "gradcache": asdict(gradcache), "step": asdict(step), "adversarial": asdict(adversarial),
+             "neighbourhood": asdict(neighbourhood), "distill": asdict(distill), "matryoshka": asdict(matryoshka)}
         )
         # from_pretrained returns eval mode and Lightning keeps submodules' modes:
         # switch dropout on for fine-tuning explicitly.
         self.encoder = _build_encoder(encoder).train()
+        self.strict_loading = not encoder.adapter.checkpoint_adapter_only  # such checkpoints lack the frozen base
         self.loss_fn = MultiWayContrastiveLoss(loss)
+        self.objectives = Objectives(adversarial, neighbourhood, distill, matryoshka,
+                                     embedding_dim=self.encoder.embedding_dim)  # fmt: skip
+        self.objectives.record_in(self.encoder.card_extra)  # the export's alignment_encoder.json: Matryoshka dims
         # The drift reference is deliberately not a registered submodule: it is
         # never trained, never checkpointed and never handed to DDP/DeepSpeed.
-        object.__setattr__(self, "_reference", self.encoder.frozen_copy() if loss.drift_weight > 0 else None)
+        need_reference = loss.drift_weight > 0 or self.objectives.needs_reference
+        object.__setattr__(self, "_reference", self.encoder.frozen_copy() if need_reference else None)
         self.automatic_optimization = not gradcache.enabled
         self._gradcache = (GradCache(self._encode, self._loss_terms, gradcache.chunk_size,
                                      token_budget=step.token_budget) if gradcache.enabled else None)  # fmt: skip
@@ -183,11 +199,14 @@ class AlignmentModule(LightningModule):
             return {EMPTY_STEP: emb.sum() * 0.0, "global_rows": emb.new_zeros(())}
         out = self.loss_fn(emb, candidates, pivot_lang_id=batch.pivot_lang_id)
         out["global_rows"] = emb.new_tensor(float(candidates.num_rows))  # rows of all ranks: the real global batch
+        ref = None
         if self._reference is not None:
             with torch.no_grad():
                 ref = (encode_grouped(self._reference, batch, self.step_config.token_budget)
                        if batch.num_sentences else emb.detach())  # (n, D)
+        if self.loss_config.drift_weight > 0:
             out.update(drift_loss(emb, ref, self.loss_config.drift_weight, self.loss_config.drift_kind, candidates))
+        self.objectives.add_terms(out, emb, batch, candidates, self.loss_fn, reference=ref, step=self.global_step)
         return out
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
@@ -367,11 +386,12 @@ class AlignmentModule(LightningModule):
         if rows is not None:
             check_global_batch(rows, self.trainer.world_size)
         self._check_max_length(getattr(getattr(datamodule, "config", None), "max_length", None))
+        # The strategy's precision converted the encoder (64-true, bf16-true, DeepSpeed's bf16) but not the
+        # unregistered reference and teacher: give them the encoder's device and dtype (like compared with like).
+        dtype = next(p.dtype for p in self.encoder.parameters() if p.is_floating_point())
         if self._reference is not None:
-            # The strategy's precision converted the encoder (64-true, bf16-true, DeepSpeed's bf16) but not the
-            # unregistered reference: give it the encoder's device and dtype, so drift compares like with like.
-            dtype = next(p.dtype for p in self.encoder.parameters() if p.is_floating_point())
             self._reference.to(device=self.device, dtype=dtype)
+        self.objectives.teacher_to(self.device, dtype)
 
     def _check_tokenizer(self, tokenizer) -> None:
         vocab = self.encoder.backbone.get_input_embeddings().num_embeddings
@@ -396,6 +416,9 @@ class AlignmentModule(LightningModule):
     def setup(self, stage: str) -> None:
         # Every rank, before the strategy wraps the model: refuse what the strategy cannot run.
         if stage == "fit" and self._trainer is not None:
+            if self.objectives.adversarial.enabled:  # the discriminator's outputs: the data's language vocabulary
+                dm = getattr(self.trainer, "datamodule", None)
+                self.objectives.setup_languages(len(dm.languages) if hasattr(type(dm), "languages") else None)
             strategies.prepare(self.trainer, self, gradcache_chunk_size=self.gradcache_config.chunk_size,
                                max_grad_norm=self.optim_config.max_grad_norm)  # fmt: skip
 
@@ -493,6 +516,8 @@ class AlignmentModule(LightningModule):
         checkpoint["alignment_nonfinite_total"] = self.nonfinite_total
         checkpoint["alignment_empty_steps_total"] = self.empty_steps_total
         checkpoint[CKPT_RUN] = describe_run(self, self.trainer)
+        if self.encoder_config.adapter.checkpoint_adapter_only:
+            adapters.keep_trainable(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":  # resuming: only this run's checkpoints

@@ -119,4 +119,4 @@ def rows_to_batch(tokenizer, rows, languages, pivot: str = "en"):
             lang_ids.append(languages.index(lang))
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     return Batch(enc["input_ids"], enc["attention_mask"], torch.tensor(row_ids), torch.tensor(lang_ids),
-                 languages, languages.index(pivot), tuple(r.id for r in rows))
+                 languages, languages.index(pivot), tuple(r.id for r in rows), texts=tuple(texts))

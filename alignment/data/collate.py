@@ -134,6 +134,7 @@ def collate(
         skip_counts=dict(skip_counts or {}),
         origin=origin,
         text_ids=torch.tensor(text_ids(text for row in rows for text in row.texts), dtype=torch.long),  # (N,)
+        texts=tuple(text for row in rows for text in row.texts),
     )
 
 

@@ -18,6 +18,7 @@ Entry points, all independent of Lightning and of how the embeddings were made:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,10 +62,27 @@ class EvalConfig:
     """k of the k-occurrence for hubness; 0 skips hubness (cost O(N^2 D))."""
     procrustes: ProcrustesConfig | None = None
     """Post-hoc Procrustes before/after on held-out rows; None skips it."""
+    dims: str | None = None
+    """Comma-separated widths (e.g. 64,128,256): retrieval is also reported on the embeddings truncated to
+    their first d coordinates and renormalised (Matryoshka; sentence-transformers' ``truncate_dim``)."""
 
     def __post_init__(self) -> None:
         if self.hubness_k < 0:
             raise ValueError(f"--hubness_k must be >= 0 (0 disables hubness), got {self.hubness_k}")
+        self.truncation_dims  # noqa: B018 - checks --dims
+
+    @property
+    def truncation_dims(self) -> tuple[int, ...]:
+        """``--dims`` as increasing integers (empty when not given)."""
+        if not self.dims:
+            return ()
+        try:
+            dims = tuple(int(d) for d in str(self.dims).split(",") if d.strip())
+        except ValueError:
+            raise ValueError(f"--dims must be comma-separated integers, e.g. 64,128,256; got {self.dims!r}") from None
+        if not dims or any(d < 1 for d in dims):
+            raise ValueError(f"--dims must be widths >= 1, e.g. 64,128,256; got {self.dims!r}")
+        return tuple(sorted(set(dims)))
 
 
 @dataclass
@@ -83,10 +101,16 @@ class EvalResults:
     sts: list[StsResult] = field(default_factory=list)
     procrustes: ProcrustesReport | None = None
     training_languages: tuple[str, ...] | None = None
+    truncated: dict[int, RetrievalTable] = field(default_factory=dict)
+    """Retrieval on the embeddings truncated to each ``--dims`` width (renormalised)."""
     invalid: dict[str, dict[str, int]] = field(default_factory=dict)
     """Embeddings dropped as NaN/inf or zero-norm, per language (``on_invalid="drop"``)."""
     meta: dict = field(default_factory=dict)
     """Free-form provenance (model, checkpoint, data) copied into the report."""
+    maps: ProcrustesReport | None = None
+    """Retrieval without / with saved language maps (``align eval --maps``; :mod:`alignment.deploy.variants`)."""
+    variants: list[dict] = field(default_factory=list)
+    """Quality / size / speed per deployment variant (``align eval --variants``)."""
 
 
 def evaluate_embeddings(
@@ -119,6 +143,8 @@ def evaluate_embeddings(
         meta=dict(meta or {}),
     )
     res.retrieval = evaluate_retrieval(emb, config.retrieval, training_languages=trained)
+    for dim in config.truncation_dims:
+        res.truncated[dim] = evaluate_retrieval(truncated(emb, dim), config.retrieval, training_languages=trained)
     if config.diagnostics:
         res.language_id = language_id_probe(emb, config.probe)
         res.cos_gap = cosine_gap(emb)
@@ -131,6 +157,17 @@ def evaluate_embeddings(
     if config.procrustes is not None:
         res.procrustes, _ = evaluate_procrustes(emb, config.procrustes, config.retrieval, training_languages=trained)
     return res
+
+
+def truncated(emb: MultiWayEmbeddings, dim: int) -> MultiWayEmbeddings:
+    """``emb`` with every vector cut to its first ``dim`` coordinates and renormalised (a Matryoshka prefix)."""
+    width = int(emb.embeddings.shape[1])
+    if dim >= width:
+        raise ValueError(f"--dims {dim} must be below the embedding width {width}")
+    out = copy.copy(emb)
+    prefix = emb.embeddings[:, :dim]
+    out.embeddings = prefix / prefix.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return out
 
 
 # --------------------------------------------------------------------------- flat metrics
@@ -161,15 +198,22 @@ def flat_metrics(results: EvalResults, prefix: str = "") -> dict[str, float]:
     ``retrieval_acc_by_lang/<lang>``, ``lang_id_acc``, ``lang_id_majority``, ``lang_id_chance``,
     ``cos_gap``, ``cos_translation``, ``cos_non_translation``, ``hubness_skew/<lang>|mean``,
     ``hub_share/mean``, ``transfer_acc/<lang>|mean|pivot``, ``sts_spearman/<name>``,
-    ``procrustes/<metric>_before|after/mean|<pair>``, ``invalid_embeddings``.
+    ``procrustes/<metric>_before|after/mean|<pair>``, ``dim<d>/<retrieval metric>/...`` (``--dims``),
+    ``invalid_embeddings``.
     """
     out: dict[str, float] = {}
     if results.retrieval is not None and results.retrieval.results:
         out.update(_retrieval_flat(results.retrieval))
+    for dim, table in results.truncated.items():
+        out.update({f"dim{dim}/{k}": v for k, v in _retrieval_flat(table).items() if "_by_lang/" not in k})
     out.update(_diagnostics_flat(results))
     out.update(_transfer_flat(results))
     out.update(_procrustes_flat(results.procrustes))
     out.update({f"sts_spearman/{s.name}": s.spearman for s in results.sts})
+    if results.maps is not None or results.variants:
+        from alignment.deploy.variants import deploy_flat
+
+        out.update(deploy_flat(results))
     if results.invalid:
         out["invalid_embeddings"] = sum(sum(kinds.values()) for kinds in results.invalid.values())
     return {f"{prefix}{k}": float(v) for k, v in out.items() if not math.isnan(float(v))}

@@ -147,3 +147,37 @@ def test_value_checks_name_the_flag():
     config = parse_config(["--config", str(CONFIGS / "debug.yaml"), "--model.optim.lr", "-1"])
     with pytest.raises(ValueError, match="--model.optim.lr must be > 0"):
         _typed(config)
+
+
+OBJECTIVES = sorted((CONFIGS / "recipes" / "objectives").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", OBJECTIVES, ids=lambda p: p.stem)
+def test_objective_overlay_composes_after_a_recipe(path):
+    """``configs/recipes/objectives/*.yaml`` (alignment/objectives/): each overlay turns its own term on."""
+    from alignment.objectives import AdversarialConfig, DistillConfig, MatryoshkaConfig, NeighbourhoodConfig
+
+    recipe = CONFIGS / "recipes" / "multilingual-e5-base-multiway.yaml"
+    config = parse_config(["--config", str(recipe), "--config", str(path)])
+    _typed(config)
+    model = config.model.as_dict()
+    built = {"adversarial": AdversarialConfig(**model["adversarial"]), "distill": DistillConfig(**model["distill"]),
+             "neighbourhood": NeighbourhoodConfig(**model["neighbourhood"]),
+             "matryoshka": MatryoshkaConfig(**model["matryoshka"])}
+    assert [name for name, cfg in built.items() if cfg.enabled] == [path.stem]
+    assert config.model.encoder.name_or_path == "intfloat/multilingual-e5-base"  # the recipe survives
+
+
+ADAPTERS = sorted((CONFIGS / "recipes" / "adapters").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ADAPTERS, ids=lambda p: p.stem)
+def test_adapter_overlay_composes_after_a_recipe(path):
+    """``configs/recipes/adapters/*.yaml`` (alignment/adapters.py): LoRA, language adapters."""
+    recipe = CONFIGS / "recipes" / "xlm-roberta-base-multiway.yaml"
+    config = parse_config(["--config", str(recipe), "--config", str(path)])
+    encoder, _, optim, _ = _typed(config)
+    assert encoder.adapter.method == "lora" and encoder.adapter.target_modules == ["query", "key", "value", "dense"]
+    assert encoder.name_or_path == "xlm-roberta-base" and optim.lr == pytest.approx(5e-4)
+    if path.stem == "language-adapters":
+        assert encoder.adapter.language_groups["de"] == "germanic"
