@@ -32,6 +32,9 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "commands/common.py": (),
     "commands/eval.py": ("eval",),
     "commands/mine.py": ("mine",),
+    "commands/mine_negatives.py": ("mine-negatives", *FIT),  # its examples go on to align fit
+    "negatives.py": FIT,  # --model.loss.mask_duplicates
+    "data/hard_negatives.py": ("mine-negatives", "shards verify", "shards inspect", *FIT),
     "commands/shards.py": (*SHARDS, *FIT),  # tokenize's help names the --data.* flags its ids must match
     "commands/export.py": ("export", *FIT),  # names the --data.tokenizer recorded by align fit
     "commands/offline_encoder.py": ("offline-encoder",),
