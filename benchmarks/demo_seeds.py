@@ -83,6 +83,11 @@ def _fit(seed: int, demo: Path, runs: Path, extra: list[str]) -> tuple[Path, dic
     return run / "export", _run(argv, runs / f"fit-seed{seed}.log")
 
 
+def _encoder(folder: Path) -> str:
+    card = json.loads((folder / "alignment_encoder.json").read_text())
+    return f"{card['num_layers']} layers, vocabulary {card['vocab_size']}" + (" (pruned)" if card.get("vocab_pruned") else "")
+
+
 def _mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
@@ -92,8 +97,8 @@ def report(data: dict) -> str:
     seeds = data["seeds"]
     lines = [f"# The demo's fine-tune over {len(seeds)} seed(s): zero-shot vs fine-tuned", "",
              f"- command: `{data['command']}`", f"- date: {data['date']}", *machine_lines(data["machine"]),
-             f"- fine-tune: `configs/demo.yaml` (+ `{' '.join(data['fit_args']) or 'no extra flags'}`), full-depth "
-             "multilingual-E5-small rebuilt by `align offline-encoder` (all 12 layers, full vocabulary)",
+             f"- fine-tune: `configs/demo.yaml` (+ `{' '.join(data['fit_args']) or 'no extra flags'}`), "
+             f"multilingual-E5-small rebuilt by `align offline-encoder`: {data.get('encoder', '?')}",
              "- seen = pairs of trained languages (en, de, fr, es, ru, zh-Hans, ar; the pivot included), unseen = "
              "pairs of never-trained languages; retrieval accuracy averaged over both directions", ""]
     for key, title in SETS.items():
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     extra = args.fit_args.split()
     data = {"command": command_line("demo_seeds.py", argv), "date": now(), "machine": machine_info("transformers"),
-            "fit_args": extra, "before": {}, "runs": []}
+            "fit_args": extra, "before": {}, "runs": [], "encoder": _encoder(demo / "e5")}
     for key in SETS:
         data["before"][key] = _eval(demo / "e5", key, demo, runs / f"eval-before-{key}", trained=True)
     for seed in args.seeds:
