@@ -68,14 +68,15 @@ FORWARD_COST = 128
 """Token positions one more encoder forward is charged in the chunk plan (:func:`plan_chunks`) when the
 encoder's width is unknown (a model without a ``hidden_size`` config); see :func:`forward_cost_for`."""
 
-MEASURED_FORWARD_COST: tuple[tuple[int, int], ...] = ((32, 636), (384, 32))
+MEASURED_FORWARD_COST: tuple[tuple[int, int], ...] = ((32, 562), (384, 46))
 """``(hidden size, forward cost in token positions)`` measured by ``benchmarks/forward_cost.py --threads 1``
 (``benchmarks/results/forward_cost-*``): a training forward + backward of ``r x w`` positions takes
 ``a + b * r * w`` CPU seconds, fitted over 8 to 2048 positions; the cost of one more forward is ``a / b``.
-2026-12-02, AMD EPYC (2 cores, 1 thread, loaded): the tiny 2-layer H32 BERT a = 3.0 ms, b = 4.7 us/position
--> 636 positions (a forward's fixed Python and dispatch cost dwarfs its arithmetic); a 12-layer H384 BERT
-(multilingual-E5-small's shape) -> 32 positions. Between and beyond the points: log-log interpolation in the
-hidden size, clamped to the end points. A deterministic function of the architecture (not timed in the run):
+2026-12-02, AMD EPYC (2 cores, 1 thread, load average about 8; ``forward_cost-2026-12-02-*``): the tiny
+2-layer H32 BERT a = 5.1 ms, b = 9.1 us/position -> 562 positions (a forward's fixed Python and dispatch cost
+dwarfs its arithmetic); a 12-layer H384 BERT (multilingual-E5-small's shape) a = 85 ms, b = 1.85 ms/position
+-> 46 positions (an earlier run of the same script: 636 and 32). Between and beyond the points: log-log
+interpolation in the hidden size, clamped to the end points. A deterministic function of the architecture (not timed in the run):
 the same lengths always give the same chunks, in every run and on every rank."""
 
 
