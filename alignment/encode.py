@@ -194,13 +194,19 @@ def encode_grouped(
         if stats is not None:
             stats.add(batch.attention_mask.sum(), n * width)  # a device tensor: no sync here
         return model(batch)
+    cost = forward_cost_for(model) if forward_cost is None else forward_cost
+    real = int(batch.attention_mask.sum())  # the one device-to-host read when a single forward suffices
+    if n * width <= token_budget and n * width - real <= cost:
+        # any split costs >= real + 2 * cost > n * width + cost (the plan's own measure): one forward, no sort
+        if stats is not None:
+            stats.add(real, n * width)
+        return model(batch)
     planned = length_order(batch)
     if planned is None:  # not right-padded: one padded forward keeps the positions
         if stats is not None:
             stats.add(batch.attention_mask.sum(), n * width)
         return model(batch)
     order, lengths = planned
-    cost = forward_cost_for(model) if forward_cost is None else forward_cost
     _, chunks = plan_chunks(lengths, token_budget, cost)  # lengths are sorted already: the plan's order is the identity
     if len(chunks) == 1 and chunks[0][2] == width:
         if stats is not None:
