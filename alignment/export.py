@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ def export_encoder(
     flag: str | None = None,
     inputs: Sequence[Path] = (),
     adapter: str = "merge",
+    extra: Callable[[DualEncoder, Path], None] | None = None,
 ) -> Path:
     """Write ``encoder`` (and ``tokenizer``) to ``directory``, complete or not at all.
 
@@ -108,7 +109,8 @@ def export_encoder(
     and only an export (a folder with ``alignment_encoder.json``) that holds none
     of ``inputs`` (``flag`` names the folder in errors). Files and folders get the
     modes the umask gives (readable by the team where the umask allows). ``run``
-    (:func:`alignment.runs.describe_run`) adds the model card, ``README.md``.
+    (:func:`alignment.runs.describe_run`) adds the model card, ``README.md``. ``extra(encoder, folder)`` adds
+    files for the encoder as written (merged, for LoRA) to the folder before it is published (ONNX graphs, language maps: :mod:`alignment.deploy`).
     """
     final = Path(directory)
     check_replaceable(final, overwrite=overwrite, flag="OUT" if flag is None else flag, is_ours=is_export,
@@ -116,6 +118,10 @@ def export_encoder(
     if adapters.is_adapted(encoder.backbone):
         adapters.check_exportable(encoder, adapter)
         if adapter == "peft" or encoder.adapter_config.language_groups:
+            if extra is not None:
+                raise ValueError("--format onnx and --maps apply to a plain (merged) export; a peft adapter folder or a "
+                                 "language-adapter Router export carries neither (use --adapter merge without "
+                                 "--model.encoder.adapter.language_groups)")
             return _export_adapted(encoder, final, adapter, tokenizer=tokenizer, max_seq_length=max_seq_length,
                                    prompts=prompts, run=run)
         encoder = adapters.merged_copy(encoder)
@@ -134,6 +140,8 @@ def export_encoder(
                                     embedding_dim=encoder.embedding_dim)
             card.save(str(tmp / "README.md"))
             _write_json(tmp / TRAINING_RECORD, training_record(run))
+        if extra is not None:
+            extra(encoder, tmp)
     return final
 
 
@@ -252,7 +260,8 @@ def check_tokenizer_fits(tokenizer: Any, encoder: DualEncoder, what: str) -> Non
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | None = None,
-                      max_seq_length: int = 128, overwrite: bool = False, adapter: str = "merge") -> Path:
+                      max_seq_length: int = 128, overwrite: bool = False, adapter: str = "merge",
+                      extra: Callable[[DualEncoder, Path], None] | None = None) -> Path:
     """``align export CKPT OUT``: a checkpoint to an HF + sentence-transformers folder."""
     inputs = [Path(path)] + ([Path(tokenizer)] if tokenizer is not None and Path(tokenizer).exists() else [])
     check_replaceable(Path(out), overwrite=overwrite, flag="OUT", is_ours=is_export,
@@ -268,4 +277,5 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, tokeni
                          f"the tokenizer recorded in {path} ({info['tokenizer']!r})")
     run = info["run"] or {"model": None, "global_step": info["global_step"], "tokenizer": info["tokenizer"]}
     return export_encoder(encoder, out, tokenizer=tok, max_seq_length=max_seq_length, prompts=info["prompts"],
-                          overwrite=overwrite, run=run, inputs=inputs, adapter=adapter)
+                          overwrite=overwrite, run=run, inputs=inputs, adapter=adapter,
+                          extra=extra)

@@ -32,9 +32,15 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "commands/common.py": (),
     "commands/eval.py": ("eval",),
     "commands/mine.py": ("mine",),
+    "commands/mine_negatives.py": ("mine-negatives", *FIT),  # its examples go on to align fit
+    "negatives.py": FIT,  # --model.loss.mask_duplicates
+    "data/hard_negatives.py": ("mine-negatives", "shards verify", "shards inspect", *FIT),
     "commands/shards.py": (*SHARDS, *FIT),  # tokenize's help names the --data.* flags its ids must match
     "commands/export.py": ("export", *FIT),  # names the --data.tokenizer recorded by align fit
     "commands/offline_encoder.py": ("offline-encoder",),
+    "commands/fit_map.py": ("fit-map", "eval"),  # its examples go on to align eval --maps
+    "deploy/": ("fit-map", "export", "eval"),
+    "deploy/onnx_export.py": ("export", "eval", *FIT),  # names the --model.encoder.* flag of align fit
     "commands/translate.py": (*TRANSLATE, "submit", "shards build"),  # its examples go on to those
     "commands/submit.py": ("submit", *FIT, "translate run", "shards build"),  # the jobs' checks name those flags
     "commands/submit_translate.py": ("submit", "translate run"),
