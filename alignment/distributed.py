@@ -288,9 +288,10 @@ def gather_candidates(
     if max_n == 0:  # every rank's batch is empty (all see the same sizes): no candidates, no more collectives
         return candidates_from_gathered(emb, row_ids.new_zeros((world, 0, 2)), counts, rank=rank)
     pad = max_n - emb.shape[0]
-    padded = F.pad(emb, (0, 0, 0, pad))  # (max_n, D), zeros masked out downstream
+    padded = F.pad(emb, (0, 0, 0, pad)) if pad else emb  # (max_n, D), zeros masked out downstream
     ids = [row_ids, lang_ids] if text_ids is None else [row_ids, lang_ids, text_ids]
-    meta = F.pad(torch.stack(ids, dim=-1), (0, 0, 0, pad))  # (max_n, 2 or 3)
+    meta = torch.stack(ids, dim=-1)  # (n, 2 or 3)
+    meta = F.pad(meta, (0, 0, 0, pad)) if pad else meta  # (max_n, 2 or 3); no copies when no rank is short
     gathered = all_gather_with_grad(padded, group)  # (W * max_n, D)
     metas = all_gather_fixed(meta, group)  # (W, max_n, 2 or 3)
     return candidates_from_gathered(gathered, metas, counts, rank=rank)

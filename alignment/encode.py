@@ -34,6 +34,7 @@ under a millisecond (at most ``max_length`` distinct lengths).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -64,10 +65,36 @@ class PaddingStats:
 
 
 FORWARD_COST = 128
-"""Token positions one more encoder forward is charged in the chunk plan (:func:`plan_chunks`): the trade of
-padding against per-forward overhead. 128 keeps padding under 15% of the processed positions on the real
-gettext multi-way batches at 16-64 rows with about 5-11 forwards per step
-(``benchmarks/results/encode_padding-*``)."""
+"""Token positions one more encoder forward is charged in the chunk plan (:func:`plan_chunks`) when the
+encoder's width is unknown (a model without a ``hidden_size`` config); see :func:`forward_cost_for`."""
+
+MEASURED_FORWARD_COST: tuple[tuple[int, int], ...] = ((32, 562), (384, 46))
+"""``(hidden size, forward cost in token positions)`` measured by ``benchmarks/forward_cost.py --threads 1``
+(``benchmarks/results/forward_cost-*``): a training forward + backward of ``r x w`` positions takes
+``a + b * r * w`` CPU seconds, fitted over 8 to 2048 positions; the cost of one more forward is ``a / b``.
+2026-12-02, AMD EPYC (2 cores, 1 thread, load average about 8; ``forward_cost-2026-12-02-*``): the tiny
+2-layer H32 BERT a = 5.1 ms, b = 9.1 us/position -> 562 positions (a forward's fixed Python and dispatch cost
+dwarfs its arithmetic); a 12-layer H384 BERT (multilingual-E5-small's shape) a = 85 ms, b = 1.85 ms/position
+-> 46 positions (an earlier run of the same script: 636 and 32). Between and beyond the points: log-log
+interpolation in the hidden size, clamped to the end points. A deterministic function of the architecture (not timed in the run):
+the same lengths always give the same chunks, in every run and on every rank."""
+
+
+def forward_cost_for(model: object) -> int:
+    """Per-forward charge of the chunk plan for ``model`` (by its backbone's hidden size, from
+    :data:`MEASURED_FORWARD_COST`); :data:`FORWARD_COST` when the model has no ``hidden_size``."""
+    config = getattr(getattr(model, "backbone", model), "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int) or hidden < 1:
+        return FORWARD_COST
+    points = MEASURED_FORWARD_COST
+    if hidden <= points[0][0]:
+        return points[0][1]
+    for (h0, c0), (h1, c1) in zip(points, points[1:]):
+        if hidden <= h1:
+            t = (math.log(hidden) - math.log(h0)) / (math.log(h1) - math.log(h0))
+            return round(math.exp(math.log(c0) + t * (math.log(c1) - math.log(c0))))
+    return points[-1][1]
 
 
 def plan_chunks(
@@ -154,18 +181,26 @@ def encode_grouped(
     batch: Batch,
     token_budget: int | None,
     stats: PaddingStats | None = None,
-    forward_cost: int = FORWARD_COST,
+    forward_cost: int | None = None,
 ) -> Tensor:
     """``(N, D)`` embeddings of ``batch`` in batch order, encoded in length-grouped chunks under ``token_budget``.
 
     ``token_budget`` None or 0 (or a left-padded batch) is the single padded
     forward ``model(batch)``. ``stats`` accumulates the processed and real token
-    positions (for ``train/padding_share``).
+    positions (for ``train/padding_share``). ``forward_cost`` (token positions charged per forward in
+    :func:`plan_chunks`) defaults to :func:`forward_cost_for` ``(model)``.
     """
     n, width = batch.input_ids.shape
     if not token_budget or n == 0:
         if stats is not None:
             stats.add(batch.attention_mask.sum(), n * width)  # a device tensor: no sync here
+        return model(batch)
+    cost = forward_cost_for(model) if forward_cost is None else forward_cost
+    real = int(batch.attention_mask.sum())  # the one device-to-host read when a single forward suffices
+    if n * width <= token_budget and n * width - real <= cost:
+        # any split costs >= real + 2 * cost > n * width + cost (the plan's own measure): one forward, no sort
+        if stats is not None:
+            stats.add(real, n * width)
         return model(batch)
     planned = length_order(batch)
     if planned is None:  # not right-padded: one padded forward keeps the positions
@@ -173,7 +208,7 @@ def encode_grouped(
             stats.add(batch.attention_mask.sum(), n * width)
         return model(batch)
     order, lengths = planned
-    _, chunks = plan_chunks(lengths, token_budget, forward_cost)  # lengths are sorted already: the plan's order is the identity
+    _, chunks = plan_chunks(lengths, token_budget, cost)  # lengths are sorted already: the plan's order is the identity
     if len(chunks) == 1 and chunks[0][2] == width:
         if stats is not None:
             stats.add(sum(lengths), n * width)

@@ -240,6 +240,14 @@ def write_shards(rows: list, folder: Path, batch_size: int, seed: int) -> Path:
     return folder
 
 
+def pretokenize(shards: Path, tokenizer, max_length: int) -> None:
+    """``align shards tokenize``'s sidecars for ``shards``: the framework's loader then reads token ids, as the
+    hand loop's pre-tokenised tensors do (``--pretokenized``)."""
+    from alignment.data.tokens import tokenize_build
+
+    tokenize_build(shards, tokenizer, max_length=max_length, text_prefix="", log=lambda *a, **k: None)
+
+
 def data_config(args: argparse.Namespace, shards: Path, tokenizer_dir: str, workers: int):
     from alignment.data.datamodule import DataConfig
 
@@ -671,7 +679,8 @@ def markdown(results: dict) -> str:
         f"- training: {c['precision']} on {c['device']}, AdamW lr {c['lr']} (no weight decay, constant, no clipping"
         f"{', fused' if c['fused_adamw'] else ''}), loss scale {c['scale']} (temperature {1 / c['scale']:g}); "
         f"{c['warmup_steps']} warm-up + {c['steps']} timed steps per arm and round, {c['rounds']} rounds "
-        f"(arm order rotated); framework data workers {c['num_workers']}",
+        f"(arm order rotated); framework data workers {c['num_workers']}"
+        + (", pre-tokenised shards (`align shards tokenize` sidecars)" if c.get("pretokenized") else ", tokenising in the loader"),
         "",
     ]
     has_mfu = any("mfu" in s for s in results["summary"].values())
@@ -752,6 +761,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=None,
                    help="framework DataLoader workers (default: 0 on CPU, where a worker takes a core from "
                    "compute; 2 on CUDA)")
+    p.add_argument("--pretokenized", action="store_true",
+                   help="write `align shards tokenize` sidecars first: the framework's loader reads token ids "
+                        "instead of tokenising (the hand loop is pre-tokenised)")
     p.add_argument("--fused-adamw", action="store_true", help="fused AdamW kernel in every arm")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table by GPU name)")
     p.add_argument("--seed", type=int, default=0)
@@ -820,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
         n = args.batch_size * (args.warmup_steps + args.steps)
         rows = corpus_rows(args.corpus, n, args.min_words, args.max_words, args.seed)
         shards = write_shards(rows, work / "shards", args.batch_size, args.seed)
+        if args.pretokenized:
+            pretokenize(shards, tokenizer, args.max_length)
         config = data_config(args, shards, model_dir, workers)
         ctx = Context(args, device, bf16, model_dir, tokenizer, config, [], {r.id: r.texts for r in rows}, work)
         ctx.batches = stream_batches(config, tokenizer, ctx.total_steps)
@@ -850,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
                    "corpus": args.corpus, "min_words": args.min_words, "max_words": args.max_words,
                    "warmup_steps": args.warmup_steps, "steps": args.steps, "rounds": args.rounds, "lr": args.lr,
                    "scale": args.scale, "precision": "bf16-mixed" if bf16 else "fp32", "device": str(device),
-                   "num_workers": workers, "fused_adamw": args.fused_adamw, "seed": args.seed},
+                   "num_workers": workers, "pretokenized": args.pretokenized, "fused_adamw": args.fused_adamw, "seed": args.seed},
         "compared": ("one-directional InfoNCE, in-batch negatives: en anchor vs the batch's de sentences, "
                      f"scale {args.scale}; framework: objective en_x, bidirectional false, language_policy "
                      f"pivot_pair; sentence-transformers: MultipleNegativesRankingLoss(scale={args.scale}) on "

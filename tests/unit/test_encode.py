@@ -223,3 +223,18 @@ def test_one_word_embedding_lookup_per_step_gives_the_same_gradients(tokenizer, 
     (emb_g * weights).sum().backward()
     assert_same({n: p.grad for n, p in grouped.named_parameters() if p.grad is not None},
                 {n: p.grad for n, p in padded.named_parameters() if p.grad is not None})
+
+
+def test_forward_cost_follows_the_measured_points():
+    """The plan's per-forward charge is a deterministic function of the encoder's width (benchmarks/forward_cost.py)."""
+    from types import SimpleNamespace
+
+    from alignment.encode import FORWARD_COST, MEASURED_FORWARD_COST, forward_cost_for
+
+    def of(hidden):
+        return forward_cost_for(SimpleNamespace(backbone=SimpleNamespace(config=SimpleNamespace(hidden_size=hidden))))
+
+    (h0, c0), (h1, c1) = MEASURED_FORWARD_COST[0], MEASURED_FORWARD_COST[-1]
+    assert of(h0) == c0 and of(h1) == c1 and of(8) == c0 and of(4096) == c1
+    assert c1 < of(128) < c0  # interpolated between the points
+    assert forward_cost_for(object()) == FORWARD_COST  # no config: the fixed default
