@@ -53,6 +53,8 @@ from pathlib import Path
 
 import yaml
 
+from alignment import fsutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, also when loaded by path
 from _common import RESULTS, machine_info, machine_lines, machine_tag, markdown_table, now, result_stem  # noqa: E402
 from _common import command_line as report_command  # noqa: E402
@@ -182,17 +184,12 @@ def eval_args(
     return argv + (["--languages", ",".join(languages)] if languages else [])
 
 
-def train_log(metrics_csv: Path, last: int = 10) -> dict:
-    """Mean of the last ``last`` logged train loss and discriminator accuracy (None when not logged)."""
-    if not metrics_csv.exists():
-        return {}
-    rows = list(csv.DictReader(open(metrics_csv)))
+def train_log(metrics_csv: Path, last: int = 5) -> dict:
+    """Means of the last ``last`` logged steps: the train loss and, with the adversary, its discriminator's accuracy."""
+    rows = list(csv.DictReader(open(metrics_csv))) if metrics_csv.exists() else []
     out = {}
-    for key, name in (("train/loss", "train_loss"), ("train/adv_disc_acc", "disc_acc")):
+    for key, name in (("train/loss", "train_loss"), ("train/adv_accuracy", "disc_acc")):
         vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
-        if not vals:
-            keys = [k for k in (rows[0] if rows else {}) if name.split("_")[-1] in k and k.startswith("train/")]
-            vals = [float(r[keys[0]]) for r in rows if keys and r.get(keys[0]) not in (None, "")]
         out[name] = statistics.fmean(vals[-last:]) if vals else None
     return out
 
@@ -306,13 +303,26 @@ def monolingual(start: dict, trained: dict, trained_langs: Sequence[str]) -> dic
     return out
 
 
+class StartEmbeddings(dict):
+    """The starting encoder's embeddings per evaluation set, computed when first needed (not at all on a full reuse)."""
+
+    def __init__(self, args, sets: dict[str, str]):
+        super().__init__()
+        self.args, self.sets = args, sets
+
+    def __missing__(self, name: str) -> dict:
+        a = self.args
+        self[name] = embed_by_language(a.encoder, self.sets[name], a.max_rows, a.eval_languages)
+        return self[name]
+
+
 def evaluate(
     model: Path,
     sets: dict[str, str],
     out: Path,
     args,
     trained: Sequence[str],
-    start_emb: dict,
+    start_emb: StartEmbeddings,
     env: dict,
     timings: dict,
 ) -> dict:
@@ -320,7 +330,8 @@ def evaluate(
     result = {}
     for name, data in sets.items():
         argv = eval_args(model, data, out / f"eval-{name}", trained, args.max_rows, args.eval_languages)
-        timings[f"eval_{name}_s"] = run_align(argv, out / f"eval-{name}.log", env)
+        if not (args.reuse and (out / f"eval-{name}" / "metrics.json").exists()):
+            timings[f"eval_{name}_s"] = run_align(argv, out / f"eval-{name}.log", env)
         cols = summarize_eval(json.loads((out / f"eval-{name}" / "metrics.json").read_text()), trained, args.pivot)
         emb = (
             start_emb[name]
@@ -473,6 +484,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="", help="a word for the result's name (e.g. the budget)")
     p.add_argument("--full_run_estimate", default="not measured", help="what a full run would take, for the report")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take runs a previous invocation finished in --work_dir (their run.json; a finished fit's export)",
+    )
     p.add_argument("--render", type=Path, help="re-write the Markdown of a result JSON and exit")
     args = p.parse_args(argv)
     args.encoder = args.encoder or args.demo_out / "e5"
@@ -533,26 +549,41 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[ablation {time.perf_counter() - started:6.0f} s] {msg}", flush=True)  # noqa: E731
 
     log(f"arms {arms}; seeds {args.seeds}; eval sets {sets}")
-    start_emb = {
-        name: embed_by_language(args.encoder, data, args.max_rows, args.eval_languages) for name, data in sets.items()
-    }
-    runs = []
+    start_emb = StartEmbeddings(args, sets)
+    runs: list[dict] = []
+
+    def finished(run_dir: Path) -> bool:
+        """A run a previous invocation completed (``--reuse``): its record is taken as it is."""
+        if args.reuse and (run_dir / "run.json").exists():
+            runs.append(json.loads((run_dir / "run.json").read_text()))
+            log(f"{run_dir.name}: reused {run_dir / 'run.json'}")
+            return True
+        return False
+
+    def record(run_dir: Path, entry: dict) -> None:
+        runs.append(entry)
+        fsutil.publish_file(run_dir / "run.json", json.dumps(entry, indent=1) + "\n")
+
     zero = args.work_dir / "zero-shot"
     zero.mkdir(parents=True, exist_ok=True)
-    timings: dict = {}
-    runs.append({"arm": "zero-shot", "seed": None, "eval": evaluate(args.encoder, sets, zero, args, trained, start_emb, env, timings),
-                 "timings": timings, "fit_command": None})  # fmt: skip
+    if not finished(zero):
+        timings: dict = {}
+        result = evaluate(args.encoder, sets, zero, args, trained, start_emb, env, timings)
+        record(zero, {"arm": "zero-shot", "seed": None, "eval": result, "timings": timings, "fit_command": None})
     combination_note = "not requested"
 
     def run(arm: str, arm_flags_: list[str], seed: int) -> None:
         run_dir = args.work_dir / f"{arm}-seed{seed}"
+        if finished(run_dir):
+            return
         write_paths(run_dir, args.encoder, args.shards)
         argv = fit_args(args.config, run_dir, seed=seed, steps=args.steps, freeze_layers=args.freeze_layers,
                         flags=arm_flags_, extra=shlex.split(args.fit_args))  # fmt: skip
         log(f"{arm} seed {seed}: align {shlex.join(argv)}")
-        timings = {"fit_s": run_align(argv, run_dir / "fit.log", env)}
+        trained_before = args.reuse and (run_dir / "export").is_dir()  # exports are published complete or not at all
+        timings = {} if trained_before else {"fit_s": run_align(argv, run_dir / "fit.log", env)}
         result = evaluate(run_dir / "export", sets, run_dir, args, trained, start_emb, env, timings)
-        runs.append({"arm": arm, "seed": seed, "fit_command": "align " + shlex.join(argv), "flags": arm_flags_,
+        record(run_dir, {"arm": arm, "seed": seed, "fit_command": "align " + shlex.join(argv), "flags": arm_flags_,
                      "eval": result, "train": train_log(run_dir / "csv" / "version_0" / "metrics.csv"),
                      "resolved": resolved_budget(run_dir / "config.yaml"),
                      "timings": timings})  # fmt: skip
