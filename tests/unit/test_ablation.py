@@ -83,10 +83,9 @@ def test_benchmark_end_to_end(demo_out, tmp_path, monkeypatch):
     for name, value in {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         monkeypatch.setenv(name, value)
     out = tmp_path / "out"
-    rc = ab.main(["--demo_out", str(demo_out), "--arms", "baseline,neighbourhood", "--seeds", "0", "--steps", "2",
-                  "--max_rows", "12", "--work_dir", str(tmp_path / "work"), "--out", str(out), "--tag", "smoke",
-                  "--fit_args", "--data.batch_size 4"])  # fmt: skip
-    assert rc == 0
+    argv = ["--demo_out", str(demo_out), "--arms", "baseline,neighbourhood", "--seeds", "0", "--steps", "2",
+            "--max_rows", "12", "--work_dir", str(tmp_path / "work"), "--tag", "smoke", "--fit_args", "--data.batch_size 4"]  # fmt: skip
+    assert ab.main([*argv, "--out", str(out)]) == 0
     (md_path,) = out.glob("ablation-*-smoke-*.md")
     report = json.loads(md_path.with_suffix(".json").read_text())
     md = md_path.read_text()
@@ -117,3 +116,9 @@ def test_benchmark_end_to_end(demo_out, tmp_path, monkeypatch):
     md_path.unlink()
     assert ab.main(["--render", str(md_path.with_suffix(".json"))]) == 0
     assert md_path.read_text() == md
+    # --reuse: the finished runs are taken from their run.json, nothing is trained or evaluated again.
+    assert (tmp_path / "work" / "baseline-seed0" / "run.json").exists()
+    monkeypatch.setattr(ab, "run_align", lambda *a, **k: pytest.fail("--reuse ran a command"))
+    assert ab.main([*argv, "--reuse", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads(next((tmp_path / "again").glob("ablation-*.json")).read_text())
+    assert again["summary"] == report["summary"] and again["runs"] == report["runs"]
