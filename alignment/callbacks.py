@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from alignment import fsutil
+from alignment.adapters import ExportAdapter
 from alignment.strategies import full_parameters
 
 
@@ -134,9 +135,12 @@ class ExportOnFitEnd(Callback):
     ``align fit`` sets ``dir`` to ``<run folder>/export`` unless given; ``""`` turns the export off.
     """
 
-    def __init__(self, dir: str | None = None, max_seq_length: int = 128) -> None:
+    def __init__(self, dir: str | None = None, max_seq_length: int = 128, adapter: ExportAdapter = "merge") -> None:
+        """``adapter``: an encoder trained with peft adapters is exported merged (``merge``) or as a peft
+        adapter folder (``peft``), as ``align export --adapter``."""
         self.dir = dir
         self.max_seq_length = max_seq_length
+        self.adapter = adapter
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self.dir:
@@ -153,7 +157,7 @@ class ExportOnFitEnd(Callback):
             if trainer.is_global_zero:
                 export_encoder(pl_module.encoder, self.dir, tokenizer=tokenizer, max_seq_length=self.max_seq_length,
                                prompts={"query": prefix, "document": prefix} if prefix else None,
-                               run=describe_run(pl_module, trainer))
+                               run=describe_run(pl_module, trainer), adapter=self.adapter)
                 rank_zero_info(f"[export] encoder written to {self.dir}")
         trainer.strategy.barrier("export")
 

@@ -21,6 +21,7 @@ COMMAND_MODULES = {
     "eval": "alignment.commands.eval",
     "mine": "alignment.commands.mine",
     "export": "alignment.commands.export",
+    "fit-map": "alignment.commands.fit_map",
     "submit": "alignment.commands.submit",
     "translate": "alignment.commands.translate",
 }

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from alignment import fsutil
+from alignment import adapters, fsutil
 from alignment.loading import first_line, load_checkpoint_file, load_tokenizer
 from alignment.model import ENCODER_META, PIVOT_SUBDIR, DualEncoder
 from alignment.model_card import build_model_card
@@ -94,8 +94,14 @@ def export_encoder(
     run: dict[str, Any] | None = None,
     flag: str | None = None,
     inputs: Sequence[Path] = (),
+    adapter: str = "merge",
+    extra: Callable[[DualEncoder, Path], None] | None = None,
 ) -> Path:
     """Write ``encoder`` (and ``tokenizer``) to ``directory``, complete or not at all.
+
+    An encoder with peft adapters is written merged (``adapter="merge"``: a plain model) or as a peft adapter
+    folder (``"peft"``); with language adapters, ``merge`` writes a sentence-transformers ``Router`` with one
+    merged encoder per adapter (:mod:`alignment.adapters`).
 
     The folder is published with :func:`alignment.fsutil.publish_folder`, so an
     interrupted export never leaves a half folder under the final name; an
@@ -103,11 +109,22 @@ def export_encoder(
     and only an export (a folder with ``alignment_encoder.json``) that holds none
     of ``inputs`` (``flag`` names the folder in errors). Files and folders get the
     modes the umask gives (readable by the team where the umask allows). ``run``
-    (:func:`alignment.runs.describe_run`) adds the model card, ``README.md``.
+    (:func:`alignment.runs.describe_run`) adds the model card, ``README.md``. ``extra(encoder, folder)`` adds
+    files for the encoder as written (merged, for LoRA) to the folder before it is published (ONNX graphs, language maps: :mod:`alignment.deploy`).
     """
     final = Path(directory)
     check_replaceable(final, overwrite=overwrite, flag="OUT" if flag is None else flag, is_ours=is_export,
                       what=f"an export (no {ENCODER_META} in it)", inputs=inputs)
+    if adapters.is_adapted(encoder.backbone):
+        adapters.check_exportable(encoder, adapter)
+        if adapter == "peft" or encoder.adapter_config.language_groups:
+            if extra is not None:
+                raise ValueError("--format onnx and --maps apply to a plain (merged) export; a peft adapter folder or a "
+                                 "language-adapter Router export carries neither (use --adapter merge without "
+                                 "--model.encoder.adapter.language_groups)")
+            return _export_adapted(encoder, final, adapter, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                                   prompts=prompts, run=run)
+        encoder = adapters.merged_copy(encoder)
     fsutil.recover(final)  # what a killed export to the same folder left
     with fsutil.publish_folder(final) as tmp:
         was_training = encoder.training
@@ -122,6 +139,42 @@ def export_encoder(
             card = build_model_card({**run, "export_name": final.name}, prompts=prompts,
                                     embedding_dim=encoder.embedding_dim)
             card.save(str(tmp / "README.md"))
+            _write_json(tmp / TRAINING_RECORD, training_record(run))
+        if extra is not None:
+            extra(encoder, tmp)
+    return final
+
+
+def _export_adapted(encoder: DualEncoder, final: Path, adapter: str, *, tokenizer: Any, max_seq_length: int,
+                    prompts: dict[str, str] | None, run: dict[str, Any] | None) -> Path:
+    """A peft adapter folder (``adapter="peft"``) or a language-adapter ``Router`` folder, plus the
+    ``alignment_encoder.json`` marker (pooling, projection) and the tokenizer."""
+    fsutil.recover(final)
+    with fsutil.publish_folder(final) as tmp:
+        if adapter == "peft":
+            adapters.save_peft_folder(encoder, tmp)
+        else:
+            if tokenizer is None:
+                raise ValueError("a language-adapter export needs the tokenizer (each route loads its own)")
+            adapters.write_language_router(encoder, tmp, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                                           prompts=prompts)
+        meta = {**encoder.card_extra, "pooling": encoder.pooling, "normalize": encoder.normalize,
+                "projection_dim": encoder.projection.out_features if encoder.projection is not None else None,
+                "share_encoder": True, "embedding_dim": encoder.embedding_dim,
+                "adapter": {"format": adapter if adapter == "peft" else "router",
+                            "base": encoder.source_name_or_path,
+                            "language_groups": dict(encoder.adapter_config.language_groups)}}
+        _write_json(tmp / ENCODER_META, meta)
+        if encoder.projection is not None:
+            from safetensors.torch import save_file
+
+            from alignment.model import PROJECTION_FILE
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in encoder.projection.state_dict().items()},
+                      str(tmp / PROJECTION_FILE))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if run is not None:
             _write_json(tmp / TRAINING_RECORD, training_record(run))
     return final
 
@@ -153,13 +206,21 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[DualEncoder, Any, 
         config = AutoConfig.for_model(hf.pop("model_type"), **hf)
         enc = hparams["encoder"]
         knobs = {k: enc[k] for k in ("pooling", "projection_dim", "normalize", "share_encoder")}
-        encoder = DualEncoder.from_config(config, **knobs)
+        adapter_only = bool(ckpt.get(adapters.ADAPTER_ONLY))
+        if not adapter_only:
+            encoder = DualEncoder.from_config(config, adapter=adapters.as_config(enc.get("adapter")), **knobs)
+            encoder.source_name_or_path = enc.get("name_or_path")
         state = {k[len("encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ValueError(f"{path}: a damaged multiway-align checkpoint (its encoder config does not rebuild a model: "
                          f"{type(exc).__name__}: {first_line(exc)})") from None
+    if adapter_only:  # the frozen base from its name or folder, as at training
+        encoder = _base_for_adapter_checkpoint(path, enc)
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("backbone.pooler", f"{PIVOT_SUBDIR}.pooler"))]
+    if adapter_only:
+        trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+        missing = [k for k in missing if k in trainable]
     if missing or unexpected:
         raise ValueError(f"{path}: encoder weights do not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     tokenizer = None
@@ -178,6 +239,16 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[DualEncoder, Any, 
     return encoder.eval(), tokenizer, info
 
 
+def _base_for_adapter_checkpoint(path, enc: dict) -> DualEncoder:
+    from alignment.model import ModelConfig
+
+    try:
+        return DualEncoder.from_model_config(ModelConfig(**enc))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} holds only the adapters (--model.encoder.adapter.checkpoint_adapter_only) and its "
+                         f"base {enc.get('name_or_path')!r} does not load here: {first_line(exc)}") from None
+
+
 def check_tokenizer_fits(tokenizer: Any, encoder: DualEncoder, what: str) -> None:
     """Every token id the tokenizer can produce must have a row in the encoder's embedding table."""
     rows = encoder.backbone.get_input_embeddings().num_embeddings
@@ -189,7 +260,8 @@ def check_tokenizer_fits(tokenizer: Any, encoder: DualEncoder, what: str) -> Non
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | None = None,
-                      max_seq_length: int = 128, overwrite: bool = False) -> Path:
+                      max_seq_length: int = 128, overwrite: bool = False, adapter: str = "merge",
+                      extra: Callable[[DualEncoder, Path], None] | None = None) -> Path:
     """``align export CKPT OUT``: a checkpoint to an HF + sentence-transformers folder."""
     inputs = [Path(path)] + ([Path(tokenizer)] if tokenizer is not None and Path(tokenizer).exists() else [])
     check_replaceable(Path(out), overwrite=overwrite, flag="OUT", is_ours=is_export,
@@ -205,4 +277,5 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, tokeni
                          f"the tokenizer recorded in {path} ({info['tokenizer']!r})")
     run = info["run"] or {"model": None, "global_step": info["global_step"], "tokenizer": info["tokenizer"]}
     return export_encoder(encoder, out, tokenizer=tok, max_seq_length=max_seq_length, prompts=info["prompts"],
-                          overwrite=overwrite, run=run, inputs=inputs)
+                          overwrite=overwrite, run=run, inputs=inputs, adapter=adapter,
+                          extra=extra)

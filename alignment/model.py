@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignment import adapters
+from alignment.adapters import AdapterConfig
 from alignment.batch import Batch
 
 Pooling = Literal["mean", "cls", "last"]
@@ -83,8 +85,17 @@ class ModelConfig:
     attn_implementation: str | None = None
     """Attention kernel: ``sdpa``, ``eager``, ``flash_attention_2``...; None = SDPA where the model
     supports it, else eager."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """Parameter-efficient training with peft: LoRA, language adapters (``alignment/adapters.py``)."""
 
     def __post_init__(self) -> None:
+        self.adapter = adapters.as_config(self.adapter)  # a checkpoint's dict
+        if self.adapter.enabled and not self.share_encoder:
+            raise ValueError("--model.encoder.adapter.method lora needs --model.encoder.share_encoder true "
+                             "(adapters on one shared tower)")
+        if self.adapter.checkpoint_adapter_only and (self.random_init or not adapters.base_reloads(self.name_or_path)):
+            raise ValueError("--model.encoder.adapter.checkpoint_adapter_only needs a base that reloads: "
+                             f"--model.encoder.name_or_path {self.name_or_path!r} with random weights does not")
         if not self.name_or_path:
             raise ValueError("--model.encoder.name_or_path must be a hub name, a local folder or 'tiny', got ''")
         if self.pooling not in POOLINGS:
@@ -174,6 +185,7 @@ class DualEncoder(nn.Module):
         freeze_layers: int = 0,
         gradient_checkpointing: bool = False,
         pivot_backbone: nn.Module | None = None,
+        adapter: AdapterConfig | None = None,
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -196,6 +208,13 @@ class DualEncoder(nn.Module):
         fine-tuned encoder keeps the prefixes it was trained with."""
         for tower in self._towers():
             _configure_backbone(tower, freeze_embeddings, freeze_layers, gradient_checkpointing)
+        self.adapter_config = adapters.as_config(adapter)
+        self.source_name_or_path: str | None = getattr(backbone, "name_or_path", None) or None
+        """The base's hub name or folder (a peft adapter export points at it)."""
+        if self.adapter_config.enabled:
+            if self.pivot_backbone is not None:
+                raise ValueError("--model.encoder.adapter.method lora needs --model.encoder.share_encoder true")
+            self.backbone = adapters.attach(self.backbone, self.adapter_config)
 
     def _towers(self) -> list[nn.Module]:
         return [self.backbone] + ([self.pivot_backbone] if self.pivot_backbone is not None else [])
@@ -240,6 +259,9 @@ class DualEncoder(nn.Module):
 
         path = Path(name_or_path)
         meta = json.loads((path / ENCODER_META).read_text()) if (path / ENCODER_META).is_file() else {}
+        if (meta.get("adapter") or {}).get("format") == "router":
+            raise ValueError(f"{path} is a language-adapter export (one encoder per adapter): load it with "
+                             "SentenceTransformer(folder).encode(texts, task=LANGUAGE), or use the training checkpoint")
         settings = {k: meta[k] for k in ("pooling", "normalize", "projection_dim", "share_encoder") if k in meta}
         settings.update(knobs)
         if meta:
@@ -266,6 +288,7 @@ class DualEncoder(nn.Module):
             freeze_embeddings=cfg.freeze_embeddings,
             freeze_layers=cfg.freeze_layers,
             gradient_checkpointing=cfg.gradient_checkpointing,
+            adapter=cfg.adapter,
         )
         if cfg.name_or_path == TINY:
             tiny = cls.tiny_config(cfg.vocab_size)
@@ -279,6 +302,7 @@ class DualEncoder(nn.Module):
             return cls.from_config(config, attn_implementation=cfg.attn_implementation, **knobs)
         meta = _check_saved_settings(cfg)
         model = cls.from_pretrained(cfg.name_or_path, attn_implementation=cfg.attn_implementation, **knobs)
+        model.source_name_or_path = cfg.name_or_path
         model.card_extra = {k: v for k, v in meta.items() if k not in EncoderMeta.__dataclass_fields__}
         return model
 
@@ -321,7 +345,10 @@ class DualEncoder(nn.Module):
 
     def forward(self, batch: Batch, inputs_embeds: Tensor | None = None) -> Tensor:
         """Embed every sentence of ``batch`` (all languages together): ``(N, D)``; ``inputs_embeds``: the
-        batch's :meth:`token_embeddings` (shared encoder only)."""
+        batch's :meth:`token_embeddings` (shared encoder only). With language adapters each sentence goes
+        through its language's adapter (:func:`alignment.adapters.routed_forward`)."""
+        if self.adapter_config.language_groups:
+            return adapters.routed_forward(self, batch, inputs_embeds)
         if self.pivot_backbone is None:
             return self.encode(batch.input_ids, batch.attention_mask, inputs_embeds=inputs_embeds)
         is_pivot = batch.lang_ids == batch.pivot_lang_id  # (N,)
@@ -344,8 +371,11 @@ class DualEncoder(nn.Module):
         about +1/4 of the training memory of the weights under AdamW in fp32
         (weights + gradients + two moments). Keep it *out* of the training
         module's registered submodules, or it lands in every checkpoint; it is
-        not sharded under ZeRO-3 (deep-copy before wrapping).
+        not sharded under ZeRO-3 (deep-copy before wrapping). With adapters (LoRA) the reference is the
+        adapter-free base sharing this encoder's weights (:class:`alignment.adapters.AdapterFreeReference`).
         """
+        if adapters.is_adapted(self.backbone):
+            return adapters.AdapterFreeReference(self)
         copy_ = copy.deepcopy(self)
         copy_.requires_grad_(False)
         copy_._frozen = True
@@ -356,7 +386,14 @@ class DualEncoder(nn.Module):
         return super().train(mode and not self._frozen)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the backbone (HF format), ``alignment_encoder.json`` and the projection weights."""
+        """Write the backbone (HF format), ``alignment_encoder.json`` and the projection weights.
+
+        An adapted encoder is written merged (its ``default`` adapter folded into the weights)."""
+        if adapters.is_adapted(self.backbone):
+            if self.adapter_config.language_groups:
+                raise ValueError("an encoder with language adapters has no single set of weights: export it with "
+                                 "alignment.export.export_encoder (a sentence-transformers Router)")
+            return adapters.merged_copy(self).save_pretrained(directory)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(str(directory))

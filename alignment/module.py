@@ -42,7 +42,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
-from alignment import distributed, preemption, strategies
+from alignment import adapters, distributed, preemption, strategies
 from alignment.batch import SKIP_REASONS, Batch
 from alignment.encode import PaddingStats, encode_grouped
 from alignment.gradcache import GradCache, GradCacheConfig
@@ -150,6 +150,7 @@ class AlignmentModule(LightningModule):
         # from_pretrained returns eval mode and Lightning keeps submodules' modes:
         # switch dropout on for fine-tuning explicitly.
         self.encoder = _build_encoder(encoder).train()
+        self.strict_loading = not encoder.adapter.checkpoint_adapter_only  # such checkpoints lack the frozen base
         self.loss_fn = MultiWayContrastiveLoss(loss)
         self.objectives = Objectives(adversarial, neighbourhood, distill, matryoshka,
                                      embedding_dim=self.encoder.embedding_dim)  # fmt: skip
@@ -514,6 +515,8 @@ class AlignmentModule(LightningModule):
         checkpoint["alignment_nonfinite_total"] = self.nonfinite_total
         checkpoint["alignment_empty_steps_total"] = self.empty_steps_total
         checkpoint[CKPT_RUN] = describe_run(self, self.trainer)
+        if self.encoder_config.adapter.checkpoint_adapter_only:
+            adapters.keep_trainable(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":  # resuming: only this run's checkpoints

@@ -94,9 +94,18 @@ class EvalRunConfig(EvalConfig):
     """Torch device to encode on (cpu, cuda, cuda:1 ...)."""
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     """Batching, truncation, prefix, seed, progress bars."""
+    maps: str | None = None
+    """Language maps from align fit-map (a maps folder, or an export carrying them): adds retrieval without and
+    with the maps on the evaluated rows (fit them on another split)."""
+    variants: str | None = None
+    """Comma-separated deployment variants to compare side by side (quality, model size, encode speed): fp32,
+    int8 (torch dynamic), onnx, onnx-int8, binary and emb-int8 (quantised embeddings); fp32 is always included."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from alignment.deploy.variants import parse_variants
+
+        parse_variants(self.variants)
         if not self.data and not self.mteb:
             raise ValueError("--data is required (or --mteb TASKS to run MTEB only)")
         try:
@@ -236,14 +245,32 @@ def evaluate_data(config: EvalRunConfig) -> tuple[EvalResults, Path]:
             "they are left out of every metric and listed in report.md",
             file=sys.stderr,
         )
-    results, emb = evaluate_encoded(
-        encoded,
-        config.eval_config(),
-        training_languages=training_languages(config),
-        meta=_meta(config, info, data, prefix, speed),
-    )
+    trained = training_languages(config)
+    results, emb = evaluate_encoded(encoded, config.eval_config(), training_languages=trained,
+                                    meta=_meta(config, info, data, prefix, speed))  # fmt: skip
+    if config.maps or config.variants:
+        add_deploy_results(config, results, encoded, model, lambda m: encode_eval_data(
+            m, tokenizer, data, config.encode, prefix=prefix, pivot=config.pivot), trained)  # fmt: skip
     paths = write_report(results, config.out, embeddings=emb, title=f"Evaluation of {Path(config.model).name}")
     return results, paths.markdown.parent
+
+
+def add_deploy_results(config: EvalRunConfig, results: EvalResults, encoded, model, encode, trained) -> None:
+    """``--maps``: unmapped vs mapped retrieval; ``--variants``: the quality / size / speed table."""
+    from alignment.deploy.maps import LanguageMaps, check_same_model, model_fingerprint
+    from alignment.deploy.variants import evaluate_variants, maps_report, parse_variants
+
+    if encoded.embeddings is None:
+        raise ValueError("--maps and --variants need translation rows in --data (retrieval), not scored pairs only")
+    if config.maps:
+        maps = LanguageMaps.load(config.maps)
+        check_same_model(maps, model_fingerprint(model), f"--model {config.model}")
+        results.maps = maps_report(encoded.embeddings, maps, config.retrieval, trained)
+        results.meta["maps"] = f"{maps.kind} maps from {config.maps} ({maps.calibration.get('rows')} calibration rows)"
+    names = parse_variants(config.variants)
+    if names:
+        rows = evaluate_variants(names, encode, model, encoded, config.retrieval, trained)
+        results.variants = [row.as_dict() for row in rows]
 
 
 def summary_table(results: EvalResults) -> str:
@@ -253,8 +280,10 @@ def summary_table(results: EvalResults) -> str:
     def headline(key: str) -> bool:
         if "/" not in key or key.startswith("sts_spearman/"):
             return True
-        if key.startswith(("procrustes/", "dim")):  # dim<d>/...: retrieval at a truncated width (--dims)
+        if key.startswith(("procrustes/", "maps/", "dim")):  # dim<d>/...: retrieval at a truncated width (--dims)
             return key.endswith("/mean")
+        if key.startswith("variant/"):
+            return key.endswith(("/retrieval_acc", "/model_mb", "/sentences_per_s"))
         return key.count("/") == 1 and key.endswith("mean")  # overall and seen/mixed/unseen means
 
     return markdown_table(("metric", "value"), [(k, v) for k, v in flat.items() if headline(k)])

@@ -86,6 +86,10 @@ def results_to_dict(results: EvalResults) -> dict:
             "accuracy": pr.rows("accuracy"),
             "xsim_error": pr.rows("xsim_error"),
         }
+    if results.maps is not None:
+        out["maps"] = {"accuracy": results.maps.rows("accuracy"), "xsim_error": results.maps.rows("xsim_error")}
+    if results.variants:
+        out["variants"] = list(results.variants)
     return _clean(out)
 
 
@@ -200,6 +204,10 @@ def _other_sections(results: EvalResults) -> list[str]:
             f"{pr.num_heldout_rows} held-out rows. Mean accuracy change {_fmt(pr.mean_delta('accuracy'))}.",
             markdown_table(("pair", "acc before", "acc after", "acc delta", "xSIM before", "xSIM after"), rows),
         ]
+    if results.maps is not None or results.variants:
+        from alignment.deploy.variants import deploy_sections
+
+        sections += deploy_sections(results, _fmt, markdown_table)
     if results.invalid:
         rows = [(lang, c["non_finite"], c["zero_norm"]) for lang, c in results.invalid.items()]
         sections += [

@@ -107,6 +107,10 @@ class EvalResults:
     """Embeddings dropped as NaN/inf or zero-norm, per language (``on_invalid="drop"``)."""
     meta: dict = field(default_factory=dict)
     """Free-form provenance (model, checkpoint, data) copied into the report."""
+    maps: ProcrustesReport | None = None
+    """Retrieval without / with saved language maps (``align eval --maps``; :mod:`alignment.deploy.variants`)."""
+    variants: list[dict] = field(default_factory=list)
+    """Quality / size / speed per deployment variant (``align eval --variants``)."""
 
 
 def evaluate_embeddings(
@@ -206,6 +210,10 @@ def flat_metrics(results: EvalResults, prefix: str = "") -> dict[str, float]:
     out.update(_transfer_flat(results))
     out.update(_procrustes_flat(results.procrustes))
     out.update({f"sts_spearman/{s.name}": s.spearman for s in results.sts})
+    if results.maps is not None or results.variants:
+        from alignment.deploy.variants import deploy_flat
+
+        out.update(deploy_flat(results))
     if results.invalid:
         out["invalid_embeddings"] = sum(sum(kinds.values()) for kinds in results.invalid.values())
     return {f"{prefix}{k}": float(v) for k, v in out.items() if not math.isnan(float(v))}

@@ -35,6 +35,9 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "commands/shards.py": (*SHARDS, *FIT),  # tokenize's help names the --data.* flags its ids must match
     "commands/export.py": ("export", *FIT),  # names the --data.tokenizer recorded by align fit
     "commands/offline_encoder.py": ("offline-encoder",),
+    "commands/fit_map.py": ("fit-map", "eval"),  # its examples go on to align eval --maps
+    "deploy/": ("fit-map", "export", "eval"),
+    "deploy/onnx_export.py": ("export", "eval", *FIT),  # names the --model.encoder.* flag of align fit
     "commands/translate.py": (*TRANSLATE, "submit", "shards build"),  # its examples go on to those
     "commands/submit.py": ("submit", *FIT, "translate run", "shards build"),  # the jobs' checks name those flags
     "commands/submit_translate.py": ("submit", "translate run"),
@@ -48,6 +51,7 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "demo/table.py": ("python -m alignment.demo.table",),
     "staging.py": (*FIT, "shards build", "eval"),
     "fsutil.py": (*FIT, *SHARDS, "export", "offline-encoder"),
+    "adapters.py": ("export", *FIT),  # align export --adapter, and the --model.encoder.adapter.* checks of align fit
     "objectives/": FIT,
 }
 FIT_MODULES = ("module.py", "optim.py", "model.py", "losses.py", "gradcache.py", "strategies.py", "callbacks.py",

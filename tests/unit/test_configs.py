@@ -149,3 +149,18 @@ def test_objective_overlay_composes_after_a_recipe(path):
              "matryoshka": MatryoshkaConfig(**model["matryoshka"])}
     assert [name for name, cfg in built.items() if cfg.enabled] == [path.stem]
     assert config.model.encoder.name_or_path == "intfloat/multilingual-e5-base"  # the recipe survives
+
+
+ADAPTERS = sorted((CONFIGS / "recipes" / "adapters").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ADAPTERS, ids=lambda p: p.stem)
+def test_adapter_overlay_composes_after_a_recipe(path):
+    """``configs/recipes/adapters/*.yaml`` (alignment/adapters.py): LoRA, language adapters."""
+    recipe = CONFIGS / "recipes" / "xlm-roberta-base-multiway.yaml"
+    config = parse_config(["--config", str(recipe), "--config", str(path)])
+    encoder, _, optim, _ = _typed(config)
+    assert encoder.adapter.method == "lora" and encoder.adapter.target_modules == ["query", "key", "value", "dense"]
+    assert encoder.name_or_path == "xlm-roberta-base" and optim.lr == pytest.approx(5e-4)
+    if path.stem == "language-adapters":
+        assert encoder.adapter.language_groups["de"] == "germanic"
