@@ -45,6 +45,11 @@ class Batch:
             gives that worker's total; aggregate per ``origin``.
         origin: ``(epoch, worker id)`` of the worker that built the batch
             (worker 0 when the DataLoader has no workers).
+        text_ids: ``(N,)`` long, each sentence's text identity (a 64-bit hash of
+            its normalised text, ``alignment.data.identity``): equal for
+            identical or near-identical texts, which the loss keeps from being
+            negatives of one another (``alignment.negatives``); ``None`` when
+            the batch was built without them.
         texts: ``(N,)`` the sentences' texts in ``input_ids`` order (for a teacher with its own tokenizer,
             ``--model.distill.teacher``); empty when the builder did not keep them. Encoder chunks
             (``alignment.encode``, GradCache) keep the whole batch's tuple: read it on the whole batch only.
@@ -59,6 +64,7 @@ class Batch:
     row_keys: tuple[str, ...]
     skip_counts: dict[str, int] = field(default_factory=dict)
     origin: tuple[int, int] = (0, 0)
+    text_ids: Tensor | None = None
     texts: tuple[str, ...] = ()
 
     @property
@@ -91,6 +97,7 @@ class Batch:
             attention_mask=move(self.attention_mask),
             row_ids=move(self.row_ids),
             lang_ids=move(self.lang_ids),
+            text_ids=None if self.text_ids is None else move(self.text_ids),
         )
 
     def pin_memory(self) -> "Batch":
@@ -101,4 +108,5 @@ class Batch:
             attention_mask=self.attention_mask.pin_memory(),
             row_ids=self.row_ids.pin_memory(),
             lang_ids=self.lang_ids.pin_memory(),
+            text_ids=None if self.text_ids is None else self.text_ids.pin_memory(),
         )

@@ -1,7 +1,7 @@
 """The ``align`` command.
 
 ``align fit|validate|test`` go to the Lightning CLI (training application);
-every other subcommand (``shards``, ``eval``, ``mine``, ``export``,
+every other subcommand (``shards``, ``eval``, ``mine``, ``mine-negatives``, ``export``,
 ``offline-encoder``, ``submit``, ``translate``) is a module under ``alignment.commands``
 exposing ``HELP`` (one line), ``parser()`` (its jsonargparse parser; ``alignment.commands.common``)
 and ``main(argv)``.
@@ -20,6 +20,7 @@ COMMAND_MODULES = {
     "offline-encoder": "alignment.commands.offline_encoder",
     "eval": "alignment.commands.eval",
     "mine": "alignment.commands.mine",
+    "mine-negatives": "alignment.commands.mine_negatives",
     "export": "alignment.commands.export",
     "fit-map": "alignment.commands.fit_map",
     "submit": "alignment.commands.submit",

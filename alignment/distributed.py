@@ -53,7 +53,7 @@ _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Layout of the per-rank size vector gathered before the embeddings.
-_N, _WIDTH, _DTYPE, _ROWS, _LANGS, _MIN_ID = range(6)
+_N, _WIDTH, _DTYPE, _ROWS, _LANGS, _MIN_ID, _TEXTS = range(7)
 
 
 def is_initialized() -> bool:
@@ -199,21 +199,22 @@ def sum_and_mean(
 # --------------------------------------------------------------------------- candidates
 
 
-def _local_sizes(emb: Tensor, row_ids: Tensor, lang_ids: Tensor) -> Tensor:
-    """``(6,)`` long on ``emb``'s device: n, width, dtype code, rows, languages, min id.
+def _local_sizes(emb: Tensor, row_ids: Tensor, lang_ids: Tensor, has_texts: bool = False) -> Tensor:
+    """``(7,)`` long on ``emb``'s device: n, width, dtype code, rows, languages, min id, text ids given.
 
     Built on the device without a host sync (the sync comes once, after the gather).
     """
     dtype_code = _DTYPES.index(emb.dtype) if emb.dtype in _DTYPES else -1
     fixed = torch.tensor([emb.shape[0], emb.shape[1], dtype_code], device=emb.device)
+    texts = torch.tensor([int(has_texts)], device=emb.device)
     minus_one = row_ids.new_full((1,), -1)
     rows = torch.cat([row_ids, minus_one]).max() + 1
     langs = torch.cat([lang_ids, minus_one]).max() + 1
     min_id = torch.cat([row_ids, lang_ids, row_ids.new_zeros(1)]).min()
-    return torch.cat([fixed, torch.stack([rows, langs, min_id]).to(fixed.dtype)])
+    return torch.cat([fixed, torch.stack([rows, langs, min_id]).to(fixed.dtype), texts])
 
 
-def _check_local(emb: Tensor, row_ids: Tensor, lang_ids: Tensor) -> None:
+def _check_local(emb: Tensor, row_ids: Tensor, lang_ids: Tensor, text_ids: Tensor | None = None) -> None:
     if emb.dim() != 2:
         raise ValueError(f"gather_candidates: embeddings must be (n, D), got shape {tuple(emb.shape)}")
     n = emb.shape[0]
@@ -226,6 +227,9 @@ def _check_local(emb: Tensor, row_ids: Tensor, lang_ids: Tensor) -> None:
         raise ValueError(
             f"gather_candidates: row_ids and lang_ids must be int64, got {row_ids.dtype}, {lang_ids.dtype}"
         )
+    if text_ids is not None and (text_ids.shape != (n,) or text_ids.dtype != torch.long):
+        raise ValueError(f"gather_candidates: text_ids must be ({n},) int64, got {tuple(text_ids.shape)} "
+                         f"{text_ids.dtype}")
 
 
 def _check_sizes(sizes: list[list[int]]) -> None:
@@ -244,15 +248,23 @@ def _check_sizes(sizes: list[list[int]]) -> None:
             raise ValueError(
                 f"gather_candidates: rank {r} has a negative row or language id (batch-local ids must be >= 0)"
             )
+        if s[_TEXTS] != ref[_TEXTS]:
+            raise ValueError(f"gather_candidates: rank {r} {'gives' if s[_TEXTS] else 'lacks'} text_ids and rank 0 "
+                             "does not; every rank must build its batches the same way")
 
 
-def gather_candidates(emb: Tensor, row_ids: Tensor, lang_ids: Tensor, *, group=None) -> GlobalCandidates:
+def gather_candidates(
+    emb: Tensor, row_ids: Tensor, lang_ids: Tensor, *, text_ids: Tensor | None = None, group=None
+) -> GlobalCandidates:
     """Gather embeddings (with gradients), row ids and language ids from all ranks.
 
     Args:
         emb: ``(n, D)`` local embeddings; ``n`` may differ between ranks.
         row_ids: ``(n,)`` long, batch-local row ids in ``[0, num_rows)``.
         lang_ids: ``(n,)`` long, language ids (same vocabulary on every rank).
+        text_ids: ``(n,)`` long text identities (``Batch.text_ids``), gathered with
+            the ids so the loss can mask duplicate texts (``alignment.negatives``);
+            every rank must pass them or none.
         group: process group (default: the world).
 
     Returns:
@@ -267,9 +279,9 @@ def gather_candidates(emb: Tensor, row_ids: Tensor, lang_ids: Tensor, *, group=N
     ``(max_n, 2)`` ids; in backward one reduce-scatter of ``(world * max_n, D)``.
     Every rank must call it, with the same embedding width and dtype.
     """
-    _check_local(emb, row_ids, lang_ids)
+    _check_local(emb, row_ids, lang_ids, text_ids)
     world, rank = _world_and_rank(group)
-    sizes = all_gather_fixed(_local_sizes(emb, row_ids, lang_ids), group).tolist()  # (W, 6); host sync
+    sizes = all_gather_fixed(_local_sizes(emb, row_ids, lang_ids, text_ids is not None), group).tolist()  # (W, 7)
     _check_sizes(sizes)
     max_n = max(s[_N] for s in sizes)
     counts = [(s[_N], s[_ROWS], s[_LANGS]) for s in sizes]
@@ -277,9 +289,10 @@ def gather_candidates(emb: Tensor, row_ids: Tensor, lang_ids: Tensor, *, group=N
         return candidates_from_gathered(emb, row_ids.new_zeros((world, 0, 2)), counts, rank=rank)
     pad = max_n - emb.shape[0]
     padded = F.pad(emb, (0, 0, 0, pad))  # (max_n, D), zeros masked out downstream
-    meta = F.pad(torch.stack([row_ids, lang_ids], dim=-1), (0, 0, 0, pad))  # (max_n, 2)
+    ids = [row_ids, lang_ids] if text_ids is None else [row_ids, lang_ids, text_ids]
+    meta = F.pad(torch.stack(ids, dim=-1), (0, 0, 0, pad))  # (max_n, 2 or 3)
     gathered = all_gather_with_grad(padded, group)  # (W * max_n, D)
-    metas = all_gather_fixed(meta, group)  # (W, max_n, 2)
+    metas = all_gather_fixed(meta, group)  # (W, max_n, 2 or 3)
     return candidates_from_gathered(gathered, metas, counts, rank=rank)
 
 

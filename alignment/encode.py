@@ -134,7 +134,8 @@ def take(batch: Batch, index: Tensor, width: int | None = None) -> Batch:
     if width is not None:
         ids, mask = ids[:, :width], mask[:, :width]
     return replace(batch, input_ids=ids, attention_mask=mask, row_ids=batch.row_ids[index],
-                   lang_ids=batch.lang_ids[index])  # fmt: skip
+                   lang_ids=batch.lang_ids[index],
+                   text_ids=None if batch.text_ids is None else batch.text_ids[index])  # fmt: skip
 
 
 def length_order(batch: Batch) -> tuple[Tensor, list[int]] | None:

@@ -113,6 +113,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignment.negatives import DuplicateMode, check_mode
+from alignment.negatives import anchor_masks as _anchor_masks
+
 Objective = Literal["multi_positive", "pairwise", "en_x"]
 DriftKind = Literal["cosine", "mse"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
@@ -146,6 +149,9 @@ class LossConfig:
     """Weight of the drift regulariser towards the frozen starting encoder; 0 disables."""
     drift_kind: DriftKind = "cosine"
     """Drift distance: ``cosine`` (1 - cos) or ``mse`` (squared L2, = 2 * cosine for unit vectors)."""
+    mask_duplicates: DuplicateMode = "rows"
+    """False negatives: ``rows`` masks every pair of two rows sharing a near-identical text, ``texts`` only the
+    pairs of same texts, ``off`` nothing (``alignment.negatives``); logged as ``train/masked_negatives``."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -175,6 +181,7 @@ class LossConfig:
             raise ValueError(
                 f"--model.loss.drift_kind must be one of {', '.join(DRIFT_KINDS)}, got {self.drift_kind!r}"
             )
+        check_mode(self.mask_duplicates)
 
 
 # --------------------------------------------------------------------------- candidates
@@ -203,6 +210,7 @@ class GlobalCandidates:
         num_sentences: global number of real (non-padding) sentences.
         world_size: ranks the batch was gathered from (the gradient-averaging factor).
         rank: this rank.
+        text_ids: ``(M,)`` long text identities (``Batch.text_ids``), or ``None``.
     """
 
     emb: Tensor
@@ -215,6 +223,7 @@ class GlobalCandidates:
     num_sentences: int
     world_size: int = 1
     rank: int = 0
+    text_ids: Tensor | None = None
 
     @property
     def num_local(self) -> int:
@@ -252,7 +261,8 @@ def candidates_from_gathered(
 
     Args:
         emb: ``(W * max_n, D)`` rank blocks of embeddings, each padded to ``max_n``.
-        meta: ``(W, max_n, 2)`` long, per block the local ``[row_id, lang_id]``.
+        meta: ``(W, max_n, 2)`` long, per block the local ``[row_id, lang_id]``, or ``(W, max_n, 3)`` with
+            the text identity third.
         counts: per rank ``(n_r, num_rows_r, num_languages_r)``, host integers.
         rank: which block holds the local anchors.
 
@@ -280,6 +290,7 @@ def candidates_from_gathered(
         num_sentences=sum(c[0] for c in counts),
         world_size=world,
         rank=rank,
+        text_ids=meta[..., 2].reshape(-1) if meta.shape[-1] > 2 else None,
     )
 
 
@@ -394,6 +405,7 @@ def multiway_infonce(
     margin: float = 0.0,
     bidirectional: bool = True,
     pivot_lang_id: int | None = None,
+    mask_duplicates: str = "rows",
 ) -> dict[str, Tensor]:
     """The contrastive maths of all three objectives (see the module docstring).
 
@@ -407,11 +419,13 @@ def multiway_infonce(
         margin: subtracted from positive similarities before scaling.
         bidirectional: both directions of each pair (pair objectives only).
         pivot_lang_id: the pivot language id, required for ``en_x``.
+        mask_duplicates: which other-row candidates sharing a text are masked (``alignment.negatives``).
 
     Returns:
         ``contrastive_loss`` (the rank-local loss, normalised as described in the
         module docstring) and no-grad metrics ``retrieval_acc``, ``pos_cos``,
-        ``neg_cos``, ``num_terms`` over the local anchors.
+        ``neg_cos``, ``num_terms`` over the local anchors, ``masked_negatives``
+        (world size x the local masked pairs: its mean over ranks is the global count).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -419,7 +433,7 @@ def multiway_infonce(
         raise ValueError("objective 'en_x' needs pivot_lang_id (Batch.pivot_lang_id)")
     if anchor_emb.shape[0] != cands.num_local:
         raise ValueError(f"{anchor_emb.shape[0]} anchors but the candidates hold {cands.num_local} local sentences")
-    masks = _anchor_masks(cands)
+    masks = _anchor_masks(cands, mask_duplicates)
     sim = anchor_emb @ cands.emb.T  # (n, M) the dominant cost: O(n * M * D)
     if margin:
         sim_m = torch.where(masks.positive, sim - margin, sim)  # (n, M)
@@ -437,25 +451,12 @@ def multiway_infonce(
     loss = cands.world_size * (local_w * per_term).sum()
     out = {"contrastive_loss": loss}
     out.update(_metrics(sim.detach(), anchor_emb.detach(), cands, masks, local_w))
+    out["masked_negatives"] = (cands.world_size * masks.masked).to(sim.dtype)
     return out
 
 
-@dataclass
-class _AnchorMasks:
-    candidate: Tensor  # (n, M) valid and not the anchor itself
-    positive: Tensor  # (n, M) candidate of the anchor's row
-
-
-def _anchor_masks(cands: GlobalCandidates) -> _AnchorMasks:
-    cols = torch.arange(cands.row_ids.shape[0], device=cands.row_ids.device)  # (M,)
-    a_rows = cands.row_ids[cands.local_index]  # (n,)
-    candidate = cands.valid[None, :] & (cols[None, :] != cands.local_index[:, None])  # (n, M)
-    positive = candidate & (cands.row_ids[None, :] == a_rows[:, None])  # (n, M), never padding (row -1)
-    return _AnchorMasks(candidate, positive)
-
-
 @torch.no_grad()
-def _metrics(sim: Tensor, anchor_emb: Tensor, cands: GlobalCandidates, masks: _AnchorMasks, local_w: Tensor):
+def _metrics(sim: Tensor, anchor_emb: Tensor, cands: GlobalCandidates, masks, local_w: Tensor):
     """Retrieval accuracy and mean cosines over the local anchors (no grad).
 
     ``retrieval_acc``: share of anchors whose most similar candidate *in another
@@ -533,6 +534,7 @@ class MultiWayContrastiveLoss(nn.Module):
             margin=self.config.margin,
             bidirectional=self.config.bidirectional,
             pivot_lang_id=pivot_lang_id,
+            mask_duplicates=self.config.mask_duplicates,
         )
         out["temperature"] = temperature.detach()
         return out

@@ -191,7 +191,8 @@ class AlignmentModule(LightningModule):
         return self.encoder.encode(pad, torch.ones_like(pad))[:0]  # (0, D), connected to the graph
 
     def _loss_terms(self, emb: Tensor, batch: Batch) -> dict[str, Tensor]:
-        candidates = distributed.gather_candidates(emb, batch.row_ids, batch.lang_ids)  # (M, D) global
+        texts = batch.text_ids if self.loss_config.mask_duplicates != "off" else None  # alignment.negatives
+        candidates = distributed.gather_candidates(emb, batch.row_ids, batch.lang_ids, text_ids=texts)  # (M, D)
         if candidates.num_sentences == 0:
             # Every rank's batch is empty (rows skipped in a finite epoch): nothing to score. Every rank sees the
             # same gathered sizes, so all skip this step together (see _skip_empty).

@@ -258,7 +258,9 @@ def load_warm_start(module: Any, path: str | os.PathLike) -> int:
     """Load another run's encoder weights (``--warm_start CKPT``) into ``module.encoder``; returns its step.
 
     Only weights: the new run starts at step 0 with a fresh optimiser, schedule
-    and data position. The encoder architecture must match (strict load).
+    and data position. The encoder architecture must match (strict load). A checkpoint holding only the
+    adapters (``--model.encoder.adapter.checkpoint_adapter_only``) loads them onto the base this run built
+    from --model.encoder.name_or_path, as at training; its adapter config must equal this run's.
     """
     from alignment.loading import load_checkpoint_file
 
@@ -266,12 +268,40 @@ def load_warm_start(module: Any, path: str | os.PathLike) -> int:
     state = {k[len("encoder."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("encoder.")}
     if not state:
         raise ValueError(f"--warm_start {path}: no encoder weights in it (not a multiway-align checkpoint)")
+    adapter_only = _check_warm_adapters(module, ckpt, path)
     missing, unexpected = module.encoder.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".pooler." not in f".{k}"]
+    if adapter_only:  # the frozen base is this run's, loaded from --model.encoder.name_or_path
+        trainable = {n for n, p in module.encoder.named_parameters() if p.requires_grad}
+        missing = [k for k in missing if k in trainable]
     if missing or unexpected:
         raise ValueError(f"--warm_start {path}: its encoder does not match --model.encoder "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return int(ckpt.get("global_step") or 0)
+
+
+WARM_ADAPTER_FIELDS = ("method", "r", "alpha", "target_modules", "language_groups")
+"""Adapter settings a warm start from an adapter-only checkpoint must share with the new run."""
+
+
+def _check_warm_adapters(module: Any, ckpt: dict, path: str | os.PathLike) -> bool:
+    """Whether ``ckpt`` holds only adapters; refuses one whose adapter config differs from this run's."""
+    from alignment.adapters import ADAPTER_ONLY, as_config
+
+    if not ckpt.get(ADAPTER_ONLY):
+        return False
+    enc = (ckpt.get("hyper_parameters") or {}).get("encoder") or {}
+    saved, current = as_config(enc.get("adapter")), module.encoder_config.adapter
+    diffs = [f"--model.encoder.adapter.{f}: checkpoint {getattr(saved, f)!r}, config {getattr(current, f)!r}"
+             for f in WARM_ADAPTER_FIELDS if getattr(saved, f) != getattr(current, f)]
+    if diffs:
+        raise ValueError(f"--warm_start {path} holds only adapters (--model.encoder.adapter.checkpoint_adapter_only), "
+                         f"and they do not fit this run's: {'; '.join(diffs)}. Use the checkpoint's adapter settings")
+    base = enc.get("name_or_path")
+    if base and base != module.encoder_config.name_or_path:
+        warnings.warn(f"--warm_start {path}: its adapters were trained on {base!r}; this run's base is "
+                      f"--model.encoder.name_or_path {module.encoder_config.name_or_path!r}", stacklevel=3)
+    return True
 
 
 # --------------------------------------------------------------------------- what a model was trained on

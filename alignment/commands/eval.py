@@ -26,7 +26,7 @@ from alignment.evaluate.encode import (
     quiet_library_bars,
     resolve_prefix,
 )
-from alignment.evaluate.encoder import EncoderInfo, ModelLoadError, load_encoder
+from alignment.evaluate.encoder import EncoderInfo, ModelLoadError, RouterEncoder, load_encoder
 from alignment.evaluate.mteb_bridge import MtebUnavailableError, mteb_problems, run_mteb
 from alignment.evaluate.readers import load_eval_data
 from alignment.evaluate.report import markdown_table, write_report
@@ -234,7 +234,12 @@ def evaluate_data(config: EvalRunConfig) -> tuple[EvalResults, Path]:
         config.data, split=config.split, languages=parse_languages(config.languages, "--languages"), max_rows=config.max_rows
     )
     check_data(config, data)
-    model, tokenizer, info = load_encoder(config.model, device=config.device, pooling=config.pooling)
+    # --maps applies maps itself: a maps export then loads as its base encoder (no maps applied twice)
+    model, tokenizer, info = load_encoder(config.model, device=config.device, pooling=config.pooling,
+                                          carried_maps=not config.maps)
+    if config.variants and isinstance(model, RouterEncoder):
+        raise ValueError(f"--variants needs a plain encoder export; --model {config.model} is a sentence-transformers "
+                         "Router export (one route per language): evaluate it without --variants")
     prefix = resolve_prefix(info, config.encode.prefix)
     encoded = encode_eval_data(model, tokenizer, data, config.encode, prefix=prefix, pivot=config.pivot)
     speed = f"{encoded.num_sentences} sentences in {encoded.seconds:.2f} s ({encoded.sentences_per_second:.0f}/s)"

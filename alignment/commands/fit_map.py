@@ -105,7 +105,8 @@ def run(config: FitMapConfig) -> tuple[Path, Path | None]:
                           what="a maps folder or an export", inputs=[Path(config.model)])  # fmt: skip
     data = load_eval_data(config.data, split=config.split, languages=parse_languages(config.languages, "--languages"),
                           max_rows=config.calibration_rows)  # fmt: skip
-    model, tokenizer, info = load_encoder(config.model, device=config.device)
+    # a maps export: fit on its base encoder (the maps it carries are not applied)
+    model, tokenizer, info = load_encoder(config.model, device=config.device, carried_maps=False)
     prefix = resolve_prefix(info, config.encode.prefix)
     encoded = encode_eval_data(model, tokenizer, data, config.encode, prefix=prefix, pivot=config.pivot)
     if encoded.embeddings is None:

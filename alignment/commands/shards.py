@@ -20,6 +20,7 @@ from jsonargparse import Namespace
 from alignment.commands.common import add_config, build, fail, new_parser, parse
 from alignment.data.build import SPLITTABLE_FORMATS, PartSpec, build_part, build_shards, merge_parts, parts_dir
 from alignment.data.cleaning import CleaningConfig, CleaningReport
+from alignment.data.hard_negatives import format_negatives, verify_negatives
 from alignment.data.manifest import (
     ManifestError,
     format_cleaning,
@@ -268,7 +269,7 @@ def run_inspect(argv: Sequence[str]) -> int:
         manifest = load_manifest(args.path)
     except (OSError, ManifestError) as exc:
         return _error("inspect", exc)
-    print(format_manifest(manifest, manifest_file(args.path)) + format_tokens(manifest))
+    print(format_manifest(manifest, manifest_file(args.path)) + format_tokens(manifest) + format_negatives(manifest))
     if args.cleaning:
         print()
         print(format_cleaning(manifest))
@@ -279,7 +280,8 @@ def run_verify(argv: Sequence[str]) -> int:
     args = parse(verify_parser(), argv, "shards verify")
     problems = verify_shards(args.path)
     if not problems:  # the text is sound: check the token files against it
-        problems = verify_tokens(manifest_file(args.path).parent, load_manifest(args.path))
+        root, manifest = manifest_file(args.path).parent, load_manifest(args.path)
+        problems = verify_tokens(root, manifest) + verify_negatives(root, manifest)
     if problems:
         for problem in problems:
             print(f"FAIL {problem}", file=sys.stderr)
@@ -290,6 +292,8 @@ def run_verify(argv: Sequence[str]) -> int:
     rows = sum(e["rows"] for e in manifest["splits"].values())
     entries = manifest.get("tokens") or {}
     tokens = f", {len(entries)} pre-tokenised entr{'y' if len(entries) == 1 else 'ies'}" if entries else ""
+    mined = len(manifest.get("negatives") or {})
+    tokens += f", {mined} mined-negatives entr{'y' if mined == 1 else 'ies'}" if mined else ""
     print(f"OK {manifest_file(args.path)}: {shards} shards, {rows} rows{tokens}, checksums and samples verified")
     return 0
 

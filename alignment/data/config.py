@@ -73,6 +73,9 @@ class StreamConfig:
     """Length bucketing: sort `--data.bucket_buffer` rows by token length, cut batches, shuffle their order."""
     bucket_buffer: int = 1024
     """Rows sorted together when `--data.bucketing` is on (at least `--data.batch_size`)."""
+    hard_negatives: int = 0
+    """Mined hard negatives per drawn row (0: off): each row's first K negatives stored by `align mine-negatives`
+    join its batch as extra rows (deduplicated), so a batch holds up to batch_size x (1 + K) rows."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -88,6 +91,8 @@ class StreamConfig:
             self.languages = self._checked_languages(self.languages)
         if self.max_length < 2:
             raise ValueError(f"{flag('max_length')} must be >= 2 tokens, got {self.max_length}")
+        if self.hard_negatives < 0:
+            raise ValueError(f"{flag('hard_negatives')} must be >= 0 (0 disables), got {self.hard_negatives}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"{flag('shuffle_buffer')} must be >= 0 rows, got {self.shuffle_buffer}")
         if self.bucketing and self.bucket_buffer < self.batch_size:

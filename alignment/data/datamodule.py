@@ -259,6 +259,13 @@ class AlignmentDataModule(LightningDataModule):
         vocabulary = self._vocabulary()
         if train_shards is not None:
             train_shards = self._pretokenised(train_shards, cfg.train_shards, TRAIN_SPLIT, "train_shards")
+            if cfg.hard_negatives:
+                from lightning.pytorch.utilities import rank_zero_info
+
+                from alignment.data.hard_negatives import attach_negatives
+
+                train_shards, line = attach_negatives(train_shards, cfg.train_shards, TRAIN_SPLIT, cfg.hard_negatives)
+                rank_zero_info(line)
             self.train_stream = MultiWayStream(
                 train_shards, self.tokenizer, cfg, languages=vocabulary, num_workers=cfg.num_workers, shuffle=True
             )

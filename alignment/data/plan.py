@@ -23,11 +23,13 @@ from alignment.data.config import flag
 @dataclass(frozen=True)
 class ShardRef:
     """A shard to read: a local file path (opened as a plain file, never as a URL), its row count, and the
-    sidecar of pre-tokenised ids to read beside it (:mod:`alignment.data.tokens`), if any."""
+    sidecar of pre-tokenised ids to read beside it (:mod:`alignment.data.tokens`), if any, and the sidecar of
+    its rows' mined hard negatives (:mod:`alignment.data.hard_negatives`), if any."""
 
     url: str
     rows: int | None = None
     tokens: str | None = None
+    negatives: str | None = None
 
 
 def as_shard_refs(shards: Iterable[Any]) -> list[ShardRef]:

@@ -142,6 +142,8 @@ class ParsedRow:
     texts: dict[str, str]
     shard: str = ""
     ids: dict[str, list[int]] | None = None
+    negatives: list[dict] | None = None
+    """Its mined hard negatives (``id``, ``texts``, ``score``), when the shard has a negatives sidecar."""
 
 
 def parse_payload(

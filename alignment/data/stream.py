@@ -69,6 +69,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from alignment.batch import Batch
 from alignment.data.collate import SelectedRow, collate, row_sequences, select_languages
 from alignment.data.config import StreamConfig, check_k, flag
+from alignment.data.hard_negatives import hard_negative_rows, read_sidecar
 from alignment.data.plan import (
     EpochPlan,
     ShardRef,
@@ -277,15 +278,18 @@ class MultiWayStream(IterableDataset):
                 tally.skip("no_pivot", shard=row.shard, key=row.key, detail=f"no {cfg.pivot} text in the row")
                 continue
             ids = [row.ids[lang] for lang in chosen] if row.ids is not None else None
-            yield SelectedRow(row.key, [lang_index[lang] for lang in chosen], [row.texts[lang] for lang in chosen], ids)
+            yield SelectedRow(row.key, [lang_index[lang] for lang in chosen], [row.texts[lang] for lang in chosen], ids,
+                              row.negatives)
 
     def _parsed(self, shards: Iterable[ShardRef], tally: SkipTally, vocabulary: frozenset[str]) -> Iterator[ParsedRow]:
         empty_reads = 0
         for shard in shards:
             got = 0
+            mined = read_sidecar(shard.negatives) if shard.negatives and self.config.hard_negatives else {}
             for key, payload, ids in with_token_ids(shard, iter_shard_payloads(shard, tally)):
                 row = parse_payload(key, payload, shard=shard.url, vocabulary=vocabulary, tally=tally, token_ids=ids)
                 if row is not None:
+                    row.negatives = mined.get(key)
                     got += 1
                     yield row
             empty_reads = 0 if got else empty_reads + 1
@@ -316,6 +320,7 @@ class MultiWayStream(IterableDataset):
                 self._drain_unplanned(rows, tally)
             for batch_rows, sequences in self._cut(chunk, chunk_sizes, rngs["order"]):
                 if emitted >= skip:
+                    batch_rows, sequences = self._with_negatives(batch_rows, sequences)
                     if sequences is None:
                         sequences = self._sequences(batch_rows)
                     yield collate(
@@ -354,6 +359,17 @@ class MultiWayStream(IterableDataset):
             batches.append(([chunk[i] for i in picked], [seq for i in picked for seq in per_row[i]]))
         rng.shuffle(batches)
         return batches
+
+    def _with_negatives(self, rows: list[SelectedRow], sequences: list[list[int]] | None
+                        ) -> tuple[list[SelectedRow], list[list[int]] | None]:
+        """The batch's rows plus each row's first ``--data.hard_negatives`` mined negatives not already in it.
+
+        A negative's languages are selected like a drawn row's, with an RNG seeded by the pair of row ids, so
+        the batch is a function of its drawn rows alone: resume (which skips whole batches) stays exact."""
+        extras = hard_negative_rows(rows, self.config, self.languages)
+        if not extras:
+            return rows, sequences
+        return [*rows, *extras], (None if sequences is None else [*sequences, *self._sequences(extras)])
 
     def _sequences(self, rows: Sequence[SelectedRow]) -> list[list[int]]:
         """The rows' token ids: read from the shards' pre-tokenised sidecars where present, else tokenised."""

@@ -1,9 +1,11 @@
 """Before/after table (and figure) of two ``align eval`` runs.
 
-``python -m alignment.demo.table BEFORE/metrics.json AFTER/metrics.json [--out DIR]``
+``python -m alignment.demo.table BEFORE/metrics.json AFTER/metrics.json [--ood OOD_BEFORE OOD_AFTER] [--out DIR]``
 
 Per language: retrieval accuracy (mean over both directions with every other
 language, ``retrieval_acc_by_lang``), then the summary metrics, with the change.
+``--ood`` adds the same table for the out-of-domain held-out set
+(:mod:`alignment.demo.ood`) under its own heading.
 With ``--out`` it also writes ``before_after.md`` and ``before_after.png``
 (per-language bars, never-trained languages hatched).
 """
@@ -73,15 +75,27 @@ def _load(path: str) -> tuple[dict[str, float], list[str] | None]:
     return data["metrics"], None if trained is None else [*trained, summary.get("pivot", "en")]
 
 
+def _title(path: str, what: str) -> str:
+    """``what: N rows, data`` from the summary of an ``align eval`` metrics.json."""
+    summary = json.loads(Path(path).read_text()).get("summary", {})
+    return f"{what}: {summary.get('num_rows', '?')} rows ({str(summary.get('data', path)).split(' (')[0]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alignment.demo.table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("before", help="metrics.json of the zero-shot evaluation")
     parser.add_argument("after", help="metrics.json of the evaluation after training")
+    parser.add_argument("--ood", nargs=2, metavar=("OOD_BEFORE", "OOD_AFTER"),
+                        help="metrics.json of both evaluations on the out-of-domain set")
     parser.add_argument("--out", type=Path, help="folder for before_after.md and before_after.png")
     args = parser.parse_args(argv)
     (before, _), (after, trained) = _load(args.before), _load(args.after)
     table = before_after_table(before, after)
+    if args.ood:
+        (ood_before, _), (ood_after, _) = _load(args.ood[0]), _load(args.ood[1])
+        table = (f"## {_title(args.before, 'held-out test rows')}\n\n{table}\n\n"
+                 f"## {_title(args.ood[0], 'out-of-domain held-out rows')}\n\n{before_after_table(ood_before, ood_after)}")
     print(table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -56,8 +56,11 @@ class UnmappedLanguageError(ValueError):
 def model_fingerprint(model: torch.nn.Module) -> str:
     """``sha256:<hex>`` over the model's parameters (names, shapes, fp32 bytes): the maps' model identity.
 
-    The same weights give the same fingerprint whether loaded from a checkpoint or an export.
+    The same weights give the same fingerprint whether loaded from a checkpoint or an export. A
+    :class:`~alignment.evaluate.encoder.RouterEncoder` (a language-adapter export) gives its own.
     """
+    if callable(getattr(model, "fingerprint", None)):
+        return model.fingerprint()
     digest = hashlib.sha256()
     for name, param in sorted(model.state_dict().items()):
         if not name.startswith(("backbone.", "projection", "pivot_backbone.")) or name.endswith("position_ids"):

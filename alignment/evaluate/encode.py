@@ -27,7 +27,7 @@ from torch import Tensor
 from alignment.data.collate import pad_sequences, tokenize
 from alignment.evaluate.datasets import EvalData
 from alignment.evaluate.embeddings import MultiWayEmbeddings, invalid_vectors
-from alignment.evaluate.encoder import EncoderInfo, encoder_max_positions
+from alignment.evaluate.encoder import EncoderInfo, RouterEncoder, encoder_max_positions
 from alignment.evaluate.retrieval import training_language_tuple
 from alignment.evaluate.suite import EvalConfig, EvalResults, evaluate_embeddings
 from alignment.languages import DEFAULT_PIVOT
@@ -110,6 +110,7 @@ def encode_texts(
     pivot: bool = False,
     desc: str = "encoding",
     stream: IO | None = None,
+    language: str | None = None,
 ) -> Tensor:
     """Embed ``texts``: ``(N, D)`` float32 on CPU, row ``i`` the embedding of ``texts[i]``.
 
@@ -117,6 +118,8 @@ def encode_texts(
         prefix: prepended to every text before tokenisation (E5's ``"passage: "``).
         pivot: use the pivot tower of a non-shared encoder.
         desc, stream: the progress bar's label and output (stderr by default).
+        language: the texts' language, for a :class:`~alignment.evaluate.encoder.RouterEncoder` (it picks
+            the route; None: the Router's default route); ignored by a ``DualEncoder``.
 
     Cost: one tokenizer call for all texts, then ``ceil(N / batch_size)`` forward
     passes; each batch's embeddings are copied to the host (a device sync per batch).
@@ -124,6 +127,9 @@ def encode_texts(
     from tqdm.auto import tqdm
 
     config = config or EncodeConfig()
+    if isinstance(model, RouterEncoder):
+        return model.encode_language(list(texts), language, batch_size=config.batch_size,
+                                     max_length=config.max_length, prefix=prefix)
     out = torch.empty(len(texts), model.embedding_dim, dtype=torch.float32)  # (N, D)
     if not texts:
         return out
@@ -163,7 +169,19 @@ def _encode_by_tower(
     desc: str,
 ) -> Tensor:
     """Embed mixed-language ``texts`` ``(N, D)``; pivot-language texts go through the pivot tower
-    when the encoder has one, so every sentence is embedded as in training."""
+    when the encoder has one, so every sentence is embedded as in training. A Router export encodes each
+    language through its own route (every language is checked before anything is encoded)."""
+    if isinstance(model, RouterEncoder):
+        groups: dict[str, list[int]] = {}
+        for i, lang in enumerate(languages):
+            groups.setdefault(lang, []).append(i)
+        for lang in groups:
+            model.check_language(lang)
+        out = torch.empty(len(texts), model.embedding_dim)  # (N, D)
+        for lang, index in groups.items():
+            out[torch.tensor(index)] = encode_texts(model, tokenizer, [texts[i] for i in index], config,
+                                                    prefix=prefix, language=lang)
+        return out
     if model.pivot_backbone is None:
         return encode_texts(model, tokenizer, texts, config, prefix=prefix, desc=desc)
     out = torch.empty(len(texts), model.embedding_dim)  # (N, D)

@@ -8,7 +8,10 @@ Model specs:
 * a plain Hugging Face model folder or hub name: mean pooling + L2 normalisation
   unless ``pooling`` says otherwise (hub names need the network or the local cache);
 * a Lightning checkpoint file (``*.ckpt``) or a DeepSpeed checkpoint folder:
-  converted by ``alignment.export.encoder_from_checkpoint``.
+  converted by ``alignment.export.encoder_from_checkpoint``;
+* a sentence-transformers export with a ``Router`` module (language adapters, ``align export``; or the
+  post-hoc maps ``align fit-map --export`` carries): loaded as a :class:`RouterEncoder`, which encodes each
+  language with ``SentenceTransformer(folder).encode(texts, task=<language>)``, the export's own routing.
 
 :mod:`alignment.evaluate.encode` embeds text with the loaded encoder;
 :mod:`alignment.evaluate.mteb_bridge` rebuilds it for MTEB.
@@ -174,9 +177,115 @@ def _prefixes(card: dict, prompts: Mapping[str, str]) -> tuple[str, str]:
     return str(query), str(passage)
 
 
+# --------------------------------------------------------------------------- Router exports
+
+ROUTER_SUFFIX = ".Router"
+
+
+def router_position(path: Path) -> int | None:
+    """Index of the ``Router`` module in a sentence-transformers folder's ``modules.json``; None without one.
+
+    0: a language-adapter export (each route is an encoder); after the pooling: post-hoc maps."""
+    file = path / "modules.json"
+    if not file.is_file():
+        return None
+    try:
+        modules = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    found = [i for i, m in enumerate(modules) if isinstance(m, dict) and str(m.get("type", "")).endswith(ROUTER_SUFFIX)]
+    return found[0] if found else None
+
+
+class RouterEncoder(torch.nn.Module):
+    """A sentence-transformers export whose ``Router`` picks the route by language (``task=<language code>``).
+
+    :func:`alignment.evaluate.encode.encode_texts` hands it each language's sentences at once
+    (:meth:`encode_language`), so evaluation embeds exactly as ``SentenceTransformer(folder).encode(texts,
+    task=lang)``. A language without a route takes the Router's default route (language adapters: the
+    ``default`` adapter); a Router without one (post-hoc maps) refuses it (:meth:`check_language`)."""
+
+    pivot_backbone = None
+
+    def __init__(self, st: Any, spec: str):
+        super().__init__()
+        from sentence_transformers.base.modules import Router
+
+        self.st = st
+        self.spec = spec
+        self.router = next(m for m in st.modules() if isinstance(m, Router))
+        self.embedding_dim = int(getattr(st, "get_embedding_dimension", st.get_sentence_embedding_dimension)())
+        pool = next((m for m in st.modules() if type(m).__name__ == "Pooling"), None)
+        mode = getattr(pool, "pooling_mode", "mean") if pool is not None else "mean"
+        self.pooling = {"lasttoken": "last"}.get(mode, mode)
+        self.normalize = any(type(m).__name__ == "Normalize" for m in st.modules())
+
+    @property
+    def routes(self) -> list[str]:
+        return list(self.router.sub_modules)
+
+    def check_language(self, language: str | None) -> None:
+        """Raise ValueError, before any encoding, when ``language`` has no route and the Router no default."""
+        try:
+            route = self.router._resolve_route(task=language)  # sentence-transformers' own resolution
+        except ValueError:
+            route = None
+        if route is None:
+            what = f"language {language!r}" if language else "sentences without a language (no task)"
+            raise ValueError(
+                f"--model {self.spec}: the export routes by language (a sentence-transformers Router with routes "
+                f"{', '.join(self.routes)} and no default route): it cannot encode {what}. Maps exports refuse "
+                "languages they hold no map for: fit maps for it (align fit-map) or leave it out (--languages)"
+            )
+
+    def max_positions(self) -> int | None:
+        return min((p for m in self.st.modules() if (p := max_positions_of(m)) is not None), default=None)
+
+    def fingerprint(self) -> str:
+        """``sha256:<hex>`` over every parameter of the export (the identity ``align fit-map`` records)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, param in sorted(self.st.state_dict().items()):
+            digest.update(name.encode() + str(tuple(param.shape)).encode())
+            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return "sha256:" + digest.hexdigest()
+
+    def encode_language(self, texts: list[str], language: str | None, *, batch_size: int, max_length: int,
+                        prefix: str = "") -> torch.Tensor:
+        """``(N, D)`` float32 on CPU: ``SentenceTransformer.encode(texts, task=language)`` with ``prefix`` as the
+        prompt, at most ``max_length`` tokens per sentence."""
+        self.check_language(language)
+        limit = self.max_positions()
+        self.st.max_seq_length = min(max_length, limit) if limit else max_length
+        kwargs = {"task": language} if language is not None else {}
+        with torch.inference_mode():
+            out = self.st.encode(list(texts), batch_size=batch_size, prompt=prefix or None, convert_to_tensor=True,
+                                 show_progress_bar=False, **kwargs)
+        return out.float().cpu()
+
+
+def max_positions_of(module: torch.nn.Module) -> int | None:
+    model = getattr(module, "auto_model", None)
+    return max_positions(model.config) if model is not None else None
+
+
+def _load_router(text: str, device: str | torch.device, pooling: str | None, card: dict) -> RouterEncoder:
+    if pooling is not None:
+        raise ValueError(f"--pooling does not apply to {text}: a sentence-transformers Router export pools as written")
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(text, device=str(device))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(describe_failure(text, "alignment-folder" if card else "hf-folder", exc)) from exc
+    return RouterEncoder(st, text)
+
+
 def load_encoder(
-    spec: str | os.PathLike, *, device: str | torch.device = "cpu", pooling: str | None = None
-) -> tuple[DualEncoder, Any, EncoderInfo]:
+    spec: str | os.PathLike, *, device: str | torch.device = "cpu", pooling: str | None = None,
+    carried_maps: bool = True,
+) -> tuple[DualEncoder | RouterEncoder, Any, EncoderInfo]:
     """Load a model spec (see the module docstring) as ``(DualEncoder, tokenizer, EncoderInfo)``.
 
     Args:
@@ -190,6 +299,10 @@ def load_encoder(
             and, offline, that hub names cannot be fetched).
         NotImplementedError: a checkpoint while ``alignment.export`` is unavailable.
         ValueError: ``pooling`` is not one of :data:`~alignment.model.POOLINGS`.
+
+    A sentence-transformers export with a ``Router`` module loads as a :class:`RouterEncoder` (each language
+    through its route); with ``carried_maps=False`` a maps export (Router after the pooling) loads as its
+    base encoder, without the maps (``align eval --maps`` and ``align fit-map`` apply or fit maps themselves).
     """
     if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
@@ -197,6 +310,14 @@ def load_encoder(
     kind = classify_spec(text)
     card = read_card(Path(text)) if kind == "alignment-folder" else {}
     prompts = _folder_prompts(Path(text)) if kind in ("alignment-folder", "hf-folder") else {}
+    position = router_position(Path(text)) if kind in ("alignment-folder", "hf-folder") else None
+    if position is not None and (carried_maps or position == 0):
+        model = _load_router(text, device, pooling, card)
+        query_prefix, passage_prefix = _prefixes(card, prompts)
+        info = EncoderInfo(spec=text, kind=kind, pooling=model.pooling, normalize=model.normalize,
+                           embedding_dim=model.embedding_dim, query_prefix=query_prefix, passage_prefix=passage_prefix,
+                           max_positions=model.max_positions(), card=card)
+        return model, model.st.tokenizer, info
     if kind in ("lightning-checkpoint", "deepspeed-checkpoint"):
         model, tokenizer, prompts = _load_checkpoint(text, kind)
         if pooling is not None:

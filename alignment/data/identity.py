@@ -1,0 +1,58 @@
+"""Text identity: one 64-bit hash per sentence, equal for identical or near-identical texts.
+
+Real multi-way corpora repeat short strings in many rows (the gettext corpus has
+"Save", "Cancel", "Delete" in Django and in Wagtail, each its own row). Scored
+as negatives of one another, such rows are *false negatives*: the loss pushes
+apart sentences that mean the same. The data path gives every sentence a text
+identity (:attr:`alignment.batch.Batch.text_ids`) so the loss can mask them
+(:mod:`alignment.negatives`), and ``align mine-negatives`` excludes them from
+mined hard negatives.
+
+"Near-identical", exactly: two texts are the same identity when their
+:func:`normalise` forms are equal:
+
+1. Unicode NFKC (full-width and compatibility forms fold: "Ｓａｖｅ" = "Save");
+2. casefold ("SAVE" = "save", "Straße" = "strasse");
+3. every character of a Unicode punctuation category (P*: ``. , ! ? : ; " ' _ - & ( ) …``)
+   removed ("Save..." = "save", "_Save" = "Save", "Don't" = "dont", "100%" = "100");
+4. every run of whitespace collapsed to one space, leading and trailing removed.
+
+Symbols (S*: ``$ + = < > ^``), digits and letters are kept, so "$5" and "5"
+differ. A text that is empty after step 3 (only punctuation, e.g. "...") keeps
+its whitespace-collapsed original instead, so "..." and "!" stay distinct.
+The identity ignores the language: an untranslated "OK" in German is the same
+text as the English "OK" (the encoder cannot tell them apart either).
+
+The hash is the first 8 bytes of BLAKE2b over the UTF-8 normal form, read as a
+signed little-endian int64: stable across processes, Python versions and
+machines (unlike ``hash()``), so ranks and resumed runs agree. Collisions of
+distinct texts have probability about ``k^2 / 2^65`` for ``k`` distinct texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    """The form two texts share when they are the same identity (see the module docstring)."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    stripped = "".join(ch for ch in folded if not unicodedata.category(ch).startswith("P"))
+    out = _SPACE.sub(" ", stripped).strip()
+    return out if out else _SPACE.sub(" ", folded).strip()
+
+
+def text_id(text: str) -> int:
+    """The signed 64-bit identity of ``text`` (BLAKE2b-64 of :func:`normalise`)."""
+    digest = hashlib.blake2b(normalise(text).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def text_ids(texts: Iterable[str]) -> list[int]:
+    """:func:`text_id` of every text, in order."""
+    return [text_id(text) for text in texts]
