@@ -1,0 +1,124 @@
+"""``benchmarks/ablation.py`` end to end on tiny shards and a tiny random encoder, plus its monolingual check.
+
+The script's real path (the demo config and a paths file, ``align fit`` and
+``align eval`` in subprocesses, the monolingual structure check, aggregation,
+the report) runs for 2 arms, 1 seed, 2 steps, so it cannot rot. The numbers of
+a random encoder mean nothing; what is checked is that every number is there,
+finite, and under the arm that produced it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+LANGS = ["en", "de", "fr", "es", "ja", "ko"]  # demo.yaml trains en, de, fr, es (+ ru, zh-Hans, ar absent here)
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ab = _load_benchmark()
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    """A demo_out-like folder: shards/ of 120 synthetic rows (30% held out) and e5/, a saved tiny random encoder."""
+    from alignment.cli import main
+    from alignment.model import DualEncoder
+    from alignment.synthetic import synthetic_rows, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("ablation")
+    jsonl = root / "rows.jsonl"
+    with open(jsonl, "w") as fh:
+        for row in synthetic_rows(120, LANGS, seed=5, missing_prob=0.1):
+            fh.write(json.dumps({"id": row.id, "texts": row.texts}) + "\n")
+    assert main(["shards", "build", "--format", "jsonl", str(jsonl), "--out", str(root / "shards"),
+                 "--rows_per_shard", "20", "--split", "0.6,0.1,0.3"]) == 0  # fmt: skip
+    tokenizer = tiny_tokenizer(save_dir=root / "e5")
+    torch.manual_seed(0)
+    DualEncoder.from_config(DualEncoder.tiny_config(len(tokenizer))).save_pretrained(root / "e5")
+    return root
+
+
+def test_structure_spearman_against_a_loop():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(7, 5))
+    b = a + 0.5 * rng.normal(size=(7, 5))
+    sims = lambda x: [float(x[i] @ x[j] / np.linalg.norm(x[i]) / np.linalg.norm(x[j]))  # noqa: E731
+                      for i in range(7) for j in range(i + 1, 7)]  # fmt: skip
+    sa, sb = sims(a), sims(b)
+    rank = lambda v: [sorted(v).index(x) for x in v]  # noqa: E731 - no ties among random cosines
+    ra, rb = np.array(rank(sa), float), np.array(rank(sb), float)
+    expected = 1 - 6 * np.sum((ra - rb) ** 2) / (len(ra) * (len(ra) ** 2 - 1))
+    assert ab.structure_spearman(a, b) == pytest.approx(expected, abs=1e-12)
+    assert ab.structure_spearman(a, 3.0 * a) == pytest.approx(1.0)  # scale-free: cosines
+    assert math.isnan(ab.structure_spearman(a[:2], b[:2]))
+
+
+def test_choose_combination_and_optional_arms():
+    summary = {"baseline": {"acc/all": {"mean": 0.5}}, "a": {"acc/all": {"mean": 0.6}},
+               "b": {"acc/all": {"mean": 0.4}}, "c": {"acc/all": {"mean": 0.7}}}  # fmt: skip
+    assert ab.choose_combination(summary, ["a", "b", "c"]) == ["c", "a"]
+    assert ab.available_optional_arms("  --model.loss.mask_duplicates {true,false}\n") == ["mask_duplicates"]
+    assert ab.available_optional_arms("--model.loss.temperature T") == []
+    assert ab.matryoshka_dims(384) == [64, 128, 256] and ab.matryoshka_dims(32) == [8, 16]
+
+
+def test_benchmark_end_to_end(demo_out, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the base config path is relative to the repository root
+    for name, value in {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    argv = ["--demo_out", str(demo_out), "--arms", "baseline,neighbourhood", "--seeds", "0", "--steps", "2",
+            "--max_rows", "12", "--work_dir", str(tmp_path / "work"), "--tag", "smoke", "--fit_args", "--data.batch_size 4"]  # fmt: skip
+    assert ab.main([*argv, "--out", str(out)]) == 0
+    (md_path,) = out.glob("ablation-*-smoke-*.md")
+    report = json.loads(md_path.with_suffix(".json").read_text())
+    md = md_path.read_text()
+    held = report["summary"]["held-out"]
+    assert list(held) == ["zero-shot", "baseline", "neighbourhood"]
+    for arm, cols in held.items():
+        for key in ("acc/trained", "acc/unseen", "acc/x_y", "acc/all", "xsim/all", "lang_id_acc", "mono/trained",
+                    "mono/unseen"):  # fmt: skip
+            value = cols[key]["mean"]
+            assert value is not None and math.isfinite(value), (arm, key)
+            assert cols[key]["n"] == 1 and cols[key]["sd"] is None
+    assert held["zero-shot"]["mono/all"]["mean"] == pytest.approx(1.0)  # the starting model against itself
+    runs = {r["arm"]: r for r in report["runs"]}
+    assert runs["neighbourhood"]["flags"] == ["--model.neighbourhood.weight", "1.0"]
+    assert runs["baseline"]["fit_command"].startswith("align fit --config configs/demo.yaml --config ")
+    assert "--trainer.max_steps 2" in runs["neighbourhood"]["fit_command"]
+    assert runs["baseline"]["train"]["train_loss"] is not None
+    # The arm really trained: its export differs from the starting encoder.
+    from safetensors.torch import load_file
+
+    start = load_file(str(next((demo_out / "e5").glob("*.safetensors"))))
+    trained = load_file(str(next((tmp_path / "work" / "neighbourhood-seed0" / "export").rglob("*.safetensors"))))
+    assert any(not torch.equal(start[k], trained[k]) for k in start if k in trained)
+    for label in ("| zero-shot (starting encoder) |", "| baseline |", "| neighbourhood |", "mono ρ trained"):
+        assert label in md
+    assert report["command"] in md and "2 steps of 4 rows" in report["settings"]["budget"]
+    assert "Combination: not requested" in md and "Not run" not in md  # optional arms: only when named
+    md_path.unlink()
+    assert ab.main(["--render", str(md_path.with_suffix(".json"))]) == 0
+    assert md_path.read_text() == md
+    # --reuse: the finished runs are taken from their run.json, nothing is trained or evaluated again.
+    assert (tmp_path / "work" / "baseline-seed0" / "run.json").exists()
+    monkeypatch.setattr(ab, "run_align", lambda *a, **k: pytest.fail("--reuse ran a command"))
+    assert ab.main([*argv, "--reuse", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads(next((tmp_path / "again").glob("ablation-*.json")).read_text())
+    assert again["summary"] == report["summary"] and again["runs"] == report["runs"]
