@@ -158,7 +158,7 @@ def fit_args(
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "csv"}}
     ]
     budget = ["--trainer.max_steps", str(steps)] if steps else []
-    budget += ["--model.encoder.freeze_layers", str(freeze_layers)] if freeze_layers else []
+    budget += ["--model.encoder.freeze_layers", str(freeze_layers)] if freeze_layers is not None else []
     return ["fit", "--config", config, "--config", str(run_dir / "paths.yaml"), "--seed_everything", str(seed),
             "--data.seed", str(seed), *budget, "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
             "--trainer.enable_progress_bar", "false", "--trainer.logger", json.dumps(logger),

@@ -84,7 +84,7 @@ def test_benchmark_end_to_end(demo_out, tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     out = tmp_path / "out"
     argv = ["--demo_out", str(demo_out), "--arms", "baseline,neighbourhood", "--seeds", "0", "--steps", "2",
-            "--max_rows", "12", "--work_dir", str(tmp_path / "work"), "--tag", "smoke", "--fit_args", "--data.batch_size 4"]  # fmt: skip
+            "--max_rows", "12", "--freeze_layers", "0", "--work_dir", str(tmp_path / "work"), "--tag", "smoke", "--fit_args", "--data.batch_size 4"]  # fmt: skip
     assert ab.main([*argv, "--out", str(out)]) == 0
     (md_path,) = out.glob("ablation-*-smoke-*.md")
     report = json.loads(md_path.with_suffix(".json").read_text())
