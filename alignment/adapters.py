@@ -255,10 +255,13 @@ def check_exportable(encoder: "DualEncoder", how: str, flag: str = "--adapter") 
         )
 
 
+TINY = "tiny"
+"""``--model.encoder.name_or_path tiny``: the random debug encoder built from config (defined here, below
+:mod:`alignment.model`, which re-exports it)."""
+
+
 def base_reloads(name_or_path: str | None) -> bool:
     """Whether the base encoder can be reloaded by name (not the random ``tiny`` debug model)."""
-    from alignment.model import TINY
-
     return bool(name_or_path) and name_or_path != TINY
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alignment import adapters
-from alignment.adapters import AdapterConfig
+from alignment.adapters import TINY, AdapterConfig  # TINY: the random debug encoder's name
 from alignment.batch import Batch
 
 Pooling = Literal["mean", "cls", "last"]
@@ -35,7 +35,6 @@ POOLINGS: tuple[str, ...] = get_args(Pooling)
 ENCODER_META = "alignment_encoder.json"
 PROJECTION_FILE = "projection.safetensors"
 PIVOT_SUBDIR = "pivot_encoder"
-TINY = "tiny"
 SHARED_LOOKUP = frozenset({"bert", "xlm-roberta", "roberta", "distilbert", "camembert"})
 """Backbones whose ``inputs_embeds`` path gives the ``input_ids`` path's states on real tokens (right padding):
 the lookup is the only use of the ids (XLM-R/RoBERTa number pad positions differently, masked out anyway)."""
