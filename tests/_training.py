@@ -324,3 +324,12 @@ class EmbedAtTrainEnd(Callback):
         if trainer.is_global_zero:
             torch.save({"emb": emb.float().cpu(), "dtype": str(next(encoder.parameters()).dtype),
                         "global_step": trainer.global_step}, self.out)
+
+
+# an `align fit` config overlay: the CSV logger only (no wandb), for runs whose metrics.csv a test reads
+CSV_ONLY = """\
+trainer:
+  logger:
+    - class_path: lightning.pytorch.loggers.CSVLogger
+      init_args: {save_dir: runs/debug, name: csv}
+"""

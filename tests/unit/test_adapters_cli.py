@@ -26,11 +26,6 @@ from tests import _training as T
 
 ATOL = 1e-5  # float32, the same weights in another module layout (merged: a different summation order)
 REPO_CONFIGS = T.REPO / "configs" / "recipes" / "adapters"
-CSV_ONLY = """trainer:
-  logger:
-    - class_path: lightning.pytorch.loggers.CSVLogger
-      init_args: {save_dir: runs/debug, name: csv}
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +44,7 @@ def corpus(tmp_path_factory):
 
 def _fit(root, corpus, base, monkeypatch, *extra) -> int:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "csv.yaml").write_text(CSV_ONLY)
+    (root / "csv.yaml").write_text(T.CSV_ONLY)
     monkeypatch.chdir(root)
     return main(["fit", "--config", str(T.DEBUG_YAML), "--config", "csv.yaml", *extra,
                  "--model.encoder.name_or_path", str(base), "--model.optim.lr", "5e-2",
@@ -161,7 +156,7 @@ def test_warm_start_from_an_adapter_only_checkpoint(tmp_path, corpus, monkeypatc
 
     def warm(*extra):
         (tmp_path / "b").mkdir(exist_ok=True)
-        (tmp_path / "b" / "csv.yaml").write_text(CSV_ONLY)
+        (tmp_path / "b" / "csv.yaml").write_text(T.CSV_ONLY)
         monkeypatch.chdir(tmp_path / "b")
         return main(["fit", "--config", str(T.DEBUG_YAML), "--config", "csv.yaml", *lora, "--warm_start", str(ckpt),
                      "--model.encoder.name_or_path", str(base), "--data.train_shards", str(corpus.shards),

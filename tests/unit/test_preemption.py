@@ -50,18 +50,12 @@ def _srun_env(monkeypatch, requeue_file):
     monkeypatch.setenv(preemption.REQUEUE_FILE_ENV, str(requeue_file))
 
 
-CSV_ONLY = """\
-trainer:
-  logger:
-    - class_path: lightning.pytorch.loggers.CSVLogger
-      init_args: {save_dir: runs/debug, name: csv}
-"""
 
 
 def _fit(root, corpus, monkeypatch, *extra) -> int:
     """``align fit`` of the debug config in ``root`` (its runs/debug/...), CSV logs only, checkpoints only at the end."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "csv.yaml").write_text(CSV_ONLY)
+    (root / "csv.yaml").write_text(T.CSV_ONLY)
     monkeypatch.chdir(root)
     return main(["fit", "--config", str(T.DEBUG_YAML), "--config", "csv.yaml",
                  "--data.train_shards", str(corpus.shards), "--data.tokenizer", str(corpus.tokenizer),

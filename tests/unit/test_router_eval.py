@@ -25,11 +25,6 @@ from alignment.model import DualEncoder
 from tests import _training as T
 
 EVAL = ["--split", "test", "--hubness_k", "0", "--diagnostics", "false", "--encode.quiet", "true"]
-CSV_ONLY = """trainer:
-  logger:
-    - class_path: lightning.pytorch.loggers.CSVLogger
-      init_args: {save_dir: runs/debug, name: csv}
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +42,7 @@ def exports(tmp_path_factory):
     torch.manual_seed(0)
     encoder = DualEncoder.from_config(DualEncoder.tiny_config(corpus.vocab_size))
     encoder.save_pretrained(root / "base")
-    (root / "csv.yaml").write_text(CSV_ONLY)
+    (root / "csv.yaml").write_text(T.CSV_ONLY)
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     try:
