@@ -90,6 +90,8 @@ def results_to_dict(results: EvalResults) -> dict:
         out["maps"] = {"accuracy": results.maps.rows("accuracy"), "xsim_error": results.maps.rows("xsim_error")}
     if results.variants:
         out["variants"] = list(results.variants)
+    if results.mteb:
+        out["mteb"] = [asdict(m) for m in results.mteb]
     return _clean(out)
 
 
@@ -208,6 +210,12 @@ def _other_sections(results: EvalResults) -> list[str]:
         from alignment.deploy.variants import deploy_sections
 
         sections += deploy_sections(results, _fmt, markdown_table)
+    if results.mteb:
+        rows = [(m.task, m.subset, m.split, m.metric, m.score, f"mteb/{m.file}") for m in results.mteb]
+        sections += [
+            "## MTEB (MTEB's own evaluators and result files)",
+            markdown_table(("task", "subset", "split", "main score", "value", "result file"), rows),
+        ]
     if results.invalid:
         rows = [(lang, c["non_finite"], c["zero_norm"]) for lang, c in results.invalid.items()]
         sections += [
