@@ -174,3 +174,14 @@ def test_mteb_local_without_mteb_names_the_extra_only(capsys, monkeypatch, expor
     code, stdout, err = _eval(capsys, "--model", export, "--mteb_local", data["rows"])
     assert code == 1 and stdout == ""
     assert "MTEB is not installed" in err and "pip install 'multiway-align[mteb]'" in err and "offline" not in err
+
+
+def test_config_example_parses():
+    from alignment.commands.common import build
+    from alignment.commands.eval import EvalRunConfig, parser
+
+    p = parser()
+    config = build(p, p.parse_args(["--config", str(Path(__file__).parents[2] / "configs/eval/mteb-local.yaml")]),
+                   EvalRunConfig, "eval")  # fmt: skip
+    assert (config.mteb_local, config.data, config.retrieval.pairs, config.mteb) == (
+        "data/gettext", "data/gettext", "pivot", None)
