@@ -58,7 +58,9 @@ def sentence_transformer_from_spec(spec: str | os.PathLike, *, device: str = "cp
     assembled from modules so that it embeds exactly as :func:`encode_texts`:
     Transformer -> Pooling (mean / cls / lasttoken) -> Dense projection (no bias,
     identity activation, the saved weights) -> Normalize, with the meta's E5
-    prefixes as the ``query`` / ``passage`` / ``document`` prompts.
+    prefixes as the ``query`` / ``passage`` / ``document`` prompts and ``query`` the default prompt (as
+    ``align export`` writes it; what ``align eval`` uses on its symmetric tasks, and what MTEB then gets
+    for bitext mining and STS, which ask for no prompt type).
 
     Raises:
         ModelLoadError: a training checkpoint (export it first), an encoder with
@@ -80,7 +82,10 @@ def sentence_transformer_from_spec(spec: str | os.PathLike, *, device: str = "cp
                 f"{text}: this encoder has a separate pivot tower, which one sentence-transformers pipeline "
                 "cannot express; evaluate it with `align eval --data` instead"
             )
-        return SentenceTransformer(modules=_st_pipeline(path, card, pooling), device=device, prompts=_prompts(card))
+        prompts = _prompts(card)
+        default = "query" if prompts and prompts["query"] else None  # align eval's prefix on symmetric tasks
+        return SentenceTransformer(modules=_st_pipeline(path, card, pooling), device=device, prompts=prompts,
+                                   default_prompt_name=default)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(describe_failure(text, kind, exc)) from exc
 

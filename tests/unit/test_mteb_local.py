@@ -37,6 +37,7 @@ from alignment.synthetic import synthetic_rows, tiny_tokenizer
 pytest.importorskip("mteb", reason="the [mteb] extra (part of [dev]) is not installed")
 
 LANGS = ["en", "de", "fr"]
+PREFIX = "query: "  # E5's prefix for symmetric tasks; a real token sequence ([UNK] ...) for the tiny tokenizer
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -51,7 +52,9 @@ def export(tmp_path_factory) -> Path:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     encoder = DualEncoder.from_config(DualEncoder.tiny_config(len(tokenizer)), projection_dim=16)
-    return export_encoder(encoder, root / "export", tokenizer=tokenizer, max_seq_length=64)
+    encoder.card_extra = {"query_prefix": PREFIX, "passage_prefix": "passage: "}  # E5-like, as `align fit` records
+    return export_encoder(encoder, root / "export", tokenizer=tokenizer, max_seq_length=64,
+                          prompts={"query": PREFIX, "document": PREFIX})  # what ExportOnFitEnd writes
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +124,13 @@ def test_bitext_mining_through_mteb_matches_align_eval(capsys, offline, export, 
         assert abs(entry["accuracy"] - pair["accuracy"]) <= 5e-7
         assert metrics["metrics"][f"mteb/LocalBitextMining/{key}"] == pytest.approx(entry["accuracy"], abs=5e-7)
     assert 0 < mteb_acc["en-fr"]["accuracy"] < 1  # planted copies: some hits, not all
+    # the agreement holds because MTEB embeds with the export's query prompt, as align eval does: without it the
+    # numbers differ (so the comparison above would notice a prompt MTEB left out)
+    plain = tmp_path / "plain"
+    assert _eval(capsys, "--model", export, "--data", data["rows"], "--encode.prefix", "", "--out", plain,
+                 "--hubness_k", 0, "--diagnostics", "false")[0] == 0  # fmt: skip
+    unprefixed = {f"{p['src']}-{p['tgt']}": p["accuracy"] for p in json.loads((plain / "metrics.json").read_text())["retrieval"]["pairs"]}
+    assert any(abs(unprefixed[k] - mteb_acc[k]["accuracy"]) > 1e-3 for k in ours)
     # the dataset revision MTEB records is a hash of the task data; the path names the file
     assert len(result["dataset_revision"]) == 16
     summary = {m["subset"]: m for m in metrics["mteb"]}
@@ -185,3 +195,23 @@ def test_config_example_parses():
                    EvalRunConfig, "eval")  # fmt: skip
     assert (config.mteb_local, config.data, config.retrieval.pairs, config.mteb) == (
         "data/gettext", "data/gettext", "pivot", None)
+
+
+def test_assembled_folder_defaults_to_the_query_prompt(tmp_path):
+    """A saved encoder folder (not an export) is assembled for MTEB with the query prompt as its default, so
+    MTEB's prompt-less bitext / STS encoding gets the prefix align eval uses (exactly: same float32 path)."""
+    from alignment.evaluate.encode import EncodeConfig, encode_texts
+    from alignment.evaluate.encoder import load_encoder
+    from alignment.evaluate.mteb_bridge import sentence_transformer_from_spec
+
+    tokenizer = tiny_tokenizer(save_dir=tmp_path / "enc")
+    torch.manual_seed(0)
+    encoder = DualEncoder.from_config(DualEncoder.tiny_config(len(tokenizer)), projection_dim=16)
+    encoder.card_extra = {"query_prefix": PREFIX, "passage_prefix": "passage: "}
+    encoder.save_pretrained(tmp_path / "enc")
+    texts = [t for r in synthetic_rows(4, LANGS, seed=9) for t in r.texts.values()]
+    model, tok, info = load_encoder(tmp_path / "enc")
+    ours = encode_texts(model, tok, texts, EncodeConfig(quiet=True), prefix=info.query_prefix)
+    st = sentence_transformer_from_spec(tmp_path / "enc")
+    assert st.default_prompt_name == "query"
+    assert torch.allclose(st.encode(texts, convert_to_tensor=True).cpu(), ours, atol=1e-5)
