@@ -239,12 +239,12 @@ def markdown_report(results: EvalResults, figures: Sequence[str] = (), title: st
         f"- languages: {', '.join(results.languages)} (pivot {results.pivot})",
         f"- training languages: {trained}",
         f"- rows: {results.num_rows}, sentences: {results.num_sentences}",
-        "",
-    ]
+    ] if results.languages else []  # an MTEB-only run (align eval --mteb without --data) has no data of its own
+    lines.append("")
     flat = flat_metrics(results)
     summary = [(k, v) for k, v in flat.items() if k.count("/") == 1 and (k.endswith("/mean") or _is_group_mean(k))]
     summary += [(k, v) for k, v in flat.items() if "/" not in k]
-    sections = ["## Summary", markdown_table(("metric", "value"), summary)]
+    sections = ["## Summary", markdown_table(("metric", "value"), summary)] if summary else []
     if results.retrieval is not None and results.retrieval.results:
         sections += _retrieval_sections(results.retrieval)
     sections += _diagnostic_sections(results) + _other_sections(results)

@@ -153,14 +153,21 @@ def test_sts_through_mteb_matches_align_eval(capsys, offline, export, data, tmp_
     assert metrics["mteb/LocalSTS/en-de"] == pytest.approx(entry["cosine_spearman"], abs=5e-7)
 
 
-def test_mteb_only_run_writes_the_report_and_rejects_bad_local_data(capsys, offline, export, data, tmp_path):
+def test_mteb_only_run_on_a_shard_build_and_bad_local_data(capsys, offline, export, tmp_path):
+    """MTEB alone on the held-out split of a shard build (no --data): report.md / metrics.json hold its scores."""
+    from alignment.data.build import build_shards
+    from alignment.data.shards_write import ShardBuildConfig
+
+    build_shards(synthetic_rows(60, LANGS, seed=4, missing_prob=0.2),
+                 ShardBuildConfig(out=tmp_path / "shards", split="rest,10,20", shuffle_buckets=2))  # fmt: skip
     out = tmp_path / "only"
-    code, _, err = _eval(capsys, "--model", export, "--mteb_local", data["rows"], "--languages", "en,de",
-                         "--retrieval.pairs", "pivot", "--out", out)  # fmt: skip
+    code, _, err = _eval(capsys, "--model", export, "--mteb_local", tmp_path / "shards", "--split", "test",
+                         "--languages", "en,de", "--retrieval.pairs", "pivot", "--out", out)  # fmt: skip
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(m["subset"] for m in metrics["mteb"]) == ["de-en", "en-de"]
-    assert sorted(_mteb_file(out, "LocalBitextMining")["scores"]["test"][0]["languages"]) == ["deu-Latn", "eng-Latn"]
+    result = _mteb_file(out, "LocalBitextMining")
+    assert sorted(result["scores"]["test"][0]["languages"]) == ["deu-Latn", "eng-Latn"]
     assert "## MTEB" in (out / "report.md").read_text()
 
     code, stdout, err = _eval(capsys, "--model", export, "--mteb_local", tmp_path / "missing.jsonl", "--out", out)
