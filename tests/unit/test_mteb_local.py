@@ -222,3 +222,27 @@ def test_assembled_folder_defaults_to_the_query_prompt(tmp_path):
     st = sentence_transformer_from_spec(tmp_path / "enc")
     assert st.default_prompt_name == "query"
     assert torch.allclose(st.encode(texts, convert_to_tensor=True).cpu(), ours, atol=1e-5)
+
+
+def test_hub_task_names_and_local_tasks_run_in_one_evaluate_call(capsys, monkeypatch, export, data, tmp_path):
+    """The networked path (--mteb NAMES -> mteb.get_tasks) and --mteb_local share one mteb.evaluate call and one
+    result folder. Offline here, the hub name resolves to MTEB's own mock bitext task (data in memory)."""
+    import mteb
+    from mteb.mocks.mock_tasks.bitext_mining import MockBitextMiningTask
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, address: (_ for _ in ()).throw(OSError("no network")))
+    asked, calls = [], []
+    monkeypatch.setattr(mteb, "get_tasks", lambda tasks: asked.extend(tasks) or [MockBitextMiningTask()])
+    real_evaluate = mteb.evaluate
+    monkeypatch.setattr(mteb, "evaluate", lambda model, tasks, **kw: calls.append([t.metadata.name for t in tasks])
+                        or real_evaluate(model, tasks, **kw))  # fmt: skip
+    out = tmp_path / "both"
+    code, _, err = _eval(capsys, "--model", export, "--mteb", "Tatoeba", "--mteb_local", data["rows"], "--out", out)
+    assert code == 0, err
+    assert asked == ["Tatoeba"] and calls == [["MockBitextMiningTask", "LocalBitextMining"]]
+    hub = _mteb_file(out, "MockBitextMiningTask")["scores"]["test"][0]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["mteb/MockBitextMiningTask/default"] == pytest.approx(hub["main_score"], abs=5e-7)
+    assert any(k.startswith("mteb/LocalBitextMining/") for k in metrics)
