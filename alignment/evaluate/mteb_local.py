@@ -109,7 +109,7 @@ def local_tasks(data: EvalData, *, pairs: str = "all", pivot: str | None = None)
     """MTEB task objects for ``data``: :data:`BITEXT_TASK` for its rows, :data:`STS_TASK` for its scored pairs.
 
     Raises:
-        ValueError: the rows share no language pair (nothing to mine).
+        ValueError: the rows share no language pair (nothing to mine), or every gold score is the same.
     """
     from mteb.abstasks.sts import AbsTaskSTS
     from mteb.abstasks.text.bitext_mining import AbsTaskBitextMining
@@ -118,13 +118,16 @@ def local_tasks(data: EvalData, *, pairs: str = "all", pivot: str | None = None)
     if data.rows:
         bitext = bitext_subsets(data, pairs, pivot)
         if not bitext:
-            raise ValueError(f"--mteb_local {data.spec}: no row holds two languages, so there is no bitext to mine")
+            raise ValueError(f"--mteb_local {data.spec}: no language pair of --retrieval.pairs {pairs} (pivot {pivot}) "
+                             f"shares a row (languages: {', '.join(data.languages)}), so there is no bitext to mine")
         meta = _metadata(BITEXT_TASK, "BitextMining", "accuracy", data, bitext,
                          f"Bitext mining on the translation rows of {data.spec} (built by align eval --mteb_local).")
         tasks.append(_task_class(AbsTaskBitextMining, meta, bitext)())
     if data.pairs:
         sts = sts_subsets(data)
         scores = [s for _, sub in sts.values() for s in sub["score"]]
+        if min(scores) == max(scores):
+            raise ValueError(f"--mteb_local {data.spec}: every gold score is {scores[0]}, so Spearman is undefined")
         meta = _metadata(STS_TASK, "STS", "cosine_spearman", data, sts,
                          f"Semantic similarity on the scored pairs of {data.spec} (built by align eval --mteb_local).")
         cls = _task_class(AbsTaskSTS, meta, sts)
