@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.data.manifest import manifest_file
-from alignment.data.sidecar import entries_of, record_sidecars, sidecar_paths, verify_entries
+from alignment.data.sidecar import entries_of, format_entries, record_sidecars, sidecar_paths, verify_entries
 
 NEGATIVES_DIR = "negatives"
 FIX = "re-run `align mine-negatives` (it rewrites the entry)"
@@ -73,16 +73,7 @@ def verify_negatives(root: Path, manifest: dict) -> list[str]:
 
 def format_negatives(manifest: dict) -> str:
     """The negatives entries as a table (empty string when there are none)."""
-    entries = manifest.get(NEGATIVES_DIR) or {}
-    if not entries:
-        return ""
-    lines = ["", f"{'negatives key':<18} {'encoder':<30} {'k':>3} {'split':<10} {'rows':>8} {'created':<20}"]
-    for key, rec in entries.items():
-        ident = rec.get("identity", {})
-        rows = sum(e.get("rows", 0) for e in rec.get("splits", {}).values())
-        lines.append(f"{key:<18} {str(ident.get('model'))[-30:]:<30} {ident.get('k', '?'):>3} "
-                     f"{str(ident.get('split')):<10} {rows:>8} {rec.get('created', ''):<20}")
-    return "\n".join(lines)
+    return format_entries(manifest, NEGATIVES_DIR, "negatives key", [("k", "k", ">3")])
 
 
 def negatives_paths(spec: Any, split: str) -> tuple[str, dict[str, str], int]:

@@ -89,6 +89,23 @@ def verify_entries(root: Path, manifest: dict, section: str, fix: str,
     return problems
 
 
+def format_entries(manifest: dict, section: str, key_title: str, columns: list[tuple[str, str, str]]) -> str:
+    """The ``section`` entries as a table: key, encoder, ``columns`` (identity field, title, format spec), split,
+    rows, created; empty string when there are none."""
+    entries = manifest.get(section) or {}
+    if not entries:
+        return ""
+    extra = "".join(f"{title:{spec}} " for _, title, spec in columns)
+    lines = ["", f"{key_title:<18} {'encoder':<30} {extra}{'split':<10} {'rows':>8} {'created':<20}"]
+    for key, rec in entries.items():
+        ident = rec.get("identity", {})
+        rows = sum(e.get("rows", 0) for e in rec.get("splits", {}).values())
+        values = "".join(f"{str(ident.get(name, '?')):{spec}} " for name, _, spec in columns)
+        lines.append(f"{key:<18} {str(ident.get('model'))[-30:]:<30} {values}{str(ident.get('split')):<10} {rows:>8} "
+                     f"{rec.get('created', ''):<20}")
+    return "\n".join(lines)
+
+
 def entries_of(spec: Any, section: str, split: str) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
     """``(manifest file, [(key, record)] of ``section`` entries covering ``split``, newest first)``."""
     file = manifest_file(spec)

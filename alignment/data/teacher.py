@@ -28,7 +28,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from alignment.data.sidecar import entries_of, record_sidecars, sidecar_paths, verify_entries
+from alignment.data.sidecar import entries_of, format_entries, record_sidecars, sidecar_paths, verify_entries
 from alignment.languages import LanguageCodeError, normalize_language
 
 TEACHER_DIR = "teacher"
@@ -117,17 +117,7 @@ def verify_teacher(root: Path, manifest: dict) -> list[str]:
 
 def format_teacher(manifest: dict) -> str:
     """The teacher entries as a table (empty string when there are none)."""
-    entries = manifest.get(TEACHER_DIR) or {}
-    if not entries:
-        return ""
-    lines = ["", f"{'teacher key':<18} {'teacher':<30} {'dim':>5} {'dtype':<8} {'split':<10} {'rows':>8} "
-             f"{'created':<20}"]
-    for key, rec in entries.items():
-        ident = rec.get("identity", {})
-        rows = sum(e.get("rows", 0) for e in rec.get("splits", {}).values())
-        lines.append(f"{key:<18} {str(ident.get('model'))[-30:]:<30} {ident.get('dim', '?'):>5} "
-                     f"{str(ident.get('dtype')):<8} {str(ident.get('split')):<10} {rows:>8} {rec.get('created', ''):<20}")
-    return "\n".join(lines)
+    return format_entries(manifest, TEACHER_DIR, "teacher key", [("dim", "dim", ">5"), ("dtype", "dtype", "<8")])
 
 
 def resolved_model(spec: str) -> str | None:
