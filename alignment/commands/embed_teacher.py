@@ -32,6 +32,7 @@ from alignment.data.teacher import (
     pivot_text,
     record_teacher,
     resolved_model,
+    weights_sha256,
 )
 from alignment.evaluate.encode import EncodeConfig, encode_texts, quiet_library_bars, resolve_prefix
 from alignment.languages import DEFAULT_PIVOT, LanguageCodeError, normalize_language
@@ -121,7 +122,8 @@ def main(argv: Sequence[str]) -> int:
         vectors, has = pivot_vectors(model, tokenizer, rows, config, prefix)  # (R, D)
         seconds = time.perf_counter() - start
         identity = {"model": config.model, "model_path": resolved_model(config.model),
-                    "fingerprint": model_fingerprint(model), "pooling": model.pooling, "pooling_option": config.pooling,
+                    "fingerprint": model_fingerprint(model), "weights_sha256": weights_sha256(config.model),
+                    "pooling": model.pooling, "pooling_option": config.pooling,
                     "prefix": prefix, "max_length": config.encode.max_length, "dim": int(model.embedding_dim),
                     "normalize": bool(info.normalize), "pivot": config.pivot, "split": config.split,
                     "dtype": config.dtype}

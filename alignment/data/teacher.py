@@ -10,8 +10,9 @@ a target), and the metadata ``keys`` (a JSON list) names each row's sample key. 
 bytes in float16 (768 wide: 1.5 kB a row).
 
 The entry is recorded in the manifest's ``teacher`` object (:mod:`alignment.data.sidecar`) with the
-teacher's identity: its spec as given and resolved, a sha256 fingerprint of its weights
-(``alignment.deploy.maps.model_fingerprint``), pooling, prefix, max length, width, pivot language,
+teacher's identity: its spec as given and resolved, a sha256 fingerprint of its parameters
+(``alignment.deploy.maps.model_fingerprint``) and of a local teacher's weight files (checked again by ``align
+fit``: a teacher retrained in place is refused), pooling, prefix, max length, width, pivot language,
 split and dtype; ``align shards verify`` checks every file. ``align fit
 --model.distill.teacher_embeddings auto|stored`` reads the newest entry matching the configured teacher
 (:func:`attach_teacher`): each row then carries its vector through the shuffle buffer, the batch cut and a
@@ -125,15 +126,43 @@ def resolved_model(spec: str) -> str | None:
     return str(Path(spec).resolve()) if Path(spec).exists() else None
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def weights_sha256(spec: str) -> str | None:
+    """sha256 over a local teacher's weight files (a folder's top-level ``*.safetensors`` / ``*.bin``, names and
+    bytes; a checkpoint file's bytes), or None (a hub name, a folder without such files): what tells stored
+    vectors from a teacher retrained in place. Cost: one read of the weights (about 1 s per GB on a local
+    disk), by ``align embed-teacher`` and by every rank when ``align fit`` matches an entry."""
+    import hashlib
+
+    path = Path(spec)
+    files = ([path] if path.is_file() else
+             sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES) if path.is_dir() else [])
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def differences(stored: dict[str, Any], want: dict[str, Any]) -> list[str]:
     """What differs between a stored entry's identity and the configured teacher ``want`` (``model``, ``pooling``
-    (None: the teacher's saved setting), ``max_length``, ``prefix``, ``dim``, ``pivot``), flag by flag."""
+    (None: the teacher's saved setting), ``max_length``, ``prefix``, ``dim``, ``pivot``; ``weights_sha256`` of a
+    local teacher), flag by flag."""
     out = []
     for name, flag in MATCHED.items():
         have, need = stored.get(name), want.get(name)
         if name == "model":
             local = resolved_model(str(need))
             same = (local == stored.get("model_path")) if local is not None else need == have
+            if same and stored.get("weights_sha256") and want.get("weights_sha256") != stored["weights_sha256"]:
+                out.append(f"the weight files of {flag} {need!r} changed since `align embed-teacher` read them")
+                continue
         elif name == "pooling":
             same = stored.get("pooling_option") is None if need is None else need == have
             have = have if stored.get("pooling_option") is not None else f"{have} (the teacher's saved setting)"
@@ -162,6 +191,8 @@ def attach_teacher(shards: list, spec: Any, split: str, want: dict[str, Any]) ->
     if not entries:
         raise ValueError(f"{file} has no teacher embeddings for the {split} split; {write}")
     reasons = []
+    local = resolved_model(str(want.get("model")))
+    want = {**want, "weights_sha256": weights_sha256(local) if local is not None else None}
     for key, record in entries:
         diff = differences(record.get("identity", {}), want)
         if diff:

@@ -196,7 +196,10 @@ def test_rows_keep_their_vectors_through_the_shuffle_and_a_resume(built):
         assert torch.equal(batch.teacher, expected)
 
 
-def test_a_mismatching_entry_is_refused_naming_the_flag_or_falls_back_under_auto(built):
+def test_a_mismatching_entry_is_refused_naming_the_flag_or_falls_back_under_auto(built, tmp_path):
+    from alignment.data.plan import ShardRef
+    from alignment.data.teacher import attach_teacher
+
     _, corpus, teacher = built
     dm = _datamodule(corpus)
     module = _module(corpus, teacher, "stored", text_prefix="query: ")
@@ -209,6 +212,17 @@ def test_a_mismatching_entry_is_refused_naming_the_flag_or_falls_back_under_auto
     assert auto.objectives._teacher is not None and not auto.objectives.stored_teacher
     with pytest.raises(ValueError, match=r"--model\.distill\.teacher_embeddings must be one of off, auto, stored"):
         DistillConfig(teacher=teacher, teacher_embeddings="yes")
+    # a teacher retrained in place (same folder, new weights): its stored vectors are stale
+    shards, retrained = tmp_path / "shards", tmp_path / "teacher"
+    shutil.copytree(corpus.shards, shards)
+    shutil.copytree(teacher, retrained)
+    assert _embed(shards, str(retrained)) == 0
+    want = {"model": str(retrained), "pooling": None, "max_length": 128, "prefix": "", "dim": 32, "pivot": "en"}
+    refs = [ShardRef(str(shards / f["text"])) for f in _entries(shards)["float16"]["splits"]["train"]["shards"]]
+    assert all(ref.teacher for ref in attach_teacher(refs, str(shards), "train", want)[0])
+    _teacher(retrained, corpus.vocab_size + 1)
+    with pytest.raises(ValueError, match=r"the weight files of --model\.distill\.teacher .* changed since"):
+        attach_teacher(refs, str(shards), "train", want)
     negatives = T.datamodule(corpus, hard_negatives=1)
     negatives.train_stream = dm.train_stream
     with pytest.raises(ValueError, match=r"--data\.hard_negatives 1 adds rows"):
