@@ -53,7 +53,8 @@ class EmbedTeacherConfig:
     pivot: str = DEFAULT_PIVOT
     """The language whose text the teacher embeds (align fit's --data.pivot)."""
     dtype: TeacherDtype = "float16"
-    """Stored precision: float16 (half the bytes; about 1e-3 relative rounding) or float32 (the teacher's own)."""
+    """Stored precision: float16 (half the bytes; rounding within 2^-11 = 4.9e-4 relative) or float32 (the
+    teacher's own)."""
     pooling: Pooling | None = None
     """Override the teacher's pooling (default: its saved setting, else mean); as --model.distill.pooling."""
     device: str = "cpu"
