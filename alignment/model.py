@@ -83,7 +83,8 @@ class ModelConfig:
     """Recompute layer activations in backward (non-reentrant; about +30% compute, far less memory)."""
     attn_implementation: str | None = None
     """Attention kernel: ``sdpa``, ``eager``, ``flash_attention_2``...; None = SDPA where the model
-    supports it, else eager."""
+    supports it, else eager. ``sdpa_varlen`` is SDPA plus a variable-length path for packed steps
+    (``--model.step.unpadded``, ``alignment/packing.py``: PyTorch's varlen flash kernel on CUDA)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """Parameter-efficient training with peft: LoRA, language adapters (``alignment/adapters.py``)."""
 
@@ -242,6 +243,7 @@ class DualEncoder(nn.Module):
         """Random weights in ``config``'s architecture (a ``transformers.PretrainedConfig``)."""
         from transformers import AutoModel
 
+        _register_kernel(attn_implementation)
         backbone = AutoModel.from_config(config, attn_implementation=attn_implementation)
         return cls(backbone, **knobs)
 
@@ -265,6 +267,7 @@ class DualEncoder(nn.Module):
         settings.update(knobs)
         if meta:
             settings["projection_dim"] = meta.get("projection_dim")
+        _register_kernel(attn_implementation)
         backbone = AutoModel.from_pretrained(str(name_or_path), attn_implementation=attn_implementation)
         pivot = None
         if meta and not meta.get("share_encoder", True):
@@ -335,7 +338,11 @@ class DualEncoder(nn.Module):
             hidden = tower(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
         else:
             hidden = tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
-        emb = pool(hidden, attention_mask, self.pooling)  # (N, H)
+        return self.head(pool(hidden, attention_mask, self.pooling))  # (N, H) -> (N, D)
+
+    def head(self, emb: Tensor) -> Tensor:
+        """Pooled ``(N, H)`` -> ``(N, D)``: projection, float32 for half precision, L2 normalisation
+        (also the tail of the packed path, ``alignment.packing.encode_packed``)."""
         if self.projection is not None:
             emb = self.projection(emb)  # (N, D)
         if emb.dtype in (torch.float16, torch.bfloat16):
@@ -441,6 +448,14 @@ def _check_saved_settings(cfg: ModelConfig) -> dict:
                 f"set --model.encoder.{key} {json.dumps(meta[key])}"
             )
     return meta
+
+
+def _register_kernel(attn_implementation: str | None) -> None:
+    """Register ``sdpa_varlen`` (``alignment.packing``) with transformers before a backbone asks for it."""
+    from alignment import packing
+
+    if attn_implementation == packing.KERNEL:
+        packing.register_kernel()
 
 
 def _configure_backbone(backbone: nn.Module, freeze_embeddings: bool, freeze_layers: int, checkpointing: bool):

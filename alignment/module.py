@@ -3,8 +3,9 @@
 The step (``../shared/docs/architecture.md``)::
 
     training_step(batch)                         this file
-      -> encode_grouped(DualEncoder, batch)      alignment/encode.py: sentences sorted by length, chunks under
-                                     (n, D)      --model.step.token_budget, back in batch order (model.py)
+      -> encode_step(DualEncoder, batch)         alignment/packing.py: one packed sequence (varlen attention,
+                                     (n, D)      --model.step.unpadded) or alignment/encode.py: sentences sorted by
+                                                 length, chunks under --model.step.token_budget, back in batch order
       -> gather_candidates(...)      (M, D)      alignment/distributed.py, with gradients
       -> MultiWayContrastiveLoss     dict        alignment/losses.py, + drift_loss
       -> Objectives.add_terms        dict        alignment/objectives/: adversarial, neighbourhood, distill, matryoshka
@@ -44,12 +45,13 @@ from torch import Tensor
 
 from alignment import adapters, distributed, preemption, strategies
 from alignment.batch import SKIP_REASONS, Batch
-from alignment.encode import PaddingStats, encode_grouped
+from alignment.encode import PaddingStats
 from alignment.gradcache import GradCache, GradCacheConfig
 from alignment.losses import LossConfig, MultiWayContrastiveLoss, drift_loss, total_loss
 from alignment.model import DualEncoder, ModelConfig, max_positions, transformer_layers
 from alignment.objectives import AdversarialConfig, DistillConfig, MatryoshkaConfig, NeighbourhoodConfig, Objectives
 from alignment.optim import OptimConfig, build_optimizer, build_scheduler
+from alignment.packing import UNPADDED, Unpadded, check_unpadded, encode_step
 from alignment.runs import CKPT_RUN, check_resume, describe_run
 
 EMPTY_STEP = "empty_step_loss"
@@ -75,8 +77,16 @@ class StepConfig:
     in chunks of at most this many token positions (rows x the chunk's longest sentence; it bounds a forward's
     activation memory), each padded only to its own longest sentence; None or 0 = one forward padded to the
     batch's longest sentence. Same embeddings and gradients; left-padded batches take the one padded forward."""
+    unpadded: Unpadded = "auto"
+    """Packed encoding (``alignment/packing.py``): all the step's real tokens in one sequence, attention cut per
+    sentence by a variable-length kernel (``--model.encoder.attn_implementation sdpa_varlen`` or
+    ``flash_attention_2``): no padding at all. ``auto`` packs where such a kernel runs fast (CUDA) and otherwise
+    takes the length-grouped path, saying once which and why; ``on`` packs wherever the kernel can (the exact
+    quadratic reference on CPU) and refuses where it cannot; ``off`` never packs. Same embeddings and gradients."""
 
     def __post_init__(self) -> None:
+        if self.unpadded not in UNPADDED:
+            raise ValueError(f"--model.step.unpadded must be one of {', '.join(UNPADDED)}, got {self.unpadded!r}")
         if self.token_budget is not None and self.token_budget < 0:
             raise ValueError(f"--model.step.token_budget must be >= 0 (0 or null: one padded forward), "
                              f"got {self.token_budget}")
@@ -150,6 +160,7 @@ class AlignmentModule(LightningModule):
         # from_pretrained returns eval mode and Lightning keeps submodules' modes:
         # switch dropout on for fine-tuning explicitly.
         self.encoder = _build_encoder(encoder).train()
+        check_unpadded(self.encoder, step.unpadded)  # --model.step.unpadded on with a kernel that cannot pack
         self.strict_loading = not encoder.adapter.checkpoint_adapter_only  # such checkpoints lack the frozen base
         self.loss_fn = MultiWayContrastiveLoss(loss)
         self.objectives = Objectives(adversarial, neighbourhood, distill, matryoshka,
@@ -186,7 +197,8 @@ class AlignmentModule(LightningModule):
         padding sentence and keeps zero rows of it.
         """
         if batch.num_sentences > 0:
-            return encode_grouped(self.encoder, batch, self.step_config.token_budget, self._padding)
+            return encode_step(self.encoder, batch, self.step_config.token_budget, self.step_config.unpadded,
+                               self._padding)
         pad = torch.zeros(1, 2, dtype=batch.input_ids.dtype, device=batch.input_ids.device)
         return self.encoder.encode(pad, torch.ones_like(pad))[:0]  # (0, D), connected to the graph
 
@@ -202,7 +214,8 @@ class AlignmentModule(LightningModule):
         ref = None
         if self._reference is not None:
             with torch.no_grad():
-                ref = (encode_grouped(self._reference, batch, self.step_config.token_budget)
+                step = self.step_config
+                ref = (encode_step(self._reference, batch, step.token_budget, step.unpadded)
                        if batch.num_sentences else emb.detach())  # (n, D)
         if self.loss_config.drift_weight > 0:
             out.update(drift_loss(emb, ref, self.loss_config.drift_weight, self.loss_config.drift_kind, candidates))
@@ -449,7 +462,7 @@ class AlignmentModule(LightningModule):
         kept = sum(p[0].shape[0] for p in self._val_parts)
         if kept >= self.step_config.eval_max_sentences:
             return
-        emb = encode_grouped(self.encoder, batch, self.step_config.token_budget).float()  # (n, D)
+        emb = encode_step(self.encoder, batch, self.step_config.token_budget, self.step_config.unpadded).float()
         # batch-local row ids -> ids unique over this rank's whole validation pass
         self._val_parts.append((emb, batch.row_ids + self._val_rows, batch.lang_ids))
         self._val_rows += batch.num_rows
