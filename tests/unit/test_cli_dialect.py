@@ -63,7 +63,7 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
 FIT_MODULES = ("module.py", "optim.py", "model.py", "losses.py", "gradcache.py", "strategies.py", "callbacks.py",
                "runs.py", "commands/fit.py", "loading.py", "preemption.py", "resources.py", "loggers.py", "train_logging.py",
                "distributed.py", "model_card.py", "progress.py", "batch.py", "languages.py", "quiet.py",
-               "hostinfo.py", "synthetic.py", "encode.py")
+               "hostinfo.py", "synthetic.py", "encode.py", "packing.py")
 RAISED_BY.update({name: FIT for name in FIT_MODULES})
 
 
