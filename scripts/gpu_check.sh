@@ -9,6 +9,8 @@
 #   env        versions of the image and of what was installed from .whl/
 #   matmul     8192^3 bf16 matmul TFLOP/s: the measured ceiling MFU is compared with
 #   gpu_tests  pytest tests/gpu (DDP, ZeRO-2, ZeRO-3 bf16 fits + exports of an XLM-R-base-sized encoder)
+#   packing   pytest tests/gpu/test_gpu_packing.py: packed steps through torch's varlen kernel (and
+#              flash_attention_2 where flash-attn is installed) vs the padded forward in bf16, + a packed align fit
 #   mfu        benchmarks/train_throughput.py, XLM-R-base config, seq 128, bf16: framework vs hand loop vs
 #              sentence-transformers' trainer (MFU against the datasheet peak and the measured matmul)
 #   gradcache  benchmarks/gradcache_memory.py if present (global batch beyond memory without GradCache)
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 WORK=/tmp/gpu_check
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
-STAGES=${STAGES:-env,matmul,gpu_tests,mfu,gradcache,translate}
+STAGES=${STAGES:-env,matmul,gpu_tests,packing,mfu,gradcache,translate}
 START=$(date +%s)
 mkdir -p "$OUT" "$WORK/results"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -94,7 +96,9 @@ seconds = start.elapsed_time(end) / 1000 / 10
 print(f"bf16 8192^3 matmul: {2 * 8192**3 / seconds / 1e12:.1f} TFLOP/s (mean of 10 after 3 warm-ups, random data)")
 EOF
 
-stage gpu_tests 270 "$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu
+stage gpu_tests 270 "$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu --ignore=tests/gpu/test_gpu_packing.py
+
+stage packing 120 "$PY" -m pytest -q -ra -s -p no:cacheprovider tests/gpu/test_gpu_packing.py
 
 stage mfu 150 "$PY" benchmarks/train_throughput.py --model-config xlm-roberta-base --max-length 128 \
   --min-words 150 --max-words 160 --batch-size 64 --warmup-steps 3 --steps 10 --rounds 2 --device cuda \

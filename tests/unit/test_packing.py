@@ -132,7 +132,7 @@ def test_auto_on_cpu_takes_the_grouped_path_and_says_why(tokenizer, batch, capsy
         module = build(tokenizer, "auto", kernel=kernel)
         calls = []
         module.encoder.backbone.register_forward_pre_hook(
-            lambda _, args, kw: calls.append(tuple(kw["attention_mask"].shape)), with_kwargs=True)
+            lambda _, args, kw, calls=calls: calls.append(tuple(kw["attention_mask"].shape)), with_kwargs=True)
         emb = encode_step(module.encoder, batch, 24, "auto")
         assert len(calls) > 1 and sum(n for n, _ in calls) == batch.num_sentences  # grouped chunks, not one row
         torch.testing.assert_close(emb, module.encoder(batch), rtol=1e-12, atol=1e-12)
