@@ -9,7 +9,8 @@ process, back-propagates, and requires every gradient to agree to a relative 1e-
 the logged ``train/loss`` to be that single-process loss. Cases: plain multi-way, En-X, the drift
 regulariser, margin with a learned temperature, the GradCache path (which switches DDP's sync
 off and averages by hand), and length-grouped encoding (``--model.step.token_budget``, plain, drift and
-GradCache) against the one process's single padded forward. Dropout is off so both sides run the same network.
+GradCache) and packed encoding (``--model.step.unpadded on``, with drift) against the one process's single
+padded forward. Dropout is off so both sides run the same network.
 
 The same world then fits 4 steps with the real datamodule, checkpoint, preemption and throughput
 callbacks, and counts every ``torch.distributed`` collective per step against the budget written in
@@ -45,6 +46,9 @@ CASES = {
     "grouped_drift": dict(loss={"objective": "multi_positive", "drift_weight": 0.5}, step={"token_budget": 24}),
     "grouped_gradcache": dict(loss={"objective": "multi_positive", "learn_temperature": True},
                               gradcache={"chunk_size": 4}, step={"token_budget": 24}),
+    # packed encoding (alignment/packing.py, sdpa_varlen's exact reference on CPU): one sequence per rank's batch
+    "packed_drift": dict(loss={"objective": "multi_positive", "drift_weight": 0.5},
+                         encoder={"attn_implementation": "sdpa_varlen"}, step={"unpadded": "on", "token_budget": 0}),
 }
 COUNT_STEPS, COUNT_LOG_EVERY = 4, 2
 
