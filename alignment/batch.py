@@ -53,6 +53,9 @@ class Batch:
         texts: ``(N,)`` the sentences' texts in ``input_ids`` order (for a teacher with its own tokenizer,
             ``--model.distill.teacher``); empty when the builder did not keep them. Encoder chunks
             (``alignment.encode``, GradCache) keep the whole batch's tuple: read it on the whole batch only.
+        teacher: ``(num_rows, D)`` float32, each row's stored teacher embedding of its pivot text
+            (``align embed-teacher``, ``--model.distill.teacher_embeddings``); None when not read. Like
+            ``texts``, encoder chunks keep the whole batch's tensor.
     """
 
     input_ids: Tensor
@@ -66,6 +69,7 @@ class Batch:
     origin: tuple[int, int] = (0, 0)
     text_ids: Tensor | None = None
     texts: tuple[str, ...] = ()
+    teacher: Tensor | None = None
 
     @property
     def num_sentences(self) -> int:
@@ -98,6 +102,7 @@ class Batch:
             row_ids=move(self.row_ids),
             lang_ids=move(self.lang_ids),
             text_ids=None if self.text_ids is None else move(self.text_ids),
+            teacher=None if self.teacher is None else move(self.teacher),
         )
 
     def pin_memory(self) -> "Batch":
@@ -109,4 +114,5 @@ class Batch:
             row_ids=self.row_ids.pin_memory(),
             lang_ids=self.lang_ids.pin_memory(),
             text_ids=None if self.text_ids is None else self.text_ids.pin_memory(),
+            teacher=None if self.teacher is None else self.teacher.pin_memory(),
         )

@@ -1,7 +1,7 @@
 """The ``align`` command.
 
 ``align fit|validate|test`` go to the Lightning CLI (training application);
-every other subcommand (``shards``, ``eval``, ``mine``, ``mine-negatives``, ``export``,
+every other subcommand (``shards``, ``eval``, ``mine``, ``mine-negatives``, ``embed-teacher``, ``export``,
 ``offline-encoder``, ``submit``, ``translate``) is a module under ``alignment.commands``
 exposing ``HELP`` (one line), ``parser()`` (its jsonargparse parser; ``alignment.commands.common``)
 and ``main(argv)``.
@@ -21,6 +21,7 @@ COMMAND_MODULES = {
     "eval": "alignment.commands.eval",
     "mine": "alignment.commands.mine",
     "mine-negatives": "alignment.commands.mine_negatives",
+    "embed-teacher": "alignment.commands.embed_teacher",
     "export": "alignment.commands.export",
     "fit-map": "alignment.commands.fit_map",
     "submit": "alignment.commands.submit",

@@ -420,6 +420,7 @@ class AlignmentModule(LightningModule):
             if self.objectives.adversarial.enabled:  # the discriminator's outputs: the data's language vocabulary
                 dm = getattr(self.trainer, "datamodule", None)
                 self.objectives.setup_languages(len(dm.languages) if hasattr(type(dm), "languages") else None)
+            self.objectives.setup_teacher(getattr(self.trainer, "datamodule", None))  # stored teacher embeddings
             strategies.prepare(self.trainer, self, gradcache_chunk_size=self.gradcache_config.chunk_size,
                                max_grad_norm=self.optim_config.max_grad_norm)  # fmt: skip
 

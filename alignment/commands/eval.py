@@ -55,6 +55,9 @@ examples:
 
   # MTEB tasks (needs: pip install 'multiway-align[mteb]' and access to the Hugging Face hub)
   align eval --model runs/demo/export --mteb STS22.v2,Tatoeba --out eval/mteb
+
+  # MTEB offline on local data: bitext mining on a shard build's test split (STS for a scored TSV/JSONL)
+  align eval --model runs/demo/export --mteb_local data/gettext --out eval/mteb-local
 """
 
 # Errors a user can fix from the message alone; anything else is a bug and keeps its traceback.
@@ -88,6 +91,10 @@ class EvalRunConfig(EvalConfig):
     """Evaluate at most this many rows (the first ones; shard builds are shuffled)."""
     mteb: str | None = None
     """Comma-separated MTEB task names to run as well (needs the [mteb] extra and the Hugging Face hub)."""
+    mteb_local: str | None = None
+    """Evaluation data (any --data format) to run through MTEB as custom tasks, offline: translation rows become
+    LocalBitextMining (one subset per --retrieval.pairs pair), scored pairs LocalSTS; --split, --languages and
+    --max_rows apply. MTEB's result files go to <out>/mteb/ (needs the [mteb] extra, not the hub)."""
     pooling: Pooling | None = None
     """Override the pooling (default: the encoder meta's, else mean)."""
     device: str = "cpu"
@@ -106,8 +113,8 @@ class EvalRunConfig(EvalConfig):
         from alignment.deploy.variants import parse_variants
 
         parse_variants(self.variants)
-        if not self.data and not self.mteb:
-            raise ValueError("--data is required (or --mteb TASKS to run MTEB only)")
+        if not self.data and not self.mteb and not self.mteb_local:
+            raise ValueError("--data is required (or --mteb TASKS / --mteb_local DATA to run MTEB only)")
         try:
             self.pivot = normalize_language(self.pivot)
         except LanguageCodeError as exc:
@@ -228,8 +235,8 @@ def _meta(config: EvalRunConfig, info: EncoderInfo, data: EvalData, prefix: str,
     }
 
 
-def evaluate_data(config: EvalRunConfig) -> tuple[EvalResults, Path]:
-    """Load, encode, evaluate, write the report; returns the results and the report folder."""
+def evaluate_data(config: EvalRunConfig, mteb_scores: Sequence = ()) -> tuple[EvalResults, Path]:
+    """Load, encode, evaluate, write the report (with ``mteb_scores``); returns the results and the report folder."""
     data = load_eval_data(
         config.data, split=config.split, languages=parse_languages(config.languages, "--languages"), max_rows=config.max_rows
     )
@@ -256,6 +263,7 @@ def evaluate_data(config: EvalRunConfig) -> tuple[EvalResults, Path]:
     if config.maps or config.variants:
         add_deploy_results(config, results, encoded, model, lambda m: encode_eval_data(
             m, tokenizer, data, config.encode, prefix=prefix, pivot=config.pivot), trained)  # fmt: skip
+    results.mteb = list(mteb_scores)
     paths = write_report(results, config.out, embeddings=emb, title=f"Evaluation of {Path(config.model).name}")
     return results, paths.markdown.parent
 
@@ -309,25 +317,54 @@ def parser():
     return p
 
 
+def local_mteb_tasks(config: EvalRunConfig) -> list:
+    """``--mteb_local``: the data read and turned into MTEB tasks, before any model is loaded."""
+    from alignment.evaluate.mteb_local import local_tasks
+
+    try:
+        data = load_eval_data(config.mteb_local, split=config.split, max_rows=config.max_rows,
+                              languages=parse_languages(config.languages, "--languages"))  # fmt: skip
+    except EvalDataError as exc:
+        raise EvalDataError(f"--mteb_local: {exc}") from None
+    return local_tasks(data, pairs=config.retrieval.pairs, pivot=config.pivot)
+
+
+def run_mteb_tasks(config: EvalRunConfig) -> list:
+    """``--mteb`` and ``--mteb_local`` through one :func:`run_mteb` call; MTEB's files under ``<out>/mteb``."""
+    local = local_mteb_tasks(config) if config.mteb_local else []
+    scores = run_mteb(config.model, config.mteb_tasks, Path(config.out) / "mteb", local=local,
+                      batch_size=config.encode.batch_size, device=config.device, pooling=config.pooling)  # fmt: skip
+    print(markdown_table(("MTEB task", "subset", "split", "main score", "value"),
+                         [(m.task, m.subset, m.split, m.metric, m.score) for m in scores]))  # fmt: skip
+    return scores
+
+
+def mteb_only_report(config: EvalRunConfig, scores: Sequence) -> Path:
+    """Without --data: metrics.json and report.md holding the MTEB scores alone."""
+    meta = {"model": config.model, "command": config.command_line(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    results = EvalResults(languages=(), pivot=config.pivot, num_rows=0, num_sentences=0, meta=meta, mteb=list(scores))
+    return write_report(results, config.out, title=f"MTEB evaluation of {Path(config.model).name}").markdown.parent
+
+
 def main(argv: Sequence[str]) -> int:
     p = parser()
     config = build(p, parse(p, argv, "eval"), EvalRunConfig, "eval")
     try:
         quiet_library_bars(config.encode)
-        if config.mteb:
-            problems = mteb_problems()  # fail before anything is loaded or encoded
+        scores: list = []
+        if config.mteb or config.mteb_local:
+            problems = mteb_problems(hub=bool(config.mteb))  # fail before anything is loaded or encoded
             if problems:
                 raise MtebUnavailableError("cannot run MTEB here:\n  - " + "\n  - ".join(problems))
+            scores = run_mteb_tasks(config)
         if config.data:
-            results, out = evaluate_data(config)
+            results, out = evaluate_data(config, scores)
             print(summary_table(results))
             print(f"\nwrote {out / 'metrics.json'}, {out / 'report.md'} and {out / 'figures'}/")
-        if config.mteb:
-            scores = run_mteb(
-                config.model, config.mteb_tasks, Path(config.out) / "mteb",
-                batch_size=config.encode.batch_size, device=config.device, pooling=config.pooling,
-            )  # fmt: skip
-            print(markdown_table(("MTEB task", "main score"), sorted(scores.items())))
+        else:
+            out = mteb_only_report(config, scores)
+            print(f"\nwrote {out / 'metrics.json'}, {out / 'report.md'} and MTEB's result files under {out / 'mteb'}/")
     except USER_ERRORS as exc:
         return error("eval", exc)
     return 0

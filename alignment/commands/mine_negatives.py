@@ -86,8 +86,9 @@ class SplitRows:
     shard_of: list[str] = field(default_factory=list)
 
 
-def read_split(shards: str, split: str) -> SplitRows:
-    """Every row of ``split``; a missing build or split is an error naming the flag (before any model loads)."""
+def read_split(shards: str, split: str, min_rows: int = 2) -> SplitRows:
+    """Every row of ``split``; a missing build or split, or fewer than ``min_rows`` rows, is an error naming the
+    flag (before any model loads)."""
     file = manifest_file(shards)
     manifest = load_manifest(file)
     if split not in manifest["splits"]:
@@ -100,8 +101,8 @@ def read_split(shards: str, split: str) -> SplitRows:
             out.ids.append(str(row.id))
             out.texts.append(dict(row.texts))
             out.shard_of.append(shard["path"])
-    if len(out.keys) < 2:
-        raise ValueError(f"--split {split!r}: {len(out.keys)} row(s) in {file}; mining needs at least two")
+    if len(out.keys) < min_rows:
+        raise ValueError(f"--split {split!r}: {len(out.keys)} row(s) in {file}; at least {min_rows} needed")
     return out
 
 
@@ -201,7 +202,8 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def load_encoder_for(config: MineNegativesConfig):
+def load_encoder_for(config):
+    """The encoder of a command's ``--model`` (with ``--device``, ``--pooling``): ``(model, tokenizer, info)``."""
     from alignment.evaluate.encoder import load_encoder
 
     return load_encoder(Path(config.model) if Path(config.model).exists() else config.model, device=config.device,

@@ -32,6 +32,7 @@ from alignment.data.manifest import (
 from alignment.data.readers import CorpusSource, read_corpus
 from alignment.data.rows import CorpusError
 from alignment.data.shards_write import ShardBuildConfig
+from alignment.data.teacher import format_teacher, verify_teacher
 from alignment.data.tokens import TokenizeConfig, format_tokens, verify_tokens
 
 BUILD_EXAMPLES = """\
@@ -269,7 +270,8 @@ def run_inspect(argv: Sequence[str]) -> int:
         manifest = load_manifest(args.path)
     except (OSError, ManifestError) as exc:
         return _error("inspect", exc)
-    print(format_manifest(manifest, manifest_file(args.path)) + format_tokens(manifest) + format_negatives(manifest))
+    print(format_manifest(manifest, manifest_file(args.path)) + format_tokens(manifest) + format_negatives(manifest)
+          + format_teacher(manifest))
     if args.cleaning:
         print()
         print(format_cleaning(manifest))
@@ -281,7 +283,7 @@ def run_verify(argv: Sequence[str]) -> int:
     problems = verify_shards(args.path)
     if not problems:  # the text is sound: check the token files against it
         root, manifest = manifest_file(args.path).parent, load_manifest(args.path)
-        problems = verify_tokens(root, manifest) + verify_negatives(root, manifest)
+        problems = verify_tokens(root, manifest) + verify_negatives(root, manifest) + verify_teacher(root, manifest)
     if problems:
         for problem in problems:
             print(f"FAIL {problem}", file=sys.stderr)
@@ -294,6 +296,8 @@ def run_verify(argv: Sequence[str]) -> int:
     tokens = f", {len(entries)} pre-tokenised entr{'y' if len(entries) == 1 else 'ies'}" if entries else ""
     mined = len(manifest.get("negatives") or {})
     tokens += f", {mined} mined-negatives entr{'y' if mined == 1 else 'ies'}" if mined else ""
+    taught = len(manifest.get("teacher") or {})
+    tokens += f", {taught} teacher-embeddings entr{'y' if taught == 1 else 'ies'}" if taught else ""
     print(f"OK {manifest_file(args.path)}: {shards} shards, {rows} rows{tokens}, checksums and samples verified")
     return 0
 

@@ -27,6 +27,8 @@ class SelectedRow:
     ids: list[list[int]] | None = None
     negatives: list[dict] | None = None
     """Its mined hard negatives (``alignment.data.hard_negatives``), when read with them."""
+    teacher: Tensor | None = None
+    """Its stored teacher embedding ``(D,)`` of its pivot text (``alignment.data.teacher``), when read with them."""
 
 
 def select_languages(
@@ -123,6 +125,8 @@ def collate(
     input_ids, attention_mask = pad_sequences(sequences, pad_id)  # (N, T), (N, T)
     row_ids = torch.from_numpy(np.repeat(np.arange(len(rows), dtype=np.int64), per_row))  # (N,)
     lang_ids = torch.tensor([lang for row in rows for lang in row.lang_ids], dtype=torch.long)  # (N,)
+    stored = [row.teacher for row in rows]
+    teacher = torch.stack(stored) if stored and all(t is not None for t in stored) else None  # (R, D)
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -135,6 +139,7 @@ def collate(
         origin=origin,
         text_ids=torch.tensor(text_ids(text for row in rows for text in row.texts), dtype=torch.long),  # (N,)
         texts=tuple(text for row in rows for text in row.texts),
+        teacher=teacher,
     )
 
 

@@ -279,6 +279,26 @@ class AlignmentDataModule(LightningDataModule):
             field = "test_shards" if cfg.test_shards is not None else "val_shards"
             self.test_stream = self._validation_stream(vocabulary, spec=spec, split=TEST_SPLIT, field=field)
 
+    def attach_teacher(self, want: dict[str, Any]) -> str:
+        """Read the stored teacher embeddings matching ``want`` with every training row (``Batch.teacher``;
+        :func:`alignment.data.teacher.attach_teacher`), after :meth:`setup`; returns the line for the log.
+
+        Raises:
+            ValueError: none match (each difference named with its flag), or ``--data.hard_negatives`` is on
+                (a negative's row is read from another shard's sidecar, without its stored vector).
+        """
+        from alignment.data.teacher import attach_teacher
+
+        if self.train_stream is None:
+            raise RuntimeError("call setup('fit') first")
+        if self.config.hard_negatives:
+            raise ValueError(f"{flag('hard_negatives')} {self.config.hard_negatives} adds rows that carry no stored "
+                             "teacher embedding; set it to 0 or run the teacher per step")
+        shards, line = attach_teacher(self.train_stream.shards, self.config.train_shards, TRAIN_SPLIT,
+                                      {**want, "pivot": self.config.pivot})
+        self.train_stream.shards = shards  # the epoch plan reads url and rows only: unchanged
+        return line
+
     def _pretokenised(self, shards: list[ShardRef], spec: ShardSpec, split: str, field: str) -> list[ShardRef]:
         """The shards with their pre-tokenised sidecars when the manifest has ids of the configured tokenizer,
         max length and prefix (said once per split in the log); else as they are, with the reason in the log."""

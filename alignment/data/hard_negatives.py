@@ -24,26 +24,16 @@ the newest entry (see :func:`negatives_paths`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-import time
 from pathlib import Path
 from typing import Any
 
-from alignment.data.manifest import load_manifest, manifest_file, plain_relative_path
-from alignment.staging import inside_folder
+from alignment.data.manifest import manifest_file
+from alignment.data.sidecar import entries_of, format_entries, record_sidecars, sidecar_paths, verify_entries
 
 NEGATIVES_DIR = "negatives"
 FIX = "re-run `align mine-negatives` (it rewrites the entry)"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def identity_key(identity: dict[str, Any]) -> str:
-    return _sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode("utf-8"))[:16]
 
 
 def encode_lines(lines: list[dict[str, Any]]) -> bytes:
@@ -63,77 +53,27 @@ def read_sidecar(path: str | Path) -> dict[str, list[dict[str, Any]]]:
 def record_entry(shards: str | Path, identity: dict[str, Any], files: dict[str, bytes], stats: dict[str, Any]
                  ) -> tuple[str, dict[str, Any]]:
     """Publish the sidecars (``files``: text shard path relative to the build -> sidecar bytes) under
-    ``negatives/<key>/`` as one folder, then the manifest entry, both through :mod:`alignment.fsutil`."""
-    from alignment import fsutil
+    ``negatives/<key>/`` as one folder, then the manifest entry (:func:`alignment.data.sidecar.record_sidecars`)."""
+    return record_sidecars(shards, NEGATIVES_DIR, identity,
+                           {text: (data, data.count(b"\n")) for text, data in files.items()}, stats, suffix=".jsonl")
 
-    file = manifest_file(shards)
-    root = file.parent
-    key = identity_key(identity)
-    if (root / NEGATIVES_DIR).is_dir():
-        fsutil.recover_in(root / NEGATIVES_DIR)
-    split = identity["split"]
-    entries = []
-    with fsutil.publish_folder(root / NEGATIVES_DIR / key) as staging:
-        for text, data in files.items():
-            rel = f"{split}/{Path(text).stem}.jsonl"
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            (staging / rel).write_bytes(data)
-            entries.append({"path": f"{NEGATIVES_DIR}/{key}/{rel}", "text": text, "rows": data.count(b"\n"),
-                            "bytes": len(data), "sha256": _sha256(data)})
-    record = {"identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "splits": {split: {"shards": entries, "rows": sum(e["rows"] for e in entries)}}, "stats": stats}
-    manifest = load_manifest(file)  # as it is now
-    manifest.setdefault(NEGATIVES_DIR, {})[key] = record
-    fsutil.publish_file(file, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return key, record
+
+def _check_keys(f: dict, data: bytes, text_keys: list[str]) -> str | None:
+    keys = [json.loads(line)["key"] for line in data.decode("utf-8").splitlines()]
+    if keys != text_keys:
+        return f"its {len(keys)} row keys do not match the {len(text_keys)} of {f['text']} in order"
+    return None
 
 
 def verify_negatives(root: Path, manifest: dict) -> list[str]:
     """Problems of the manifest's negatives entries: every file present, inside the folder, of the recorded size
     and sha256, one line per row of its text shard, in order."""
-    from alignment.data.tokens import _text_samples
-
-    entries = manifest.get(NEGATIVES_DIR, {})
-    if not isinstance(entries, dict):
-        return [f"manifest: {NEGATIVES_DIR!r} must be an object"]
-    problems: list[str] = []
-    for key, record in entries.items():
-        try:
-            files = [f for entry in record["splits"].values() for f in entry["shards"]]
-        except (KeyError, TypeError, AttributeError) as exc:
-            problems.append(f"negatives {key}: malformed manifest entry ({exc}); {FIX}")
-            continue
-        for f in files:
-            rel = str(f.get("path", ""))
-            path = root / rel
-            if not plain_relative_path(rel) or not rel.startswith(f"{NEGATIVES_DIR}/{key}/"):
-                problems.append(f"negatives {key}: {rel!r} is not a path under {NEGATIVES_DIR}/{key}/; {FIX}")
-            elif not path.is_file() or not inside_folder(path, root):
-                problems.append(f"{rel}: negatives file missing or outside the shard folder; {FIX}")
-            elif (data := path.read_bytes()) and (len(data) != f.get("bytes") or _sha256(data) != f.get("sha256")):
-                problems.append(f"{rel}: negatives file changed after it was written (size {len(data)}, manifest "
-                                f"{f.get('bytes')}); {FIX}")
-            else:
-                keys = [json.loads(line)["key"] for line in data.decode("utf-8").splitlines()]
-                text_keys = [k for k, _ in _text_samples(root / f["text"])]
-                if keys != text_keys:
-                    problems.append(f"{rel}: its {len(keys)} row keys do not match the {len(text_keys)} of "
-                                    f"{f['text']} in order; {FIX}")
-    return problems
+    return verify_entries(root, manifest, NEGATIVES_DIR, FIX, _check_keys)
 
 
 def format_negatives(manifest: dict) -> str:
     """The negatives entries as a table (empty string when there are none)."""
-    entries = manifest.get(NEGATIVES_DIR) or {}
-    if not entries:
-        return ""
-    lines = ["", f"{'negatives key':<18} {'encoder':<30} {'k':>3} {'split':<10} {'rows':>8} {'created':<20}"]
-    for key, rec in entries.items():
-        ident = rec.get("identity", {})
-        rows = sum(e.get("rows", 0) for e in rec.get("splits", {}).values())
-        lines.append(f"{key:<18} {str(ident.get('model'))[-30:]:<30} {ident.get('k', '?'):>3} "
-                     f"{str(ident.get('split')):<10} {rows:>8} {rec.get('created', ''):<20}")
-    return "\n".join(lines)
+    return format_entries(manifest, NEGATIVES_DIR, "negatives key", [("k", "k", ">3")])
 
 
 def negatives_paths(spec: Any, split: str) -> tuple[str, dict[str, str], int]:
@@ -142,17 +82,12 @@ def negatives_paths(spec: Any, split: str) -> tuple[str, dict[str, str], int]:
     Raises:
         ValueError: the manifest has no entry for the split (names the command that writes one).
     """
-    file = manifest_file(spec)
-    root = file.parent.absolute()
-    entries = [(rec.get("created", ""), key, rec) for key, rec in (load_manifest(file).get(NEGATIVES_DIR) or {}).items()
-               if split in rec.get("splits", {})]
+    file, entries = entries_of(spec, NEGATIVES_DIR, split)
     if not entries:
         raise ValueError(f"--data.hard_negatives: {file} has no mined negatives for the {split} split; write them "
                          f"with `align mine-negatives --shards {file.parent} --model M --split {split}`")
-    _, key, record = max(entries, key=lambda e: (e[0], e[1]))
-    paths = {str(root / f["text"]): str(root / f["path"]) for f in record["splits"][split]["shards"]
-             if plain_relative_path(str(f["path"])) and plain_relative_path(str(f["text"]))}
-    return key, paths, int(record["identity"].get("k", 0))
+    key, record = entries[0]
+    return key, sidecar_paths(file, record, split), int(record["identity"].get("k", 0))
 
 
 def attach_negatives(shards: list, spec: Any, split: str, k: int) -> tuple[list, str]:

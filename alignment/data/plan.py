@@ -13,7 +13,7 @@ import math
 import random
 import tarfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,14 @@ from alignment.data.config import flag
 class ShardRef:
     """A shard to read: a local file path (opened as a plain file, never as a URL), its row count, and the
     sidecar of pre-tokenised ids to read beside it (:mod:`alignment.data.tokens`), if any, and the sidecar of
-    its rows' mined hard negatives (:mod:`alignment.data.hard_negatives`), if any."""
+    its rows' mined hard negatives (:mod:`alignment.data.hard_negatives`), if any, and the sidecar of its rows'
+    stored teacher embeddings (:mod:`alignment.data.teacher`), if any."""
 
     url: str
     rows: int | None = None
     tokens: str | None = None
     negatives: str | None = None
+    teacher: str | None = None
 
 
 def as_shard_refs(shards: Iterable[Any]) -> list[ShardRef]:
@@ -76,7 +78,7 @@ def count_shard_rows(url: str) -> int:
 
 def with_row_counts(shards: Sequence[ShardRef]) -> list[ShardRef]:
     """Fill in unknown row counts by scanning tar headers (see :func:`count_shard_rows` for the cost)."""
-    return [s if s.rows is not None else ShardRef(s.url, count_shard_rows(s.url), s.tokens) for s in shards]
+    return [s if s.rows is not None else replace(s, rows=count_shard_rows(s.url)) for s in shards]
 
 
 @dataclass(frozen=True)

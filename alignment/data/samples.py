@@ -12,6 +12,7 @@ import tarfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from alignment.batch import SKIP_REASONS
 from alignment.data.plan import ShardRef
@@ -144,6 +145,8 @@ class ParsedRow:
     ids: dict[str, list[int]] | None = None
     negatives: list[dict] | None = None
     """Its mined hard negatives (``id``, ``texts``, ``score``), when the shard has a negatives sidecar."""
+    teacher: Any = None
+    """Its stored teacher embedding ``(D,)`` of its pivot text, when the shard has a teacher sidecar."""
 
 
 def parse_payload(

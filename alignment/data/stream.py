@@ -80,6 +80,7 @@ from alignment.data.plan import (
     with_row_counts,
 )
 from alignment.data.samples import ParsedRow, SkipTally, iter_shard_payloads, parse_payload, with_token_ids
+from alignment.data.teacher import read_teacher_sidecar, stored_vector
 from alignment.languages import parse_languages
 
 
@@ -279,17 +280,20 @@ class MultiWayStream(IterableDataset):
                 continue
             ids = [row.ids[lang] for lang in chosen] if row.ids is not None else None
             yield SelectedRow(row.key, [lang_index[lang] for lang in chosen], [row.texts[lang] for lang in chosen], ids,
-                              row.negatives)
+                              row.negatives, row.teacher)
 
     def _parsed(self, shards: Iterable[ShardRef], tally: SkipTally, vocabulary: frozenset[str]) -> Iterator[ParsedRow]:
         empty_reads = 0
         for shard in shards:
             got = 0
             mined = read_sidecar(shard.negatives) if shard.negatives and self.config.hard_negatives else {}
+            stored = read_teacher_sidecar(shard.teacher) if shard.teacher else None
             for key, payload, ids in with_token_ids(shard, iter_shard_payloads(shard, tally)):
                 row = parse_payload(key, payload, shard=shard.url, vocabulary=vocabulary, tally=tally, token_ids=ids)
                 if row is not None:
                     row.negatives = mined.get(key)
+                    if stored is not None:
+                        row.teacher = stored_vector(stored, key, shard)
                     got += 1
                     yield row
             empty_reads = 0 if got else empty_reads + 1

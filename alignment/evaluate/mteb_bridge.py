@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +58,9 @@ def sentence_transformer_from_spec(spec: str | os.PathLike, *, device: str = "cp
     assembled from modules so that it embeds exactly as :func:`encode_texts`:
     Transformer -> Pooling (mean / cls / lasttoken) -> Dense projection (no bias,
     identity activation, the saved weights) -> Normalize, with the meta's E5
-    prefixes as the ``query`` / ``passage`` / ``document`` prompts.
+    prefixes as the ``query`` / ``passage`` / ``document`` prompts and ``query`` the default prompt (as
+    ``align export`` writes it; what ``align eval`` uses on its symmetric tasks, and what MTEB then gets
+    for bitext mining and STS, which ask for no prompt type).
 
     Raises:
         ModelLoadError: a training checkpoint (export it first), an encoder with
@@ -79,7 +82,10 @@ def sentence_transformer_from_spec(spec: str | os.PathLike, *, device: str = "cp
                 f"{text}: this encoder has a separate pivot tower, which one sentence-transformers pipeline "
                 "cannot express; evaluate it with `align eval --data` instead"
             )
-        return SentenceTransformer(modules=_st_pipeline(path, card, pooling), device=device, prompts=_prompts(card))
+        prompts = _prompts(card)
+        default = "query" if prompts and prompts["query"] else None  # align eval's prefix on symmetric tasks
+        return SentenceTransformer(modules=_st_pipeline(path, card, pooling), device=device, prompts=prompts,
+                                   default_prompt_name=default)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(describe_failure(text, kind, exc)) from exc
 
@@ -110,21 +116,23 @@ def _prompts(card: dict) -> dict[str, str] | None:
     return {"query": query, "passage": passage, "document": passage}
 
 
-def mteb_problems(environ: Mapping[str, str] | None = None) -> list[str]:
+def mteb_problems(environ: Mapping[str, str] | None = None, *, hub: bool = True) -> list[str]:
     """Why MTEB cannot run here (empty when it can be tried): not installed, and/or offline.
 
-    Both are checked before anything is loaded, so ``align eval --mteb`` fails
-    in a second rather than after encoding.
+    ``hub``: hub tasks are asked for (their data is downloaded); tasks built from local data
+    (``--mteb_local``) need no network, so being offline is no problem for them. Both are checked
+    before anything is loaded, so ``align eval --mteb`` fails in a second rather than after encoding.
     """
     env = os.environ if environ is None else environ
     problems = []
     if importlib.util.find_spec("mteb") is None:
         problems.append(f"MTEB is not installed; install the optional extra: {MTEB_INSTALL_HINT}")
-    if is_offline(env):
+    if hub and is_offline(env):
         set_vars = ", ".join(f"{v}={env[v]}" for v in OFFLINE_VARS if env.get(v))
         problems.append(
             f"MTEB downloads its task data from the Hugging Face hub, which cannot be reached offline ({set_vars}); "
-            "run `align eval --mteb` on a machine that can reach the hub, with those variables unset"
+            "run `align eval --mteb` on a machine that can reach the hub, with those variables unset "
+            "(`--mteb_local FILE` runs MTEB offline on local data)"
         )
     return problems
 
@@ -150,26 +158,44 @@ def is_network_error(exc: BaseException) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class MtebScore:
+    """One MTEB result: the main score of ``task`` on one subset (a language pair, ``default``) and split."""
+
+    task: str
+    subset: str
+    split: str
+    metric: str
+    score: float
+    file: str
+    """MTEB's result JSON holding it, relative to the ``--out`` folder's ``mteb/``."""
+
+
 def run_mteb(
     spec: str | os.PathLike,
     tasks: Sequence[str],
     out_dir: str | os.PathLike,
     *,
+    local: Sequence = (),
     batch_size: int = 64,
     device: str = "cpu",
     pooling: str | None = None,
-) -> dict[str, float]:
-    """Run MTEB ``tasks`` on the encoder of ``spec``; results under ``out_dir``; main score per task.
+) -> list[MtebScore]:
+    """Run MTEB ``tasks`` (hub names) and ``local`` task objects on the encoder of ``spec``.
 
-    mteb >= 2: ``mteb.evaluate(model, mteb.get_tasks(tasks=...), cache=ResultCache(out_dir))``;
-    mteb 1.x: ``mteb.MTEB(tasks=...).run(model, output_folder=out_dir)``.
+    One ``mteb.evaluate`` call runs both, so tasks built from local data
+    (:func:`alignment.evaluate.mteb_local.local_tasks`) take the path hub tasks take: the same model
+    wrapper, evaluators and result files. MTEB writes its own result JSON under
+    ``out_dir/results/<model>/<revision>/<task>.json``; every run re-evaluates (``overwrite_strategy``
+    always), so the files always describe this run. ``out_dir/mteb_scores.json`` lists the main scores.
+    mteb 1.x (``mteb.MTEB(tasks).run``) still runs hub tasks.
 
     Raises:
-        MtebUnavailableError: mteb is missing, the environment is offline, or the
-            task data could not be downloaded (a network error).
+        MtebUnavailableError: mteb is missing, the environment is offline and hub tasks are asked
+            for, or the task data could not be downloaded (a network error).
         ModelLoadError: the model cannot be assembled as a SentenceTransformer.
     """
-    problems = mteb_problems()
+    problems = mteb_problems(hub=bool(tasks))
     if problems:
         raise MtebUnavailableError("; ".join(problems))
     import mteb
@@ -177,15 +203,18 @@ def run_mteb(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = sentence_transformer_from_spec(spec, device=device, pooling=pooling)
+    if not model.model_card_data.model_name:  # MTEB names the result folder after it
+        model.model_card_data.model_name = Path(os.fspath(spec)).name or os.fspath(spec)
     try:
-        selected = mteb.get_tasks(tasks=list(tasks))
+        selected = [*(mteb.get_tasks(tasks=list(tasks)) if tasks else []), *local]
         if hasattr(mteb, "evaluate"):
-            cache_cls = getattr(mteb, "ResultCache", None) or importlib.import_module("mteb.cache").ResultCache
-            result = mteb.evaluate(
-                model, selected, cache=cache_cls(cache_path=str(out)), encode_kwargs={"batch_size": batch_size}
-            )
+            result = mteb.evaluate(model, selected, cache=mteb.ResultCache(cache_path=str(out)),
+                                   overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
+                                   show_progress_bar=False)  # fmt: skip
             task_results = result.task_results
         else:
+            if local:
+                raise MtebUnavailableError(f"--mteb_local needs mteb >= 2 ({MTEB_INSTALL_HINT})")
             task_results = mteb.MTEB(tasks=selected).run(
                 model, output_folder=str(out), encode_kwargs={"batch_size": batch_size}
             )
@@ -196,6 +225,17 @@ def run_mteb(
                 "run it where the Hugging Face hub can be reached"
             ) from exc
         raise
-    scores = {r.task_name: float(r.get_score()) for r in task_results}
-    (out / "mteb_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    metric = {t.metadata.name: t.metadata.main_score for t in selected}
+    scores = [score for r in task_results for score in _main_scores(r, out, metric.get(r.task_name, "main_score"))]
+    (out / "mteb_scores.json").write_text(json.dumps([asdict(s) for s in scores], indent=2) + "\n")
     return scores
+
+
+def _main_scores(result, out: Path, metric: str) -> list[MtebScore]:
+    """The main score of every subset and split of one MTEB ``TaskResult``, with the file MTEB wrote."""
+    found = sorted(out.glob(f"results/*/*/{result.task_name}.json"), key=lambda p: p.stat().st_mtime)
+    file = str(found[-1].relative_to(out)) if found else ""
+    return [
+        MtebScore(result.task_name, entry.get("hf_subset", "default"), split, metric, float(entry["main_score"]), file)
+        for split, entries in result.scores.items() for entry in entries
+    ]  # fmt: skip

@@ -90,6 +90,8 @@ def results_to_dict(results: EvalResults) -> dict:
         out["maps"] = {"accuracy": results.maps.rows("accuracy"), "xsim_error": results.maps.rows("xsim_error")}
     if results.variants:
         out["variants"] = list(results.variants)
+    if results.mteb:
+        out["mteb"] = [asdict(m) for m in results.mteb]
     return _clean(out)
 
 
@@ -208,6 +210,12 @@ def _other_sections(results: EvalResults) -> list[str]:
         from alignment.deploy.variants import deploy_sections
 
         sections += deploy_sections(results, _fmt, markdown_table)
+    if results.mteb:
+        rows = [(m.task, m.subset, m.split, m.metric, m.score, f"mteb/{m.file}") for m in results.mteb]
+        sections += [
+            "## MTEB (MTEB's own evaluators and result files)",
+            markdown_table(("task", "subset", "split", "main score", "value", "result file"), rows),
+        ]
     if results.invalid:
         rows = [(lang, c["non_finite"], c["zero_norm"]) for lang, c in results.invalid.items()]
         sections += [
@@ -231,12 +239,12 @@ def markdown_report(results: EvalResults, figures: Sequence[str] = (), title: st
         f"- languages: {', '.join(results.languages)} (pivot {results.pivot})",
         f"- training languages: {trained}",
         f"- rows: {results.num_rows}, sentences: {results.num_sentences}",
-        "",
-    ]
+    ] if results.languages else []  # an MTEB-only run (align eval --mteb without --data) has no data of its own
+    lines.append("")
     flat = flat_metrics(results)
     summary = [(k, v) for k, v in flat.items() if k.count("/") == 1 and (k.endswith("/mean") or _is_group_mean(k))]
     summary += [(k, v) for k, v in flat.items() if "/" not in k]
-    sections = ["## Summary", markdown_table(("metric", "value"), summary)]
+    sections = ["## Summary", markdown_table(("metric", "value"), summary)] if summary else []
     if results.retrieval is not None and results.retrieval.results:
         sections += _retrieval_sections(results.retrieval)
     sections += _diagnostic_sections(results) + _other_sections(results)

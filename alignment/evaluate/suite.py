@@ -111,6 +111,9 @@ class EvalResults:
     """Retrieval without / with saved language maps (``align eval --maps``; :mod:`alignment.deploy.variants`)."""
     variants: list[dict] = field(default_factory=list)
     """Quality / size / speed per deployment variant (``align eval --variants``)."""
+    mteb: list = field(default_factory=list)
+    """MTEB main scores, one per task and subset (``align eval --mteb`` / ``--mteb_local``;
+    :class:`~alignment.evaluate.mteb_bridge.MtebScore`)."""
 
 
 def evaluate_embeddings(
@@ -199,7 +202,7 @@ def flat_metrics(results: EvalResults, prefix: str = "") -> dict[str, float]:
     ``cos_gap``, ``cos_translation``, ``cos_non_translation``, ``hubness_skew/<lang>|mean``,
     ``hub_share/mean``, ``transfer_acc/<lang>|mean|pivot``, ``sts_spearman/<name>``,
     ``procrustes/<metric>_before|after/mean|<pair>``, ``dim<d>/<retrieval metric>/...`` (``--dims``),
-    ``invalid_embeddings``.
+    ``mteb/<task>/<subset>`` (MTEB's main score), ``invalid_embeddings``.
     """
     out: dict[str, float] = {}
     if results.retrieval is not None and results.retrieval.results:
@@ -214,9 +217,15 @@ def flat_metrics(results: EvalResults, prefix: str = "") -> dict[str, float]:
         from alignment.deploy.variants import deploy_flat
 
         out.update(deploy_flat(results))
+    out.update({mteb_metric_name(m): m.score for m in results.mteb})
     if results.invalid:
         out["invalid_embeddings"] = sum(sum(kinds.values()) for kinds in results.invalid.values())
     return {f"{prefix}{k}": float(v) for k, v in out.items() if not math.isnan(float(v))}
+
+
+def mteb_metric_name(score) -> str:
+    """``mteb/<task>/<subset>`` (``/<split>`` added for a split other than test) of an MTEB main score."""
+    return f"mteb/{score.task}/{score.subset}" + ("" if score.split == "test" else f"/{score.split}")
 
 
 def _diagnostics_flat(results: EvalResults) -> dict[str, float]:

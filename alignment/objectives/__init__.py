@@ -23,6 +23,8 @@ count over the *global* batch (known on every rank from the gathered ids), times
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +38,14 @@ from alignment.objectives.adversarial import (
     adversarial_loss,
     reversal_lambda,
 )
-from alignment.objectives.distill import DistillConfig, distill_loss, load_teacher, teacher_targets
+from alignment.objectives.distill import (
+    DistillConfig,
+    distill_loss,
+    load_teacher,
+    stored_targets,
+    teacher_identity,
+    teacher_targets,
+)
 from alignment.objectives.matryoshka import MatryoshkaConfig, matryoshka_loss
 from alignment.objectives.neighbourhood import NeighbourhoodConfig, neighbourhood_loss
 
@@ -63,8 +72,12 @@ class Objectives(nn.Module):
         self.discriminator: LanguageDiscriminator | None = None
         if adversarial.enabled and adversarial.num_languages is not None:
             self.build_discriminator(adversarial.num_languages)
-        # not a registered submodule: never trained, checkpointed, or handed to DDP/DeepSpeed
-        object.__setattr__(self, "_teacher", load_teacher(distill, embedding_dim) if distill.enabled else None)
+        # not a registered submodule: never trained, checkpointed, or handed to DDP/DeepSpeed; with stored teacher
+        # embeddings it is loaded (auto's fallback) or not at all in setup_teacher
+        per_step = distill.enabled and distill.teacher_embeddings == "off"
+        object.__setattr__(self, "_teacher", load_teacher(distill, embedding_dim) if per_step else None)
+        self.stored_teacher = False
+        """Whether the distillation targets are the batches' stored teacher embeddings (``setup_teacher``)."""
 
     def record_in(self, card: dict) -> None:
         """Note what an export must tell its users in the encoder's ``alignment_encoder.json`` (``card_extra``):
@@ -98,6 +111,29 @@ class Objectives(nn.Module):
                 f"{num_languages} languages; raise it or leave it null (the data's vocabulary)"
             )
 
+    def setup_teacher(self, datamodule) -> None:
+        """At ``setup`` (every rank, after the data module's): with ``--model.distill.teacher_embeddings
+        stored|auto``, have the data module read the stored vectors matching the teacher with every row; ``auto``
+        without a match loads the teacher instead (a warning), ``stored`` raises."""
+        cfg = self.distill
+        if not cfg.enabled or cfg.teacher_embeddings == "off" or self._teacher is not None or self.stored_teacher:
+            return
+        try:
+            if not callable(getattr(datamodule, "attach_teacher", None)):
+                raise ValueError("fitting without the alignment data module (nothing reads the stored vectors)")
+            line = datamodule.attach_teacher(teacher_identity(cfg, self.embedding_dim))
+        except ValueError as exc:
+            if cfg.teacher_embeddings == "stored":
+                raise ValueError(f"--model.distill.teacher_embeddings stored: {exc}") from exc
+            warnings.warn(f"--model.distill.teacher_embeddings auto: {exc}; running the teacher every step instead",
+                          stacklevel=2)
+            object.__setattr__(self, "_teacher", load_teacher(cfg, self.embedding_dim))
+            return
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(line)
+        self.stored_teacher = True
+
     def teacher_to(self, device: torch.device, dtype: torch.dtype) -> None:
         """The teacher on the student's device and in its precision (as the drift reference)."""
         if self._teacher is not None:
@@ -119,9 +155,11 @@ class Objectives(nn.Module):
             out.update(neighbourhood_loss(
                 emb, reference, candidates, self._gather_reference(reference, candidates),
                 weight=self.neighbourhood.weight, temperature=self.neighbourhood.temperature))  # fmt: skip
-        if self._teacher is not None:
-            teacher, tokenizer = self._teacher
-            targets, has = teacher_targets(teacher, tokenizer, batch, self.distill, emb.device)
+        if self.distill.enabled:
+            if self._teacher is not None:
+                targets, has = teacher_targets(*self._teacher, batch, self.distill, emb.device)
+            else:  # stored teacher embeddings, or an error naming the flag
+                targets, has = stored_targets(batch, self.embedding_dim, emb.device)
             out.update(distill_loss(emb, batch.row_ids, targets, has, candidates, batch.pivot_lang_id,
                                     weight=self.distill.weight, kind=self.distill.kind))  # fmt: skip
 

@@ -17,7 +17,14 @@ as sentence-transformers does; the default keeps the contrastive loss beside it.
 
 Distributed: rows never straddle ranks, so each rank embeds its own rows' pivots; the mean is over the
 global number of sentences with a target (from the gathered row and language ids), times the world size.
-Teacher embeddings are computed per step (not precomputed into shards).
+
+Stored teacher embeddings (large runs): ``align embed-teacher --shards DIR --model TEACHER`` embeds every
+row's pivot text once into the shard build (:mod:`alignment.data.teacher`); with
+``--model.distill.teacher_embeddings stored`` (or ``auto``) the data stream carries each row's vector into the
+batch (``Batch.teacher``) and the teacher model is never loaded: no teacher forward, no teacher in device
+memory. The targets are the same rows with the same mask as the teacher's per-step ones
+(:func:`stored_targets`); the entry must match the teacher's spec, pooling, max length, prefix, the student's
+width and the pivot language (:func:`teacher_identity`).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from alignment.model import Pooling
 
 DistillKind = Literal["mse", "cosine"]
 DISTILL_KINDS: tuple[str, ...] = get_args(DistillKind)
+TeacherEmbeddings = Literal["off", "auto", "stored"]
+TEACHER_EMBEDDINGS: tuple[str, ...] = get_args(TeacherEmbeddings)
 
 
 @dataclass
@@ -57,6 +66,10 @@ class DistillConfig:
     contrastive_weight: float = 1.0
     """Multiplier of the contrastive loss (``contrastive_loss``); 0 trains on the other terms alone
     (distillation alone, as sentence-transformers' multilingual distillation)."""
+    teacher_embeddings: TeacherEmbeddings = "off"
+    """Where the teacher's embeddings come from: ``off`` runs the teacher every step; ``stored`` reads the vectors
+    `align embed-teacher` stored in the --data.train_shards build (the teacher is never loaded; no entry matching
+    this teacher is an error); ``auto`` reads them when an entry matches, else runs the teacher (with a warning)."""
 
     def __post_init__(self) -> None:
         if self.teacher is not None and not self.teacher:
@@ -69,6 +82,9 @@ class DistillConfig:
             raise ValueError(f"--model.distill.max_length must be >= 2, got {self.max_length}")
         if self.contrastive_weight < 0:
             raise ValueError(f"--model.distill.contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if self.teacher_embeddings not in TEACHER_EMBEDDINGS:
+            raise ValueError(f"--model.distill.teacher_embeddings must be one of {', '.join(TEACHER_EMBEDDINGS)}, "
+                             f"got {self.teacher_embeddings!r}")
 
     @property
     def enabled(self) -> bool:
@@ -94,11 +110,35 @@ def load_teacher(config: DistillConfig, embedding_dim: int):
     return teacher.eval(), tokenizer
 
 
+def teacher_identity(config: DistillConfig, embedding_dim: int) -> dict:
+    """What stored teacher embeddings must have been computed with (``alignment.data.teacher.differences``)."""
+    return {"model": config.teacher, "pooling": config.pooling, "max_length": config.max_length,
+            "prefix": config.text_prefix, "dim": embedding_dim}
+
+
+def _pivot_sentences(batch: Batch) -> list[int]:
+    """Indices of the batch's pivot-language sentences (a host sync): the rows that get a target."""
+    return torch.nonzero(batch.lang_ids == batch.pivot_lang_id).flatten().tolist()
+
+
+def stored_targets(batch: Batch, embedding_dim: int, device) -> tuple[Tensor, Tensor]:
+    """``(targets (R, D), has_target (R,) bool)`` from the batch's stored teacher embeddings (``Batch.teacher``):
+    the rows and mask :func:`teacher_targets` would give, without the teacher."""
+    if batch.teacher is None and batch.num_rows:
+        raise ValueError("--model.distill.teacher_embeddings: the batch carries no stored teacher embeddings and the "
+                         "teacher is not loaded (a batch built without the data module's attach_teacher?)")
+    targets = (batch.teacher if batch.teacher is not None else torch.zeros(0, embedding_dim)).to(device)
+    has = torch.zeros(batch.num_rows, dtype=torch.bool, device=device)
+    index = _pivot_sentences(batch)
+    if index:
+        has[batch.row_ids[index].to(device)] = True
+    return targets, has
+
+
 @torch.no_grad()
 def teacher_targets(teacher, tokenizer, batch: Batch, config: DistillConfig, device) -> tuple[Tensor, Tensor]:
     """``(targets (R, D), has_target (R,) bool)``: the teacher's embedding of each local row's pivot text."""
-    is_pivot = batch.lang_ids == batch.pivot_lang_id  # (N,)
-    index = torch.nonzero(is_pivot).flatten().tolist()  # host sync: the pivot sentences
+    index = _pivot_sentences(batch)
     if len(batch.texts) != batch.num_sentences:
         raise ValueError(
             f"--model.distill.teacher needs the batch's texts, but the batch carries {len(batch.texts)} texts for "
