@@ -20,14 +20,20 @@ from alignment.data.pins import legacy_checksum_matches
 from alignment.model import DualEncoder
 from tests import _training as T
 
-STARTS: list[int] = []
-
 
 class RecordStart(Callback):
-    """Records the step each ``fit`` starts training at (0 fresh, the checkpoint's step when resumed)."""
+    """Appends the step each ``fit`` starts training at (0 fresh, the checkpoint's step when resumed) to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
 
     def on_train_start(self, trainer, pl_module) -> None:
-        STARTS.append(trainer.global_step)
+        with open(self.path, "a") as fh:
+            fh.write(f"{trainer.global_step}\n")
+
+
+def _starts(root) -> list[int]:
+    return [int(line) for line in (root / "starts.txt").read_text().split()]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,8 @@ def _fit(root, corpus: T.Corpus, monkeypatch, steps: int, *extra: str) -> int:
                  "--model.encoder.vocab_size", str(corpus.vocab_size), "--data.batch_size", "8",
                  "--data.val_shards", "null", "--trainer.limit_val_batches", "0", "--trainer.max_steps", str(steps),
                  "--checkpoint.every_n_train_steps", "100", "--export.dir", "", "--ckpt_path", "last",
-                 "--trainer.callbacks+=tests.unit.test_resume_sidecars.RecordStart", *extra])
+                 "--trainer.callbacks+=test_resume_sidecars.RecordStart",
+                 "--trainer.callbacks.init_args.path", str(root / "starts.txt"), *extra])
 
 
 def _last(root):
@@ -80,7 +87,6 @@ def test_sidecars_added_after_a_checkpoint_do_not_stop_its_resume_but_a_remined_
         built, tmp_path, monkeypatch, capsys):
     corpus, encoder = _copy(built, tmp_path), built[1]
     _mine(corpus, encoder, k=3)
-    STARTS.clear()
     assert _fit(tmp_path, corpus, monkeypatch, 2, "--data.hard_negatives", "2") == 0
     saved = torch.load(_last(tmp_path), map_location="cpu", weights_only=False)["alignment_run"]
     assert saved["data_sidecars"]["negatives"]["identity"]["k"] == 3 and "tokens" not in saved["data_sidecars"]
@@ -88,7 +94,7 @@ def test_sidecars_added_after_a_checkpoint_do_not_stop_its_resume_but_a_remined_
 
     _tokenize(corpus)  # a sidecar the run did not read: the manifest changes, its rows do not
     assert _fit(tmp_path, corpus, monkeypatch, 4, "--data.hard_negatives", "2") == 0
-    assert STARTS == [0, 2]  # resumed at the checkpoint's step
+    assert _starts(tmp_path) == [0, 2]  # resumed at the checkpoint's step
     assert torch.load(_last(tmp_path), map_location="cpu", weights_only=False)["global_step"] == 4
 
     _mine(corpus, encoder, k=2)  # the newest negatives entry, which --data.hard_negatives reads, is another now
@@ -99,12 +105,11 @@ def test_sidecars_added_after_a_checkpoint_do_not_stop_its_resume_but_a_remined_
     assert err.startswith("align: error: refusing to resume") and str(_last(tmp_path)) in err, err
     assert f"hard negatives sidecar (negatives/{key}/" in err and "k 3 -> 2" in err, err
     assert "align mine-negatives" in err, err
-    assert STARTS == [0, 2] and _last(tmp_path).read_bytes() == before
+    assert _starts(tmp_path) == [0, 2] and _last(tmp_path).read_bytes() == before
 
 
 def test_a_checkpoint_of_the_old_format_resumes_after_a_sidecar_was_added(built, tmp_path, monkeypatch):
     corpus = _copy(built, tmp_path)
-    STARTS.clear()
     assert _fit(tmp_path, corpus, monkeypatch, 2) == 0
     # What a checkpoint written before the split records: the sha256 of the whole manifest file, nothing else.
     ckpt = torch.load(_last(tmp_path), map_location="cpu", weights_only=False)
@@ -118,7 +123,7 @@ def test_a_checkpoint_of_the_old_format_resumes_after_a_sidecar_was_added(built,
     _tokenize(corpus)
     assert hashlib.sha256((corpus.shards / "manifest.json").read_bytes()).hexdigest() != old
     assert _fit(tmp_path, corpus, monkeypatch, 4) == 0
-    assert STARTS == [0, 2]
+    assert _starts(tmp_path) == [0, 2]
     assert torch.load(_last(tmp_path), map_location="cpu", weights_only=False)["global_step"] == 4
     # ... and an old checksum that no earlier state of the manifest gives is still refused
     assert not legacy_checksum_matches(hashlib.sha256(b"another build").hexdigest(), corpus.shards)
