@@ -15,7 +15,8 @@ each recipe has its own (``runs/xlm-roberta-base-multiway``); a config file or
 ``--trainer.default_root_dir`` overrides it.
 
 Every checkpoint records the run's identity (:func:`describe_run`): model,
-objective, languages, tokenizer, data. Resuming (``--ckpt_path``) refuses a
+objective, languages, tokenizer, data (the rows and the sidecars the run reads:
+:mod:`alignment.data.pins`). Resuming (``--ckpt_path``) refuses a
 checkpoint whose identity differs from the new config (:func:`check_resume`),
 naming both values; ``--warm_start CKPT`` deliberately starts a new run from
 another run's encoder weights (no step, optimiser or data position).

@@ -169,6 +169,7 @@ def sidecar_changes(saved: dict[str, dict] | None, current: dict[str, dict] | No
             change = f"this run reads none now ({option} off, or the entry is gone from the manifest)"
         else:
             change = f"this run would read {section}/{now.get('key')}/: {_what_changed(pin, now)}"
-        out.append(f"{was} changed since the checkpoint: {change}; restore it (re-run `{command}` with the "
-                   "checkpoint's settings) or train a new run")
+        out.append(f"{was} changed since the checkpoint: {change}; to resume, make it the entry this run reads "
+                   f"again (re-run `{command}` with the checkpoint's settings), or start a new run from these "
+                   "weights with --warm_start CKPT")
     return out
