@@ -247,7 +247,7 @@ def check_resume(checkpoint: dict, current: dict, ckpt_name: str = "the checkpoi
         warnings.warn(f"{ckpt_name} records no run identity: resuming without checking that it is this run's",
                       stacklevel=2)
         return
-    from alignment.data.pins import sidecar_changes
+    from alignment.data.pins import legacy_sidecar_changes, sidecar_changes
 
     diffs = _differences(saved, current)
     if diffs:
@@ -258,6 +258,9 @@ def check_resume(checkpoint: dict, current: dict, ckpt_name: str = "the checkpoi
             "--warm_start CKPT (weights only: no step, optimiser or data position)"
         )
     changed = sidecar_changes(saved.get("data_sidecars"), current.get("data_sidecars"), current.get("data"))
+    if "data_sidecars" not in saved and saved.get("data_manifest_sha256"):  # written before the pins
+        changed += legacy_sidecar_changes(saved["data_manifest_sha256"], current.get("data_sidecars"),
+                                          current.get("data"))
     if changed:
         raise RunMismatchError(f"refusing to resume {ckpt_name}: its rows would differ: {'; '.join(changed)}")
 

@@ -67,25 +67,26 @@ def rows_checksum(spec: Any) -> str | None:
     return _sha256(_canonical({k: v for k, v in manifest.items() if k not in SIDECARS}))
 
 
-def legacy_checksum_matches(saved: str, spec: Any) -> bool:
-    """Whether ``saved`` (an old checkpoint's sha256 of the whole manifest file) is the manifest's as it is, or
-    as it was before some of its sidecar entries were appended (each section's entries are in the order they were
+def legacy_state(saved: str, spec: Any) -> dict[str, list[str]] | None:
+    """The sidecar entries the manifest held when an old checkpoint recorded ``saved`` (its sha256 of the whole
+    manifest file): ``{section: [entry keys]}``; None when neither the manifest as it is nor as it was before some
+    of its sidecar entries were appended gives ``saved`` (each section's entries are in the order they were
     written; every command writes the manifest as ``json.dumps(indent=2, ensure_ascii=False)`` plus a newline)."""
     path = _manifest_path(spec)
     if path is None:
-        return False
+        return None
     data = path.read_bytes()
-    if _sha256(data) == saved:
-        return True
     try:
         manifest = json.loads(data.decode("utf-8"))
     except ValueError:
-        return False
+        return None
     sections = [s for s in manifest if s in SIDECARS and isinstance(manifest[s], dict)]
+    if _sha256(data) == saved:
+        return {s: list(manifest[s]) for s in sections}
     choices = [range(len(manifest[s]) + 1) for s in sections]  # how many of each section's entries existed then
     for count, kept in enumerate(itertools.product(*choices)):
         if count >= _LEGACY_TRIES:
-            return False
+            return None
         earlier = {}
         for key, value in manifest.items():
             if key in sections:
@@ -94,10 +95,39 @@ def legacy_checksum_matches(saved: str, spec: Any) -> bool:
                     continue
                 value = dict(itertools.islice(value.items(), n))
             earlier[key] = value
-        text = json.dumps(earlier, indent=2, ensure_ascii=False) + "\n"
-        if _sha256(text.encode("utf-8")) == saved:
-            return True
-    return False
+        if _sha256((json.dumps(earlier, indent=2, ensure_ascii=False) + "\n").encode("utf-8")) == saved:
+            return {s: list(manifest[s])[:n] for s, n in zip(sections, kept)}
+    return None
+
+
+def legacy_checksum_matches(saved: str, spec: Any) -> bool:
+    """Whether an old checkpoint's whole-manifest sha256 ``saved`` is the manifest's, now or before some sidecar
+    entries were appended (:func:`legacy_state`)."""
+    return legacy_state(saved, spec) is not None
+
+
+def legacy_sidecar_changes(saved: str, current: dict[str, dict] | None, manifest: Any) -> list[str]:
+    """For an old checkpoint (no pins): the hard negatives entry this run reads, when it was added after the
+    checkpoint (``--data.hard_negatives`` reads the newest entry, whatever its settings, so the run would read
+    other negatives). Pre-tokenised ids and teacher embeddings are matched by their settings: not refused."""
+    if not current or "negatives" not in current:
+        return []
+    state = legacy_state(saved, manifest)
+    key = current["negatives"].get("key")
+    if state is None or key in state.get("negatives", []):
+        return []
+    what, _, command = SIDECARS["negatives"]
+    entries = json.loads(_manifest_path(manifest).read_text(encoding="utf-8")).get("negatives") or {}
+    before = sorted((entries[k].get("created", ""), k) for k in state.get("negatives", []) if k in entries)
+    if before:
+        ident = entries[before[-1][1]].get("identity") or {}
+        fix = (f"re-run `{command} --k {ident.get('k')} --model {ident.get('model')}` (entry {before[-1][1]}, the "
+               "one it read) so that it is the newest again")
+    else:
+        fix = "the checkpoint's run read no mined negatives then: resume with --data.hard_negatives 0"
+    return [f"the {what} entry this run would read (negatives/{key}/ of {manifest}) was written after the checkpoint "
+            f"(by `{command}`), so the checkpoint's run read other negatives; to resume, {fix}, or start a new run "
+            "from these weights with --warm_start CKPT"]
 
 
 def _entry_of(root: Path, sidecar: str, section: str) -> str | None:

@@ -9,6 +9,7 @@ it and what changed. A checkpoint written before the split (whole-manifest sha25
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 
 import pytest
@@ -18,6 +19,7 @@ from lightning.pytorch import Callback
 from alignment.cli import main
 from alignment.data.pins import legacy_checksum_matches
 from alignment.model import DualEncoder
+from alignment.runs import RunMismatchError, check_resume
 from tests import _training as T
 
 
@@ -109,7 +111,8 @@ def test_sidecars_added_after_a_checkpoint_do_not_stop_its_resume_but_a_remined_
 
 
 def test_a_checkpoint_of_the_old_format_resumes_after_a_sidecar_was_added(built, tmp_path, monkeypatch):
-    corpus = _copy(built, tmp_path)
+    corpus, encoder = _copy(built, tmp_path), built[1]
+    _mine(corpus, encoder, k=3)  # an entry the old run could have read
     assert _fit(tmp_path, corpus, monkeypatch, 2) == 0
     # What a checkpoint written before the split records: the sha256 of the whole manifest file, nothing else.
     ckpt = torch.load(_last(tmp_path), map_location="cpu", weights_only=False)
@@ -119,11 +122,18 @@ def test_a_checkpoint_of_the_old_format_resumes_after_a_sidecar_was_added(built,
     assert run["data_manifest_sha256"] == old
     torch.save(ckpt, _last(tmp_path))
 
-    _mine(corpus, built[1], k=2)
+    _mine(corpus, encoder, k=2)
     _tokenize(corpus)
     assert hashlib.sha256((corpus.shards / "manifest.json").read_bytes()).hexdigest() != old
     assert _fit(tmp_path, corpus, monkeypatch, 4) == 0
     assert _starts(tmp_path) == [0, 2]
     assert torch.load(_last(tmp_path), map_location="cpu", weights_only=False)["global_step"] == 4
-    # ... and an old checksum that no earlier state of the manifest gives is still refused
+    # an old checksum that no earlier state of the manifest gives is still refused
     assert not legacy_checksum_matches(hashlib.sha256(b"another build").hexdigest(), corpus.shards)
+    # with --data.hard_negatives the run now reads the k=2 entry, written after the old checkpoint: refused
+    manifest = json.loads((corpus.shards / "manifest.json").read_text())
+    (k3, e3), (k2, _) = sorted(manifest["negatives"].items(), key=lambda kv: -kv[1]["identity"]["k"])
+    now = {"data": run["data"], "data_sidecars": {"negatives": {"key": k2}}}
+    with pytest.raises(RunMismatchError, match=rf"negatives/{k2}/ .* was written after the checkpoint .*"
+                       rf"--k 3 --model {e3['identity']['model']}` \(entry {k3}"):
+        check_resume({"alignment_run": run}, now, "old.ckpt")
