@@ -16,9 +16,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +31,7 @@ from _common import (  # noqa: E402
     result_stem,
     write_results,
 )
+from _runs import run_align  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LANGS = "en,de,fr,es,ru,zh-Hans,ar,ja,ko,it,nl,pl,tr,uk,pt-BR"
@@ -43,18 +42,10 @@ SETS = {"test": "held-out test rows (gettext: Django + Wagtail)", "ood": "out-of
 
 
 def _run(argv: list[str], log: Path) -> dict:
-    """Run ``align ARGV``; returns wall and CPU seconds (children's user + system)."""
+    """Run ``align ARGV`` (:func:`_runs.run_align`); returns wall and CPU seconds (children's user + system)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    before, start = os.times(), time.perf_counter()
-    with log.open("w") as handle:
-        proc = subprocess.run([sys.executable, "-m", "alignment.cli", *argv], cwd=ROOT, env=env, stdout=handle,
-                              stderr=subprocess.STDOUT)
-    after = os.times()
-    if proc.returncode != 0:
-        raise SystemExit(f"align {' '.join(argv[:2])} failed (exit {proc.returncode}); see {log}")
-    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    return {"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(cpu, 1)}
+    return run_align(argv, log, env, cwd=ROOT)
 
 
 def _eval(model: Path, data_set: str, demo: Path, out: Path, trained: bool) -> dict:

@@ -1,6 +1,6 @@
 """The paper's central comparison in miniature: multi-way versus En-X bilingual training.
 
-multilingual-E5-small (the offline demo encoder: 4 layers, corpus vocabulary)
+multilingual-E5-small (the offline demo encoder: all 12 layers, full vocabulary; the demo config freezes the lower 8)
 is fine-tuned on the gettext multi-way corpus of the Django and Wagtail wheels
 (``make demo`` builds both into ``demo_out/``) on seven languages, en (the
 pivot), de, fr, es, ru, zh-Hans, ar, and evaluated on the held-out test rows
@@ -48,6 +48,12 @@ finite epoch plan makes batches a row smaller here and there); after training
 the per-step ``train/rows`` and ``train/num_terms`` of the run's CSV log are
 checked against that replay.
 
+The paper's own protocol (the same English source rows for every arm, the
+multi-way corpus carrying all training languages of each row versus En-X with
+one sampled X per row, equal epochs, a sweep of languages per row) is the third
+design, in :mod:`paper_protocol` (``benchmarks/paper_protocol.py``), which runs
+its arms with this module's runner, accounting and metrics.
+
 Training is ``align fit --config configs/demo.yaml`` plus flags (the
 framework's LightningCLI, AlignmentModule and AlignmentDataModule, run in this
 process through ``alignment.cli.main``); evaluation is ``align eval`` on the
@@ -55,7 +61,7 @@ exported encoder. Every command is recorded. Missing demo assets are built
 with the demo's own commands (``align shards build --format gettext
 --from-package django wagtail ...``, ``align offline-encoder ...``).
 
-    python benchmarks/paper_miniature.py                        # ~20 min on 2 idle CPU cores (45 shared)
+    python benchmarks/paper_miniature.py                        # the 2026-11-24 result used the earlier 4-layer encoder
     python benchmarks/paper_miniature.py --steps 40 --seeds 0   # a quick look
     python benchmarks/paper_miniature.py --arms multiway enx    # primary comparison only
     python benchmarks/paper_miniature.py --render benchmarks/results/paper_miniature-....json  # re-write the .md

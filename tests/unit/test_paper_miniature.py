@@ -178,3 +178,52 @@ def test_design_and_bad_input_name_the_flag(assets, tmp_path):
         pm.parse_args(["--pivot", "ja"])  # the pivot must be trained
     with pytest.raises(SystemExit):
         pm.parse_args(["--unseen-languages", "de,ja"])  # de is trained
+
+
+def _load_protocol():
+    spec = importlib.util.spec_from_file_location("paper_protocol", REPO / "benchmarks" / "paper_protocol.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_protocol_end_to_end(assets, tmp_path, monkeypatch):
+    """The paper's protocol (benchmarks/paper_protocol.py): same rows per step, equal epochs, En-X vs k = 2 and all."""
+    pp = _load_protocol()
+    shards, encoder = assets
+    monkeypatch.chdir(REPO)
+    for name, value in {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(name, value)
+    ood = tmp_path / "ood.jsonl"  # an out-of-domain set: other rows, its own file
+    from alignment.synthetic import synthetic_rows
+
+    with open(ood, "w") as fh:
+        for row in synthetic_rows(12, [*TRAIN, *UNSEEN_PRESENT], seed=9):
+            fh.write(json.dumps({"id": "ood-" + row.id, "texts": row.texts}) + "\n")
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--shards", str(shards), "--encoder", str(encoder), "--ood", str(ood), "--train-languages",
+            ",".join(TRAIN), "--unseen-languages", ",".join(UNSEEN_PRESENT), "--rows", "8", "--k", "2", "3",
+            "--epochs", "0.25", "--seeds", "0", "--work-dir", str(work), "--out", str(out),
+            "--fit-arg=--model.encoder.freeze_layers=0"]  # fmt: skip
+    assert pp.main(argv) == 0
+    (md_path,) = out.glob("paper_protocol-*.md")
+    report = json.loads(md_path.with_suffix(".json").read_text())
+    arms = {a["name"]: a for a in report["arms"]}
+    assert arms["enx"]["policy"] == "pivot_pair" and arms["mw2"]["policy"] == "k" and arms["mw3"]["policy"] == "all"
+    runs = {r["arm"]: r for r in report["runs"]}
+    steps = {r["steps"] for r in runs.values()}
+    per_epoch = runs["enx"]["batches_per_epoch"]
+    assert steps == {math.ceil(0.25 * per_epoch)}  # equal epochs: the same steps of the same rows per step
+    for name, run in runs.items():
+        assert run["log_check"]["matches"], (name, run["log_check"])
+        assert run["accounting"]["per_step_mean"]["rows"] <= 8
+        for which in ("held_out", "ood"):
+            assert 0.0 <= run[which]["eval"]["accuracy"]["trained"] <= 1.0
+    enx, mw3 = runs["enx"]["accounting"]["per_step_mean"], runs["mw3"]["accounting"]["per_step_mean"]
+    assert enx["sentences"] == 2 * enx["rows"] and mw3["sentences"] > enx["sentences"]  # all languages per row
+    md = md_path.read_text()
+    assert "multi-way, all 3 languages − En-X (paired)" in md and "Out-of-domain" in md and "+21.3%" in md
+    # a second invocation reuses the finished runs (their run.json) instead of training again
+    assert pp.main(argv) == 0
+    assert json.loads(sorted(out.glob("paper_protocol-*.json"))[-1].read_text())["runs"] == report["runs"]
