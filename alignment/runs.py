@@ -15,7 +15,8 @@ each recipe has its own (``runs/xlm-roberta-base-multiway``); a config file or
 ``--trainer.default_root_dir`` overrides it.
 
 Every checkpoint records the run's identity (:func:`describe_run`): model,
-objective, languages, tokenizer, data. Resuming (``--ckpt_path``) refuses a
+objective, languages, tokenizer, data (the rows and the sidecars the run reads:
+:mod:`alignment.data.pins`). Resuming (``--ckpt_path``) refuses a
 checkpoint whose identity differs from the new config (:func:`check_resume`),
 naming both values; ``--warm_start CKPT`` deliberately starts a new run from
 another run's encoder weights (no step, optimiser or data position).
@@ -167,6 +168,7 @@ def describe_run(module: Any, trainer: Any = None, datamodule: Any = None) -> di
     the configured ones or the training manifest's.
     """
     from alignment.data.manifest import manifest_languages
+    from alignment.data.pins import rows_checksum
 
     enc, loss = module.encoder_config, module.loss_config
     if datamodule is None and trainer is not None:
@@ -190,10 +192,32 @@ def describe_run(module: Any, trainer: Any = None, datamodule: Any = None) -> di
         "text_prefix": getattr(data, "text_prefix", ""),
         "data": _data_spec(spec),
         "data_manifest_sha256": manifest_checksum(spec),
+        "data_rows_sha256": rows_checksum(spec),
+        "data_sidecars": getattr(datamodule, "sidecar_pins", None),
         "global_step": int(getattr(trainer, "global_step", 0) or 0) if trainer is not None else None,
         "last_eval": dict(getattr(module, "last_eval", {}) or {}),
         "source": dict(getattr(module.encoder, "card_extra", {}) or {}),
     }
+
+
+def _data_differs(saved: dict, current: dict) -> tuple[Any, Any] | None:
+    """``(checkpoint, config)`` values of ``data`` when the training rows differ, else None: the paths, then the
+    rows checksum (sidecar sections left out), or for a checkpoint that records only the whole manifest's
+    sha256 (written before the split) that checksum against the manifest as it is or was before sidecars."""
+    from alignment.data.pins import legacy_checksum_matches
+
+    a, b = saved.get("data"), current.get("data")
+    if a != b:
+        return a, b
+    ra, rb = saved.get("data_rows_sha256"), current.get("data_rows_sha256")
+    if ra and rb:
+        return None if ra == rb else (f"{a} (rows sha256 {ra[:12]})", f"{b} (rows sha256 {rb[:12]})")
+    sa = saved.get("data_manifest_sha256")
+    if sa and current.get("data_manifest_sha256") and not legacy_checksum_matches(sa, b):
+        return (f"{a} (manifest sha256 {sa[:12]})",
+                f"{b} (manifest sha256 {current['data_manifest_sha256'][:12]}, and no earlier state of it without "
+                "some sidecar entries matches)")
+    return None
 
 
 def _differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
@@ -201,10 +225,9 @@ def _differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     for key in IDENTITY:
         a, b = saved.get(key), current.get(key)
         if key == "data":
-            sa, sb = saved.get("data_manifest_sha256"), current.get("data_manifest_sha256")
-            if a != b or (sa and sb and sa != sb):
-                out.append((key, a if a != b else f"{a} (manifest sha256 {sa[:12]})",
-                            b if a != b else f"{b} (manifest sha256 {sb[:12]})"))
+            differs = _data_differs(saved, current)
+            if differs:
+                out.append((key, *differs))
             continue
         if a is None or b is None:  # unknown on one side (e.g. languages before set-up): nothing to compare
             continue
@@ -224,6 +247,8 @@ def check_resume(checkpoint: dict, current: dict, ckpt_name: str = "the checkpoi
         warnings.warn(f"{ckpt_name} records no run identity: resuming without checking that it is this run's",
                       stacklevel=2)
         return
+    from alignment.data.pins import legacy_sidecar_changes, sidecar_changes
+
     diffs = _differences(saved, current)
     if diffs:
         lines = "; ".join(f"{_FLAGS[k]}: checkpoint {a!r}, config {b!r}" for k, a, b in diffs)
@@ -232,6 +257,12 @@ def check_resume(checkpoint: dict, current: dict, ckpt_name: str = "the checkpoi
             "(--trainer.default_root_dir runs/NAME), or start it deliberately from those weights with "
             "--warm_start CKPT (weights only: no step, optimiser or data position)"
         )
+    changed = sidecar_changes(saved.get("data_sidecars"), current.get("data_sidecars"), current.get("data"))
+    if "data_sidecars" not in saved and saved.get("data_manifest_sha256"):  # written before the pins
+        changed += legacy_sidecar_changes(saved["data_manifest_sha256"], current.get("data_sidecars"),
+                                          current.get("data"))
+    if changed:
+        raise RunMismatchError(f"refusing to resume {ckpt_name}: its rows would differ: {'; '.join(changed)}")
 
 
 def check_resume_file(path: Path, current: dict) -> None:
@@ -310,7 +341,7 @@ def _check_warm_adapters(module: Any, ckpt: dict, path: str | os.PathLike) -> bo
 def training_record(run: dict[str, Any]) -> dict[str, Any]:
     """The part of a run description an export keeps in :data:`TRAINING_RECORD`."""
     keys = ("model", "objective", "languages", "pivot", "language_policy", "data", "data_manifest_sha256",
-            "global_step")
+            "data_rows_sha256", "global_step")
     return {k: run.get(k) for k in keys}
 
 

@@ -115,6 +115,8 @@ class EvalRunConfig(EvalConfig):
         parse_variants(self.variants)
         if not self.data and not self.mteb and not self.mteb_local:
             raise ValueError("--data is required (or --mteb TASKS / --mteb_local DATA to run MTEB only)")
+        if (self.maps or self.variants) and not self.data:
+            raise ValueError(f"--{'maps' if self.maps else 'variants'} compares retrieval on --data: give --data too")
         try:
             self.pivot = normalize_language(self.pivot)
         except LanguageCodeError as exc:
@@ -235,18 +237,85 @@ def _meta(config: EvalRunConfig, info: EncoderInfo, data: EvalData, prefix: str,
     }
 
 
-def evaluate_data(config: EvalRunConfig, mteb_scores: Sequence = ()) -> tuple[EvalResults, Path]:
-    """Load, encode, evaluate, write the report (with ``mteb_scores``); returns the results and the report folder."""
-    data = load_eval_data(
-        config.data, split=config.split, languages=parse_languages(config.languages, "--languages"), max_rows=config.max_rows
-    )
-    check_data(config, data)
+@dataclass
+class Inputs:
+    """What ``align eval`` reads before loading a model or running anything: ``--data`` (checked against the
+    settings), the ``--mteb_local`` data, the ``--maps``."""
+
+    data: EvalData | None = None
+    mteb_local: EvalData | None = None
+    maps: object | None = None
+
+
+def read_inputs(config: EvalRunConfig) -> Inputs:
+    """Read and check every input file (``--data``, ``--mteb_local``, ``--maps``) before any model is loaded or
+    anything runs, so a bad file is named (flag, file, line) before minutes of MTEB or encoding.
+
+    Raises:
+        EvalDataError, ValueError, FileNotFoundError: naming the flag and the file.
+    """
+    inputs = Inputs()
+    languages = parse_languages(config.languages, "--languages")
+    if config.data:
+        try:
+            inputs.data = load_eval_data(config.data, split=config.split, languages=languages, max_rows=config.max_rows)
+        except EvalDataError as exc:
+            raise EvalDataError(f"--data: {exc}") from None
+        check_data(config, inputs.data)
+        if (config.maps or config.variants) and not inputs.data.rows:
+            raise ValueError("--maps and --variants need translation rows in --data (retrieval), not scored pairs only")
+    if config.mteb_local:
+        from alignment.evaluate.mteb_local import check_local
+
+        try:
+            inputs.mteb_local = load_eval_data(config.mteb_local, split=config.split, max_rows=config.max_rows,
+                                               languages=languages)  # fmt: skip
+        except EvalDataError as exc:
+            raise EvalDataError(f"--mteb_local: {exc}") from None
+        check_local(inputs.mteb_local, pairs=config.retrieval.pairs, pivot=config.pivot)
+    if config.maps:
+        from alignment.deploy.maps import LanguageMaps
+
+        try:
+            inputs.maps = LanguageMaps.load(config.maps)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"--maps {config.maps}: {exc}") from None
+    return inputs
+
+
+@dataclass
+class Loaded:
+    """The encoder ``--model`` names, loaded once and checked against ``--variants`` and ``--maps``."""
+
+    model: object
+    tokenizer: object
+    info: EncoderInfo
+
+
+def load_model(config: EvalRunConfig, inputs: Inputs) -> Loaded:
+    """Load ``--model`` for the ``--data`` evaluation and run the checks that need it (a Router export refuses
+    ``--variants``; ``--maps`` must be fitted on this model), before MTEB runs."""
     # --maps applies maps itself: a maps export then loads as its base encoder (no maps applied twice)
     model, tokenizer, info = load_encoder(config.model, device=config.device, pooling=config.pooling,
                                           carried_maps=not config.maps)
     if config.variants and isinstance(model, RouterEncoder):
         raise ValueError(f"--variants needs a plain encoder export; --model {config.model} is a sentence-transformers "
                          "Router export (one route per language): evaluate it without --variants")
+    if inputs.maps is not None:
+        from alignment.deploy.maps import check_same_model, model_fingerprint
+
+        check_same_model(inputs.maps, model_fingerprint(model), f"--model {config.model}")
+    return Loaded(model, tokenizer, info)
+
+
+def evaluate_data(config: EvalRunConfig, mteb_scores: Sequence = (), *, inputs: Inputs | None = None,
+                  loaded: Loaded | None = None) -> tuple[EvalResults, Path]:
+    """Encode ``--data``, evaluate, write the report (with ``mteb_scores``); returns the results and the report
+    folder. ``inputs`` and ``loaded`` (:func:`read_inputs`, :func:`load_model`) are read here when not given."""
+    inputs = inputs if inputs is not None else read_inputs(config)
+    loaded = loaded if loaded is not None else load_model(config, inputs)
+    data, model, tokenizer, info = inputs.data, loaded.model, loaded.tokenizer, loaded.info
+    assert data is not None, "evaluate_data needs --data"
     prefix = resolve_prefix(info, config.encode.prefix)
     encoded = encode_eval_data(model, tokenizer, data, config.encode, prefix=prefix, pivot=config.pivot)
     speed = f"{encoded.num_sentences} sentences in {encoded.seconds:.2f} s ({encoded.sentences_per_second:.0f}/s)"
@@ -262,22 +331,21 @@ def evaluate_data(config: EvalRunConfig, mteb_scores: Sequence = ()) -> tuple[Ev
                                     meta=_meta(config, info, data, prefix, speed))  # fmt: skip
     if config.maps or config.variants:
         add_deploy_results(config, results, encoded, model, lambda m: encode_eval_data(
-            m, tokenizer, data, config.encode, prefix=prefix, pivot=config.pivot), trained)  # fmt: skip
+            m, tokenizer, data, config.encode, prefix=prefix, pivot=config.pivot), trained, inputs.maps)  # fmt: skip
     results.mteb = list(mteb_scores)
     paths = write_report(results, config.out, embeddings=emb, title=f"Evaluation of {Path(config.model).name}")
     return results, paths.markdown.parent
 
 
-def add_deploy_results(config: EvalRunConfig, results: EvalResults, encoded, model, encode, trained) -> None:
-    """``--maps``: unmapped vs mapped retrieval; ``--variants``: the quality / size / speed table."""
-    from alignment.deploy.maps import LanguageMaps, check_same_model, model_fingerprint
+def add_deploy_results(config: EvalRunConfig, results: EvalResults, encoded, model, encode, trained,
+                       maps=None) -> None:
+    """``--maps`` (``maps``: read and checked against the model by :func:`read_inputs` and :func:`load_model`):
+    unmapped vs mapped retrieval; ``--variants``: the quality / size / speed table."""
     from alignment.deploy.variants import evaluate_variants, maps_report, parse_variants
 
     if encoded.embeddings is None:
         raise ValueError("--maps and --variants need translation rows in --data (retrieval), not scored pairs only")
-    if config.maps:
-        maps = LanguageMaps.load(config.maps)
-        check_same_model(maps, model_fingerprint(model), f"--model {config.model}")
+    if maps is not None:
         results.maps = maps_report(encoded.embeddings, maps, config.retrieval, trained)
         results.meta["maps"] = f"{maps.kind} maps from {config.maps} ({maps.calibration.get('rows')} calibration rows)"
     names = parse_variants(config.variants)
@@ -317,21 +385,13 @@ def parser():
     return p
 
 
-def local_mteb_tasks(config: EvalRunConfig) -> list:
-    """``--mteb_local``: the data read and turned into MTEB tasks, before any model is loaded."""
+def run_mteb_tasks(config: EvalRunConfig, inputs: Inputs) -> list:
+    """``--mteb`` and ``--mteb_local`` (its data read by :func:`read_inputs`) through one :func:`run_mteb` call;
+    MTEB's files under ``<out>/mteb``."""
     from alignment.evaluate.mteb_local import local_tasks
 
-    try:
-        data = load_eval_data(config.mteb_local, split=config.split, max_rows=config.max_rows,
-                              languages=parse_languages(config.languages, "--languages"))  # fmt: skip
-    except EvalDataError as exc:
-        raise EvalDataError(f"--mteb_local: {exc}") from None
-    return local_tasks(data, pairs=config.retrieval.pairs, pivot=config.pivot)
-
-
-def run_mteb_tasks(config: EvalRunConfig) -> list:
-    """``--mteb`` and ``--mteb_local`` through one :func:`run_mteb` call; MTEB's files under ``<out>/mteb``."""
-    local = local_mteb_tasks(config) if config.mteb_local else []
+    local = [] if inputs.mteb_local is None else local_tasks(inputs.mteb_local, pairs=config.retrieval.pairs,
+                                                             pivot=config.pivot)  # fmt: skip
     scores = run_mteb(config.model, config.mteb_tasks, Path(config.out) / "mteb", local=local,
                       batch_size=config.encode.batch_size, device=config.device, pooling=config.pooling)  # fmt: skip
     print(markdown_table(("MTEB task", "subset", "split", "main score", "value"),
@@ -352,14 +412,17 @@ def main(argv: Sequence[str]) -> int:
     config = build(p, parse(p, argv, "eval"), EvalRunConfig, "eval")
     try:
         quiet_library_bars(config.encode)
+        inputs = read_inputs(config)  # every input file, before any model is loaded or anything runs
         scores: list = []
         if config.mteb or config.mteb_local:
             problems = mteb_problems(hub=bool(config.mteb))  # fail before anything is loaded or encoded
             if problems:
                 raise MtebUnavailableError("cannot run MTEB here:\n  - " + "\n  - ".join(problems))
-            scores = run_mteb_tasks(config)
+        loaded = load_model(config, inputs) if config.data else None  # its checks too, before MTEB runs
+        if config.mteb or config.mteb_local:
+            scores = run_mteb_tasks(config, inputs)
         if config.data:
-            results, out = evaluate_data(config, scores)
+            results, out = evaluate_data(config, scores, inputs=inputs, loaded=loaded)
             print(summary_table(results))
             print(f"\nwrote {out / 'metrics.json'}, {out / 'report.md'} and {out / 'figures'}/")
         else:

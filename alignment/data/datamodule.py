@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from alignment.batch import Batch
 from alignment.data.config import LANGUAGE_POLICIES, LanguagePolicy, StreamConfig, flag
 from alignment.data.manifest import manifest_languages
+from alignment.data.pins import sidecar_pins
 from alignment.data.plan import ShardRef
 from alignment.data.stream import MultiWayStream
 
@@ -228,6 +229,8 @@ class AlignmentDataModule(LightningDataModule):
         self._train_epoch = 0
         self._train_consumed = 0
         self._skips = {"train": SkipCounts(), "val": SkipCounts()}
+        self.sidecar_pins: dict[str, dict[str, Any]] | None = None
+        """The sidecars the training stream reads (:func:`alignment.data.pins.sidecar_pins`); None before setup."""
 
     # -- setup
 
@@ -269,6 +272,7 @@ class AlignmentDataModule(LightningDataModule):
             self.train_stream = MultiWayStream(
                 train_shards, self.tokenizer, cfg, languages=vocabulary, num_workers=cfg.num_workers, shuffle=True
             )
+            self.sidecar_pins = sidecar_pins(train_shards, cfg.train_shards, TRAIN_SPLIT)
         if stage in (None, "fit", "validate") and cfg.val_shards is not None and self.val_stream is None:
             self.val_stream = self._validation_stream(vocabulary)
         if stage == "test" and self.test_stream is None:
@@ -297,6 +301,7 @@ class AlignmentDataModule(LightningDataModule):
         shards, line = attach_teacher(self.train_stream.shards, self.config.train_shards, TRAIN_SPLIT,
                                       {**want, "pivot": self.config.pivot})
         self.train_stream.shards = shards  # the epoch plan reads url and rows only: unchanged
+        self.sidecar_pins = sidecar_pins(shards, self.config.train_shards, TRAIN_SPLIT)
         return line
 
     def _pretokenised(self, shards: list[ShardRef], spec: ShardSpec, split: str, field: str) -> list[ShardRef]:

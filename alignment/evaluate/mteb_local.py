@@ -105,29 +105,40 @@ def _metadata(name: str, kind: str, main_score: str, data: EvalData, subsets: Su
     )  # fmt: skip
 
 
-def local_tasks(data: EvalData, *, pairs: str = "all", pivot: str | None = None) -> list:
-    """MTEB task objects for ``data``: :data:`BITEXT_TASK` for its rows, :data:`STS_TASK` for its scored pairs.
+def check_local(data: EvalData, *, pairs: str = "all", pivot: str | None = None) -> None:
+    """What :func:`local_tasks` refuses, checked without MTEB (``align eval`` calls it before anything runs).
 
     Raises:
         ValueError: the rows share no language pair (nothing to mine), or every gold score is the same.
     """
+    if data.rows and not bitext_subsets(data, pairs, pivot):
+        raise ValueError(f"--mteb_local {data.spec}: no language pair of --retrieval.pairs {pairs} (pivot {pivot}) "
+                         f"shares a row (languages: {', '.join(data.languages)}), so there is no bitext to mine")
+    scores = [pair.score for pair in data.pairs or ()]
+    if scores and min(scores) == max(scores):
+        raise ValueError(f"--mteb_local {data.spec}: every gold score is {scores[0]}, so Spearman is undefined")
+
+
+def local_tasks(data: EvalData, *, pairs: str = "all", pivot: str | None = None) -> list:
+    """MTEB task objects for ``data``: :data:`BITEXT_TASK` for its rows, :data:`STS_TASK` for its scored pairs.
+
+    Raises:
+        ValueError: the rows share no language pair (nothing to mine), or every gold score is the same
+            (:func:`check_local`).
+    """
+    check_local(data, pairs=pairs, pivot=pivot)
     from mteb.abstasks.sts import AbsTaskSTS
     from mteb.abstasks.text.bitext_mining import AbsTaskBitextMining
 
     tasks = []
     if data.rows:
         bitext = bitext_subsets(data, pairs, pivot)
-        if not bitext:
-            raise ValueError(f"--mteb_local {data.spec}: no language pair of --retrieval.pairs {pairs} (pivot {pivot}) "
-                             f"shares a row (languages: {', '.join(data.languages)}), so there is no bitext to mine")
         meta = _metadata(BITEXT_TASK, "BitextMining", "accuracy", data, bitext,
                          f"Bitext mining on the translation rows of {data.spec} (built by align eval --mteb_local).")
         tasks.append(_task_class(AbsTaskBitextMining, meta, bitext)())
     if data.pairs:
         sts = sts_subsets(data)
         scores = [s for _, sub in sts.values() for s in sub["score"]]
-        if min(scores) == max(scores):
-            raise ValueError(f"--mteb_local {data.spec}: every gold score is {scores[0]}, so Spearman is undefined")
         meta = _metadata(STS_TASK, "STS", "cosine_spearman", data, sts,
                          f"Semantic similarity on the scored pairs of {data.spec} (built by align eval --mteb_local).")
         cls = _task_class(AbsTaskSTS, meta, sts)

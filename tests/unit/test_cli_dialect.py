@@ -35,6 +35,7 @@ RAISED_BY: dict[str, tuple[str, ...]] = {  # path under alignment/ (a file, or a
     "commands/mine_negatives.py": ("mine-negatives", *FIT),  # its examples go on to align fit
     "negatives.py": FIT,  # --model.loss.mask_duplicates
     "data/hard_negatives.py": ("mine-negatives", "shards verify", "shards inspect", *FIT),
+    "data/pins.py": ("mine-negatives", *FIT),  # a resume refusal names the mine-negatives command to re-run
     "commands/embed_teacher.py": ("embed-teacher", *FIT),  # its messages go on to align fit
     "data/teacher.py": ("embed-teacher", "shards verify", "shards inspect", *FIT),
     "commands/shards.py": (*SHARDS, *FIT),  # tokenize's help names the --data.* flags its ids must match

@@ -29,6 +29,7 @@ import torch
 
 from alignment.cli import main
 from alignment.evaluate import mteb_bridge
+from alignment.evaluate.encoder import load_encoder
 from alignment.evaluate.mteb_bridge import mteb_problems
 from alignment.export import export_encoder
 from alignment.model import DualEncoder
@@ -180,6 +181,40 @@ def test_mteb_only_run_on_a_shard_build_and_bad_local_data(capsys, offline, expo
     assert code == 1 and "cannot be reached offline (HF_HUB_OFFLINE=1" in err and "--mteb_local" in err
     assert mteb_problems(hub=False) == []
 
+
+
+@pytest.mark.parametrize("mteb", [["--mteb_local"], ["--mteb", "STS22.v2", "--mteb_local"]])
+def test_bad_input_is_named_before_the_model_loads_or_mteb_runs(capsys, monkeypatch, offline, export, data, tmp_path,
+                                                                 mteb):
+    """A malformed --data line (or a --maps folder without maps) beside a valid --mteb_local: one error naming the
+    flag, file and line, before any model is loaded and before MTEB runs (both made to fail the test if reached)."""
+    from alignment.commands import eval as eval_command
+
+    def reached(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{what} was reached before the inputs were checked")
+        return fail
+
+    monkeypatch.setattr(eval_command, "run_mteb", reached("MTEB"))
+    monkeypatch.setattr(eval_command, "load_encoder", reached("the model"))
+    good = data["rows"].read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*good[:2], '{"id": "x", "texts": {"en": "a", "de": ', *good[2:4]]) + "\n")
+    out = tmp_path / "out"
+    code, stdout, err = _eval(capsys, "--model", export, "--data", bad, *mteb, data["rows"], "--out", out)
+    assert (code, stdout) == (1, ""), err
+    assert err.startswith(f"align eval: error: --data: {bad}:3: not JSON"), err
+    assert not out.exists()
+
+    code, _, err = _eval(capsys, "--model", export, "--data", data["rows"], "--maps", tmp_path, *mteb, data["rows"],
+                         "--out", out)
+    assert code == 1 and f"--maps {tmp_path}: {tmp_path} holds no language maps" in err, err
+
+    monkeypatch.setattr(eval_command, "load_encoder", load_encoder)  # the seam is the real one: with good inputs
+    monkeypatch.setattr(eval_command, "run_mteb", lambda *a, **k: [])  # MTEB is reached (and the evaluation runs)
+    code, _, err = _eval(capsys, "--model", export, "--data", data["rows"], "--mteb_local", data["rows"],
+                         "--max_rows", "12", "--out", out)
+    assert code == 0 and (out / "metrics.json").is_file(), err
 
 
 def test_mteb_local_without_mteb_names_the_extra_only(capsys, monkeypatch, export, data):
