@@ -249,6 +249,18 @@ def accounting_table(report: dict) -> str:
                            "log matches replay"], rows)  # fmt: skip
 
 
+def design_lines() -> list[str]:
+    """The docstring's design paragraphs (intro, bullets, what differs) as Markdown lines."""
+    out = []
+    for para in __doc__.split("\n\n")[1:4]:
+        text = para.replace(":mod:`paper_miniature`", "`benchmarks/paper_miniature.py`").replace("``", "`")
+        items = text.split("\n- ") if text.startswith("- ") else [text]
+        out += [" ".join(line.strip() for line in item.splitlines()) for item in items]
+        out[-len(items) :] = [("- " + x.removeprefix("- ")) if len(items) > 1 else x for x in out[-len(items) :]]
+        out.append("")
+    return out
+
+
 def markdown(report: dict) -> str:
     s, z = report["settings"], report["zero_shot"]
     seeds = ", ".join(map(str, s["seeds"]))
@@ -263,7 +275,7 @@ def markdown(report: dict) -> str:
         f"seeds {seeds} (`--seed_everything`, `--data.seed`); mean ± sample sd over seeds",
         f"- Held-out: {report['test_rows']} test rows in {', '.join(s['eval_languages'])} "
         f"(never trained: {', '.join(s['unseen_present'])}); out-of-domain: `{s['ood']}`",
-        "", "## Design", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
+        "", "## Design", "", *design_lines(), "",
         "Measured per-step accounting (seed 0's replay of its data pipeline; the last column checks every run's "
         "logged rows and loss terms at every step against the replay):", "", accounting_table(report), "",
         f"## Held-out test rows ({report['test_rows']}): retrieval accuracy by pair group", "",
