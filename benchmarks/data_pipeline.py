@@ -3,8 +3,9 @@
 Measures rows/s, sentences/s and real tokens/s of ``MultiWayStream`` through a
 ``DataLoader`` with 0, 1 and 2 workers, beside the raw batched throughput of
 the same tokenizer on the same texts in the same batches (the limit: what
-tokenising alone costs). Target: one worker reaches at least 80% of the raw
-(padded, tensor-returning) tokenizer call. A third arm reads the same shards
+tokenising alone costs). Target (issue 15): one worker reaches at least 80% of the
+raw *unpadded* tokenizer call (lists of ids: the bare tokenisation work); the
+padded, tensor-returning call is reported beside it. A third arm reads the same shards
 pre-tokenised (``align shards tokenize``: ids from sidecar tars, no tokenizer
 call), with the same batches; its target is 3x the 1-worker tokenising pipeline.
 With ``--shards`` a manifest build gets the sidecars written into it (as
@@ -321,10 +322,11 @@ def verdict(report: dict) -> str:
     wall = one[0].tokens_per_s / raw.tokens_per_s
     strict = one[0].tokens_per_s / raw_unpadded.tokens_per_s
     cpu = one[0].tokens_per_cpu_s / raw.tokens_per_cpu_s
-    met = "met" if wall >= 0.8 else "NOT met"
+    met = "met" if strict >= 0.8 else "NOT met"
     line = (
-        f"1 worker reaches {wall:.0%} of the raw padded tokenizer call in wall-clock throughput "
-        f"({strict:.0%} of the unpadded call; {cpu:.0%} per CPU-second): target >= 80% {met}"
+        f"1 worker reaches {strict:.0%} of the raw unpadded tokenizer call in wall-clock throughput "
+        f"({wall:.0%} of the padded call; {cpu:.0%} of the padded call per CPU-second): "
+        f"target >= 80% of the unpadded call {met}"
     )
     pre = [m for m in report["results"] if m.workers == 1 and m.name == PRETOKENISED]
     if pre:
