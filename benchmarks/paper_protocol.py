@@ -122,30 +122,15 @@ def run_arm(arm: pm.Arm, seed: int, args, eval_langs: list[str], log) -> dict:
     if record.exists() and not args.fresh:
         log(f"[{arm.name} seed {seed}] reused {record}")
         return json.loads(record.read_text())
-    probe = pm.fit_args(
-        arm,
-        seed,
-        base_config=args.base_config,
-        encoder=str(args.encoder),
-        shards=str(args.shards),
-        languages=args.train,
-        steps=1,
-        run_dir=run_dir,
-        extra=args.fit_arg,
-    )
-    per_epoch = batches_per_epoch(probe)
+
+    def fit_argv(steps: int) -> list[str]:
+        return pm.fit_args(arm, seed, base_config=args.base_config, encoder=str(args.encoder),
+                           shards=str(args.shards), languages=args.train, steps=steps, run_dir=run_dir,
+                           extra=args.fit_arg)  # fmt: skip
+
+    per_epoch = batches_per_epoch(fit_argv(1))
     steps = max(1, math.ceil(args.epochs * per_epoch))
-    argv = pm.fit_args(
-        arm,
-        seed,
-        base_config=args.base_config,
-        encoder=str(args.encoder),
-        shards=str(args.shards),
-        languages=args.train,
-        steps=steps,
-        run_dir=run_dir,
-        extra=args.fit_arg,
-    )
+    argv = fit_argv(steps)
     replay = pm.replay_batches(argv, steps)
     log(
         f"[{arm.name} seed {seed}] {steps} steps ({args.epochs} epoch(s) of {per_epoch} batches); "
