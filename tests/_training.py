@@ -87,6 +87,19 @@ def trainer(root: Path, max_steps: int = 3, **kwargs):
     return Trainer(**defaults)
 
 
+def grads(module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter gradient of ``module`` (parameters without one left out)."""
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got: dict, expected: dict, tol: float = 1e-10) -> None:
+    """Same parameter names, each gradient equal within ``tol`` relative and ``tol`` x the largest entry absolute."""
+    assert got.keys() == expected.keys() and expected
+    scale = max(float(g.abs().max()) for g in expected.values())
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=tol, atol=tol * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def encode_texts(encoder, tokenizer, texts: list[str], max_length: int = 128) -> torch.Tensor:
     """The training model's embeddings of ``texts``: ``(len(texts), D)``, as the training step computes them."""
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")

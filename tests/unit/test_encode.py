@@ -42,17 +42,6 @@ def build(tokenizer, budget, **kwargs):
     return module
 
 
-def grads(module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-
-
-def assert_same(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys() and expected
-    scale = max(float(g.abs().max()) for g in expected.values())
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, rtol=1e-10, atol=1e-10 * scale, msg=lambda m, n=name: f"{n}: {m}")
-
-
 def test_chunk_plan_keeps_the_budget_and_takes_every_sentence_once():
     lengths = [3, 17, 5, 5, 60, 2, 9, 11, 1, 5, 8, 40]
     order, chunks = plan_chunks(lengths, token_budget=40)
@@ -98,7 +87,7 @@ def test_grouped_embeddings_and_gradients_equal_the_padded_forward(tokenizer, ba
     assert float(stats.share()) < batch.padding_ratio
     total_loss(padded._loss_terms(emb_p, batch)).backward()
     total_loss(grouped._loss_terms(emb_g, batch)).backward()
-    assert_same(grads(grouped), grads(padded))
+    T.assert_same_grads(T.grads(grouped), T.grads(padded))
 
 
 def test_grouped_drift_reference_equals_the_padded_forward(tokenizer, batch):
@@ -116,7 +105,7 @@ def test_grouped_drift_reference_equals_the_padded_forward(tokenizer, batch):
         torch.testing.assert_close(out_g[key], out_p[key], rtol=1e-12, atol=1e-14)
     total_loss(out_p).backward()
     total_loss(out_g).backward()
-    assert_same(grads(grouped), grads(padded))
+    T.assert_same_grads(T.grads(grouped), T.grads(padded))
 
 
 def test_grouped_gradcache_equals_the_padded_forward(tokenizer, batch):
@@ -135,8 +124,8 @@ def test_grouped_gradcache_equals_the_padded_forward(tokenizer, batch):
     assert len(seen) == 2 * half and all(torch.equal(a, b) for a, b in zip(seen[:half], seen[half:]))  # same chunks
     total_loss(plain._loss_terms(plain._encode(batch), batch)).backward()
     torch.testing.assert_close(out_g["contrastive_loss"], out_p["contrastive_loss"], rtol=1e-12, atol=1e-12)
-    assert_same(grads(grouped), grads(padded))
-    assert_same(grads(grouped), grads(plain))
+    T.assert_same_grads(T.grads(grouped), T.grads(padded))
+    T.assert_same_grads(T.grads(grouped), T.grads(plain))
 
 
 def left_padded(batch):
@@ -221,7 +210,7 @@ def test_one_word_embedding_lookup_per_step_gives_the_same_gradients(tokenizer, 
     weights = torch.linspace(-1, 1, emb_p.numel(), dtype=emb_p.dtype).reshape(emb_p.shape)
     (emb_p * weights).sum().backward()
     (emb_g * weights).sum().backward()
-    assert_same({n: p.grad for n, p in grouped.named_parameters() if p.grad is not None},
+    T.assert_same_grads({n: p.grad for n, p in grouped.named_parameters() if p.grad is not None},
                 {n: p.grad for n, p in padded.named_parameters() if p.grad is not None})
 
 

@@ -54,17 +54,6 @@ def build(tokenizer, unpadded, *, kernel=KERNEL, encoder=None, **kwargs):
     return module
 
 
-def grads(module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-
-
-def assert_same(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys() and expected
-    scale = max(float(g.abs().max()) for g in expected.values())
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, rtol=TOL, atol=TOL * scale, msg=lambda m, n=name: f"{n}: {m}")
-
-
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_packed_step_equals_the_padded_forward(tokenizer, batch, pooling, capsys):
     """The module's step (``_encode`` + loss + drift reference), 1 of 2 layers frozen: same embeddings, loss
@@ -90,8 +79,8 @@ def test_packed_step_equals_the_padded_forward(tokenizer, batch, pooling, capsys
     torch.testing.assert_close(total_loss(out_k), total_loss(out_p), rtol=TOL, atol=TOL)
     total_loss(out_p).backward()
     total_loss(out_k).backward()
-    assert_same(grads(packed), grads(padded))
-    assert not any("encoder.backbone.encoder.layer.0." in n for n in grads(packed))  # frozen layer: no gradient
+    T.assert_same_grads(T.grads(packed), T.grads(padded))
+    assert not any("encoder.backbone.encoder.layer.0." in n for n in T.grads(packed))  # frozen layer: no gradient
     assert "[unpadded] packed path, sdpa_varlen (exact reference: no CUDA" in capsys.readouterr().err
 
 
@@ -114,7 +103,7 @@ def test_packed_xlm_roberta_positions_and_gradients(tokenizer, batch, pooling):
     weights = torch.linspace(-1, 1, emb_p.numel(), dtype=emb_p.dtype).reshape(emb_p.shape)
     (emb_p * weights).sum().backward()
     (emb_k * weights).sum().backward()
-    assert_same({n: p.grad for n, p in packed.named_parameters() if p.grad is not None},
+    T.assert_same_grads({n: p.grad for n, p in packed.named_parameters() if p.grad is not None},
                 {n: p.grad for n, p in padded.named_parameters() if p.grad is not None})
 
 
@@ -123,7 +112,7 @@ def test_packed_gradcache_equals_the_padded_forward(tokenizer, batch):
     padded, packed = build(tokenizer, "off", kernel="sdpa", **kwargs), build(tokenizer, "on", **kwargs)
     out_p, out_k = padded._gradcache.step(batch), packed._gradcache.step(batch)
     torch.testing.assert_close(out_k["contrastive_loss"], out_p["contrastive_loss"], rtol=TOL, atol=TOL)
-    assert_same(grads(packed), grads(padded))
+    T.assert_same_grads(T.grads(packed), T.grads(padded))
 
 
 def test_auto_on_cpu_takes_the_grouped_path_and_says_why(tokenizer, batch, capsys):
