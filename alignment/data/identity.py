@@ -31,18 +31,28 @@ distinct texts have probability about ``k^2 / 2^65`` for ``k`` distinct texts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import sys
 import unicodedata
 from collections.abc import Iterable
 
 _SPACE = re.compile(r"\s+")
 
 
+@functools.cache
+def _punctuation() -> dict[int, None]:
+    """``str.translate`` table deleting every Unicode punctuation character (general category P*): built once
+    per process (about 0.2 s over all code points), then C-speed where a per-character Python test cost 1.5 ms
+    for a 64-sentence batch."""
+    return {c: None for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)).startswith("P")}
+
+
 def normalise(text: str) -> str:
     """The form two texts share when they are the same identity (see the module docstring)."""
     folded = unicodedata.normalize("NFKC", text).casefold()
-    stripped = "".join(ch for ch in folded if not unicodedata.category(ch).startswith("P"))
+    stripped = folded.translate(_punctuation())
     out = _SPACE.sub(" ", stripped).strip()
     return out if out else _SPACE.sub(" ", folded).strip()
 

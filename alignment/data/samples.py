@@ -8,6 +8,7 @@ every batch it builds (``Batch.skip_counts``).
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 import warnings
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 from alignment.batch import SKIP_REASONS
 from alignment.data.plan import ShardRef
+from alignment.data.tario import compressed, iter_tar
 from alignment.languages import LanguageCodeError, normalize_language
 
 
@@ -50,8 +52,20 @@ class SkipTally:
         return dict(self.counts)
 
 
-def _json_member(name: str) -> bool:
-    return name.endswith(".json")
+_META = re.compile(r"__[^/]*__($|/)")
+"""Member names WebDataset skips as metadata (its ``tar_file_iterator``'s ``skip_meta``)."""
+
+
+def _members(stream, url: str) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of the regular members: :func:`~alignment.data.tario.iter_tar` for a plain tar, tarfile's
+    stream reader (through WebDataset) for a gzip/bzip2/xz-compressed one."""
+    if not compressed(stream.peek(8)[:8]):
+        yield from iter_tar(stream, url)
+        return
+    from webdataset.tariterators import tar_file_iterator
+
+    for member in tar_file_iterator(stream, skip_meta=None):
+        yield member["fname"], member["data"]
 
 
 def iter_shard_payloads(shard: ShardRef, tally: SkipTally) -> Iterator[tuple[str, bytes]]:
@@ -60,24 +74,24 @@ def iter_shard_payloads(shard: ShardRef, tally: SkipTally) -> Iterator[tuple[str
     A tar that cannot be opened, breaks off (truncated, garbage bytes) or holds
     fewer samples than its planned row count is counted once as
     ``unreadable_shard`` / ``corrupt_tar``; the samples before the damage are kept.
-    Python's streaming tar reader ends silently at a damaged *header*, which
+    A tar cut exactly at a member boundary reads as a shorter archive (and a
+    compressed one read by ``tarfile`` ends silently at a damaged header), which
     is why the planned row count doubles as the truncation check.
     """
-    from webdataset.tariterators import tar_file_iterator
-
     try:
         # a plain file: never webdataset's gopen, which runs a 'pipe:' name through the shell
-        stream = open(shard.url[len("file:"):] if shard.url.startswith("file:") else shard.url, "rb")
+        stream = open(shard.url[len("file:"):] if shard.url.startswith("file:") else shard.url, "rb", buffering=1 << 20)
     except OSError as exc:
         tally.skip("unreadable_shard", shard=shard.url, key=None, detail=f"{type(exc).__name__}: {exc}")
         return
     count, last_key = 0, None
     try:
         with stream:
-            for member in tar_file_iterator(stream, select_files=_json_member):
-                last_key = member["fname"][: -len(".json")]
-                count += 1
-                yield last_key, member["data"]
+            for name, data in _members(stream, shard.url):
+                if name.endswith(".json") and not _META.match(name):
+                    last_key = name[: -len(".json")]
+                    count += 1
+                    yield last_key, data
     except (tarfile.TarError, EOFError, OSError) as exc:
         after = f"after sample {last_key!r}" if last_key else "before the first sample"
         tally.skip("corrupt_tar", shard=shard.url, key=last_key, detail=f"{after}: {exc}")

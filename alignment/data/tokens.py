@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from alignment.data.manifest import load_manifest, manifest_file, plain_relative_path
+from alignment.data.tario import iter_tar
 from alignment.staging import inside_folder
 
 TOKENS_DIR = "tokens"
@@ -139,31 +140,12 @@ def decode_ids(payload: bytes) -> dict[str, list[int]]:
 def iter_sidecar(path: str) -> Iterator[tuple[str, bytes]]:
     """``(sample key, payload)`` of every ``<key>.ids`` member of a sidecar, streaming (raises on damage).
 
-    A plain ustar reader for the archives :func:`write_sidecar` writes (regular
-    members, names under 100 bytes): Python's ``tarfile`` spends more time parsing
-    headers than the stream spends on the ids. Each header's checksum is checked.
+    Read with :func:`~alignment.data.tario.iter_tar` (Python's ``tarfile`` spends more time parsing headers
+    than the stream spends on the ids); raises ``tarfile.ReadError`` on damage.
     """
-    block = tarfile.BLOCKSIZE
     with open(path, "rb", buffering=1 << 20) as fh:
-        while True:
-            header = fh.read(block)
-            if len(header) < block:
-                raise tarfile.ReadError(f"{path}: truncated tar header")
-            if not any(header):
-                return  # the end-of-archive blocks
-            try:
-                stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
-                size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-            except ValueError as exc:
-                raise tarfile.ReadError(f"{path}: malformed tar header ({exc})") from None
-            if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-                raise tarfile.ReadError(f"{path}: bad tar header checksum")
-            data = fh.read(size)
-            if len(data) < size:
-                raise tarfile.ReadError(f"{path}: truncated member")
-            fh.seek(-size % block, 1)
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if header[156:157] in (tarfile.REGTYPE, tarfile.AREGTYPE) and name.endswith(IDS_EXT):
+        for name, data in iter_tar(fh, path):
+            if name.endswith(IDS_EXT):
                 yield name[: -len(IDS_EXT)], data
 
 

@@ -530,3 +530,48 @@ def test_datamodule_names_a_missing_shard_path(tmp_path, tokenizer):
     )
     with pytest.raises(FileNotFoundError, match=r"--data\.train_shards"):
         dm.setup("fit")
+
+
+# --------------------------------------------------------------------------- batches from worker processes
+
+
+def _same_batch(a: Batch, b: Batch) -> None:
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        if isinstance(value, torch.Tensor):
+            assert other.dtype == value.dtype and torch.equal(other, value), name
+        else:
+            assert other == value, name
+
+
+def test_worker_batches_equal_in_process_batches(shards, tokenizer):
+    """Batches cross from a DataLoader worker by value (``Batch.__reduce__``), not through shared memory: the
+    training process gets the same tensors, dtypes and fields as without workers."""
+    cfg = StreamConfig(batch_size=6, languages=LANGS, shuffle_buffer=8)
+    # one worker plans the same slots as none (two would split the shards differently)
+    local = read_epoch(MultiWayStream(shards, tokenizer, cfg, num_workers=0))
+    remote = read_epoch(MultiWayStream(shards, tokenizer, cfg, num_workers=1))
+    assert len(local) == len(remote) > 3
+    for a, b in zip(local, remote):
+        _same_batch(replace(a, origin=b.origin), b)
+
+
+def test_batch_pickles_by_value_with_every_dtype():
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory reducers, as a DataLoader does)
+
+    batch = Batch(
+        input_ids=torch.arange(12).reshape(3, 4), attention_mask=torch.ones(3, 4, dtype=torch.long),
+        row_ids=torch.tensor([0, 0, 1]), lang_ids=torch.tensor([0, 1, 0]), languages=("de", "en"), pivot_lang_id=1,
+        row_keys=("a", "b"), text_ids=torch.tensor([-(2**63), 5, 2**63 - 1]), texts=("x", "y", "z"),
+        teacher=torch.randn(2, 3).to(torch.bfloat16),
+    )
+    for half in (torch.bfloat16, torch.float16):
+        b = replace(batch, teacher=batch.teacher.to(half))
+        wire = bytes(ForkingPickler.dumps(b))
+        _same_batch(b, pickle.loads(wire))
+        # no shared-memory handles (torch's reducer) except for bfloat16, which numpy lacks
+        assert (b"rebuild_storage" in wire) == (half == torch.bfloat16)
+    assert len(pickle.dumps(replace(batch, teacher=None))) < 2000  # by value: a few hundred bytes, no handles
