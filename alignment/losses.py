@@ -406,6 +406,7 @@ def multiway_infonce(
     bidirectional: bool = True,
     pivot_lang_id: int | None = None,
     mask_duplicates: str = "rows",
+    metrics: bool = True,
 ) -> dict[str, Tensor]:
     """The contrastive maths of all three objectives (see the module docstring).
 
@@ -420,10 +421,12 @@ def multiway_infonce(
         bidirectional: both directions of each pair (pair objectives only).
         pivot_lang_id: the pivot language id, required for ``en_x``.
         mask_duplicates: which other-row candidates sharing a text are masked (``alignment.negatives``).
+        metrics: also return the no-grad metrics (a few dozen small kernels: the training step asks for
+            them on logging steps only).
 
     Returns:
         ``contrastive_loss`` (the rank-local loss, normalised as described in the
-        module docstring) and no-grad metrics ``retrieval_acc``, ``pos_cos``,
+        module docstring) and, with ``metrics``, no-grad metrics ``retrieval_acc``, ``pos_cos``,
         ``neg_cos``, ``num_terms`` over the local anchors, ``masked_negatives``
         (world size x the local masked pairs: its mean over ranks is the global count).
     """
@@ -450,8 +453,9 @@ def multiway_infonce(
     # a rank skipping the gather's backward would hang the others' collective.
     loss = cands.world_size * (local_w * per_term).sum()
     out = {"contrastive_loss": loss}
-    out.update(_metrics(sim.detach(), anchor_emb.detach(), cands, masks, local_w))
-    out["masked_negatives"] = (cands.world_size * masks.masked).to(sim.dtype)
+    if metrics:
+        out.update(_metrics(sim.detach(), anchor_emb.detach(), cands, masks, local_w))
+        out["masked_negatives"] = (cands.world_size * masks.masked).to(sim.dtype)
     return out
 
 
@@ -523,8 +527,10 @@ class MultiWayContrastiveLoss(nn.Module):
                 self.log_temperature.clamp_(*self._log_bounds)
         return self.log_temperature.exp()
 
-    def forward(self, local_emb: Tensor, candidates: GlobalCandidates, pivot_lang_id: int | None = None):
-        """Loss dict for the local anchors ``local_emb`` (n, D) against ``candidates``."""
+    def forward(self, local_emb: Tensor, candidates: GlobalCandidates, pivot_lang_id: int | None = None,
+                metrics: bool = True):
+        """Loss dict for the local anchors ``local_emb`` (n, D) against ``candidates`` (``metrics``: see
+        :func:`multiway_infonce`)."""
         temperature = self.temperature()
         out = multiway_infonce(
             local_emb,
@@ -535,8 +541,10 @@ class MultiWayContrastiveLoss(nn.Module):
             bidirectional=self.config.bidirectional,
             pivot_lang_id=pivot_lang_id,
             mask_duplicates=self.config.mask_duplicates,
+            metrics=metrics,
         )
-        out["temperature"] = temperature.detach()
+        if metrics:
+            out["temperature"] = temperature.detach()
         return out
 
 

@@ -209,7 +209,8 @@ class AlignmentModule(LightningModule):
             # Every rank's batch is empty (rows skipped in a finite epoch): nothing to score. Every rank sees the
             # same gathered sizes, so all skip this step together (see _skip_empty).
             return {EMPTY_STEP: emb.sum() * 0.0, "global_rows": emb.new_zeros(())}
-        out = self.loss_fn(emb, candidates, pivot_lang_id=batch.pivot_lang_id)
+        # metrics (retrieval_acc, cosines, temperature) reach the loggers on logging steps only: skip them otherwise
+        out = self.loss_fn(emb, candidates, pivot_lang_id=batch.pivot_lang_id, metrics=self._is_logging_step())
         out["global_rows"] = emb.new_tensor(float(candidates.num_rows))  # rows of all ranks: the real global batch
         ref = None
         if self._reference is not None:
@@ -358,8 +359,8 @@ class AlignmentModule(LightningModule):
 
     def _is_logging_step(self) -> bool:
         """Whether this step's logs reach the loggers, by Lightning's own rule (``(step + 1) % every``); the
-        same answer on every rank, since global_step is shared."""
-        every = max(int(getattr(self.trainer, "log_every_n_steps", 1) or 1), 1)
+        same answer on every rank, since global_step is shared. Every step when no Trainer is attached."""
+        every = max(int(getattr(self._trainer, "log_every_n_steps", 1) or 1), 1)
         return (self.global_step + 1) % every == 0
 
     def on_before_optimizer_step(self, optimizer) -> None:

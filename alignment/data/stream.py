@@ -127,6 +127,9 @@ class MultiWayStream(IterableDataset):
         from alignment import distributed
 
         super().__init__()
+        from alignment.data.identity import prepare_identity
+
+        prepare_identity()  # built here, forked workers inherit it (every batch hashes its texts)
         self.config = config
         self.tokenizer = tokenizer
         self.num_workers = num_workers

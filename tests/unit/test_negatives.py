@@ -208,3 +208,29 @@ def test_gradcache_gives_the_plain_steps_gradients_with_duplicates_masked(token_
     off, _ = _module_and_batch("off", token_budget)
     total_loss(off._loss_terms(off._encode(batch), batch)).backward()
     assert not torch.allclose(_grads(off)["loss_fn.log_temperature"], plain["loss_fn.log_temperature"])
+
+
+def test_normalise_equals_its_per_character_definition():
+    """The table-driven normalise (translate, str.split) equals the definition it replaced: NFKC + casefold,
+    drop every character of Unicode category P*, collapse whitespace (regex \\s), strip; the folded text when
+    nothing is left. Random strings over ASCII, Latin, general punctuation, CJK symbols, supplementary
+    planes and every kind of whitespace."""
+    import random
+    import re
+    import unicodedata
+
+    space = re.compile(r"\s+")
+
+    def reference(text: str) -> str:
+        folded = unicodedata.normalize("NFKC", text).casefold()
+        stripped = "".join(ch for ch in folded if not unicodedata.category(ch).startswith("P"))
+        out = space.sub(" ", stripped).strip()
+        return out if out else space.sub(" ", folded).strip()
+
+    rng = random.Random(0)
+    blanks = [" ", "\t", "\n", "\x0b", "\x1c", "\x1f", "\x85", "\xa0", "\u2003", "\u2028", "\u3000", "\u200b"]
+    planes = [(0x20, 0x250), (0x2000, 0x3100), (0xFE10, 0xFF70), (0x10000, 0x1F000)]
+    for _ in range(5000):
+        text = "".join(rng.choice(blanks) if rng.random() < 0.25 else chr(rng.randrange(*rng.choice(planes)))
+                       for _ in range(rng.randrange(0, 16)))
+        assert normalise(text) == reference(text), repr(text)
