@@ -37,6 +37,10 @@ import sys
 import unicodedata
 from collections.abc import Iterable
 
+IDENTITY_VERSION = 1
+"""Version of :func:`text_id`'s definition. Stored text identities (``align shards tokenize`` sidecars) carry it
+and are used only when it matches: change it whenever :func:`normalise` or the hash changes."""
+
 
 @functools.cache
 def _punctuation() -> dict[int, None]:

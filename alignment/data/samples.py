@@ -105,12 +105,17 @@ def iter_shard_payloads(shard: ShardRef, tally: SkipTally) -> Iterator[tuple[str
         )
 
 
+StoredIds = tuple[dict[str, list[int]], dict[str, int] | None]
+"""A sample's pre-tokenised ids and text identities (None: not stored), by language as its JSON spells them."""
+
+
 def with_token_ids(
     shard: ShardRef, payloads: Iterator[tuple[str, bytes]]
-) -> Iterator[tuple[str, bytes, dict[str, list[int]] | None]]:
-    """``(key, payload, ids)``: each sample with its pre-tokenised ids from ``shard.tokens`` (read in lockstep).
+) -> Iterator[tuple[str, bytes, StoredIds | None]]:
+    """``(key, payload, stored)``: each sample with its pre-tokenised ids and text identities from
+    ``shard.tokens`` (read in lockstep).
 
-    ``ids`` is None without a sidecar; from the first problem on (a missing or
+    ``stored`` is None without a sidecar; from the first problem on (a missing or
     damaged file, a sample key out of step) the rest of the shard has none, with one
     :class:`TokenSidecarWarning`: those rows are tokenised, the batches stay the same.
     """
@@ -118,7 +123,7 @@ def with_token_ids(
         for key, payload in payloads:
             yield key, payload, None
         return
-    from alignment.data.tokens import decode_ids, iter_sidecar
+    from alignment.data.tokens import decode_sample, iter_sidecar
 
     side = iter_sidecar(shard.tokens)
     broken = False
@@ -130,7 +135,7 @@ def with_token_ids(
                     side_key, side_payload = next(side)
                     if side_key != key:
                         raise ValueError(f"its sample {side_key!r} stands where the text shard has {key!r}")
-                    ids = decode_ids(side_payload)
+                    ids = decode_sample(side_payload)
                 except StopIteration:
                     problem: object = f"it ends before sample {key!r}"
                     broken = True
@@ -157,6 +162,8 @@ class ParsedRow:
     texts: dict[str, str]
     shard: str = ""
     ids: dict[str, list[int]] | None = None
+    text_ids: dict[str, int] | None = None
+    """Its texts' identities (``alignment.data.identity``) when the token sidecar stores them."""
     negatives: list[dict] | None = None
     """Its mined hard negatives (``id``, ``texts``, ``score``), when the shard has a negatives sidecar."""
     teacher: Any = None
@@ -170,7 +177,7 @@ def parse_payload(
     shard: str,
     vocabulary: frozenset[str],
     tally: SkipTally,
-    token_ids: dict[str, list[int]] | None = None,
+    token_ids: StoredIds | None = None,
 ) -> ParsedRow | None:
     """Decode one sample's JSON; ``None`` (and a counted skip) if it is bad.
 
@@ -204,7 +211,10 @@ def parse_payload(
             detail=f"usable texts in {sorted(texts) or 'no language'}; a row needs two languages of the vocabulary",
         )
         return None
-    ids = None
-    if token_ids is not None and all(codes[lang] in token_ids for lang in texts):
-        ids = {lang: token_ids[codes[lang]] for lang in texts}
-    return ParsedRow(key=str(row_id), texts=texts, shard=shard, ids=ids)
+    ids = identities = None
+    if token_ids is not None and all(codes[lang] in token_ids[0] for lang in texts):
+        ids = {lang: token_ids[0][codes[lang]] for lang in texts}
+        stored = token_ids[1]
+        if stored is not None and all(codes[lang] in stored for lang in texts):
+            identities = {lang: stored[codes[lang]] for lang in texts}
+    return ParsedRow(key=str(row_id), texts=texts, shard=shard, ids=ids, text_ids=identities)

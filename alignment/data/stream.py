@@ -282,8 +282,9 @@ class MultiWayStream(IterableDataset):
                 tally.skip("no_pivot", shard=row.shard, key=row.key, detail=f"no {cfg.pivot} text in the row")
                 continue
             ids = [row.ids[lang] for lang in chosen] if row.ids is not None else None
+            identities = [row.text_ids[lang] for lang in chosen] if row.text_ids is not None else None
             yield SelectedRow(row.key, [lang_index[lang] for lang in chosen], [row.texts[lang] for lang in chosen], ids,
-                              row.negatives, row.teacher)
+                              row.negatives, row.teacher, identities)
 
     def _parsed(self, shards: Iterable[ShardRef], tally: SkipTally, vocabulary: frozenset[str]) -> Iterator[ParsedRow]:
         empty_reads = 0

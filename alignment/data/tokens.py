@@ -5,7 +5,10 @@
 holding one member ``<sample key>.ids`` per text sample, in the text shard's
 order: a JSON header line ``{"<code>": n, ...}`` (the sample's text languages
 as its JSON spells them, in order) then the ids as little-endian int32, the
-languages one after another. A reader walks the text shard and its sidecar in
+languages one after another, then each text's identity (``alignment.data.identity``, the
+duplicate mask's key) as little-endian int64, announced by ``"#identity": IDENTITY_VERSION``
+in the header (the loader then hashes no text; payloads without it, written before, are
+read as before and their texts hashed). A reader walks the text shard and its sidecar in
 lockstep (one sequential read each), so shuffling, language selection, epoch
 plans and exact resume see the same samples in the same order as without it.
 
@@ -32,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from alignment.data.identity import IDENTITY_VERSION, text_id
 from alignment.data.manifest import load_manifest, manifest_file, plain_relative_path
 from alignment.data.tario import iter_tar
 from alignment.staging import inside_folder
@@ -108,24 +112,39 @@ def tokenizer_name(tokenizer: Any) -> str:
 # --------------------------------------------------------------------------- sidecar members
 
 
-def encode_ids(ids: dict[str, list[int]]) -> bytes:
-    """One sample's member payload: a JSON header of languages and lengths, then the int32 ids."""
-    header = json.dumps({code: len(seq) for code, seq in ids.items()}, ensure_ascii=False).encode("utf-8")
+IDENTITY_KEY = "#identity"
+"""Header key announcing the texts' identities after the ids (its value: ``IDENTITY_VERSION``)."""
+
+
+def encode_ids(ids: dict[str, list[int]], text_ids: dict[str, int] | None = None) -> bytes:
+    """One sample's member payload: a JSON header of languages and lengths, then the int32 ids; with
+    ``text_ids`` (each text's :func:`alignment.data.identity.text_id`, same languages) the header also holds
+    ``"#identity": IDENTITY_VERSION`` and the identities follow the ids as int64, in the header's order."""
+    lengths: dict[str, int] = {code: len(seq) for code, seq in ids.items()}
+    tail = b""
+    if text_ids is not None:
+        lengths[IDENTITY_KEY] = IDENTITY_VERSION
+        tail = np.asarray([text_ids[code] for code in ids], dtype="<i8").tobytes()
+    header = json.dumps(lengths, ensure_ascii=False).encode("utf-8")
     flat = [i for seq in ids.values() for i in seq]
-    return header + b"\n" + np.asarray(flat, dtype="<i4").tobytes()
+    return header + b"\n" + np.asarray(flat, dtype="<i4").tobytes() + tail
 
 
-def decode_ids(payload: bytes) -> dict[str, list[int]]:
-    """The inverse of :func:`encode_ids` (raises ValueError on a damaged payload)."""
+def decode_sample(payload: bytes) -> tuple[dict[str, list[int]], dict[str, int] | None]:
+    """The inverse of :func:`encode_ids`: ``(ids, text identities)``; the identities are None when the payload
+    has none or they were computed by another ``IDENTITY_VERSION`` (raises ValueError on a damaged payload)."""
     head, sep, body = payload.partition(b"\n")
     if not sep:
         raise ValueError("no header line")
     lengths = json.loads(head)
     if not isinstance(lengths, dict):
         raise ValueError("header is not an object of lengths")
-    if len(body) % 4:
+    version = lengths.pop(IDENTITY_KEY, None)
+    identities = 8 * len(lengths) if version is not None else 0
+    if (len(body) - identities) % 4 or len(body) < identities:
         raise ValueError(f"{len(body)} bytes of ids, not whole int32 values")
-    flat = np.frombuffer(body, dtype="<i4").tolist()  # one conversion, then list slices (cheaper than per language)
+    ids_bytes = len(body) - identities
+    flat = np.frombuffer(body, dtype="<i4", count=ids_bytes // 4).tolist()  # one conversion, then list slices
     out, start = {}, 0
     for code, n in lengths.items():
         if not isinstance(n, int) or n < 0:
@@ -134,7 +153,15 @@ def decode_ids(payload: bytes) -> dict[str, list[int]]:
         start += n
     if start != len(flat):
         raise ValueError(f"{len(flat)} ids for {start} announced")
-    return out
+    if version != IDENTITY_VERSION:
+        return out, None
+    stored = np.frombuffer(body, dtype="<i8", offset=ids_bytes).tolist()
+    return out, dict(zip(lengths, stored))
+
+
+def decode_ids(payload: bytes) -> dict[str, list[int]]:
+    """The ids of :func:`decode_sample`."""
+    return decode_sample(payload)[0]
 
 
 def iter_sidecar(path: str) -> Iterator[tuple[str, bytes]]:
@@ -153,8 +180,9 @@ def iter_sidecar(path: str) -> Iterator[tuple[str, bytes]]:
 
 
 def _sample_ids(tokenizer: Any, samples: list[tuple[str, bytes]], *, max_length: int, text_prefix: str
-                ) -> list[dict[str, list[int]]]:
-    """Ids of every string text of each sample (``{}`` for a sample whose JSON is bad), one tokenizer call."""
+                ) -> list[tuple[dict[str, list[int]], dict[str, int]]]:
+    """Ids and text identities of every string text of each sample (``{}`` for a sample whose JSON is bad), one
+    tokenizer call."""
     from alignment.data.collate import tokenize
 
     texts_of: list[list[tuple[str, str]]] = []
@@ -168,7 +196,8 @@ def _sample_ids(tokenizer: Any, samples: list[tuple[str, bytes]], *, max_length:
     flat = tokenize(tokenizer, [t for texts in texts_of for _, t in texts], max_length=max_length, prefix=text_prefix)
     out, start = [], 0
     for texts in texts_of:
-        out.append({code: list(flat[start + i]) for i, (code, _) in enumerate(texts)})
+        out.append(({code: list(flat[start + i]) for i, (code, _) in enumerate(texts)},
+                    {code: text_id(text) for code, text in texts}))
         start += len(texts)
     return out
 
@@ -190,9 +219,9 @@ def write_sidecar(text: Path, out: Path, tokenizer: Any, *, max_length: int, tex
 
         def flush() -> None:
             nonlocal samples, tokens
-            for (key, _), ids in zip(pending, _sample_ids(tokenizer, pending, max_length=max_length,
-                                                          text_prefix=text_prefix)):
-                payload = encode_ids(ids)
+            for (key, _), (ids, identities) in zip(pending, _sample_ids(tokenizer, pending, max_length=max_length,
+                                                                        text_prefix=text_prefix)):
+                payload = encode_ids(ids, identities)
                 info = tarfile.TarInfo(key + IDS_EXT)
                 info.size, info.mtime, info.mode = len(payload), 0, 0o644
                 tar.addfile(info, io.BytesIO(payload))
@@ -213,7 +242,8 @@ def tokenize_build(shards: str | os.PathLike, tokenizer: Any, *, max_length: int
     """Write (or find) the sidecars of every split of a build and record them in its manifest.
 
     Returns ``(key, entry, written)``; ``written`` is False when an entry with this
-    key whose files all verify is already there (a re-run changes nothing). The
+    key whose files all verify and store the texts' identities of this ``IDENTITY_VERSION`` is already there
+    (a re-run changes nothing; an entry written before identities were stored is rewritten). The
     sidecar folder ``tokens/<key>`` is published as a whole, then the manifest,
     both through :mod:`alignment.fsutil`: an interrupted run leaves the manifest
     and the text shards as they were.
@@ -226,7 +256,8 @@ def tokenize_build(shards: str | os.PathLike, tokenizer: Any, *, max_length: int
     identity = tokenizer_identity(tokenizer, max_length=max_length, text_prefix=text_prefix)
     key = identity_key(identity)
     existing = manifest.get("tokens", {}).get(key)
-    if existing is not None and not verify_tokens(root, manifest, only=key):
+    if existing is not None and existing.get("text_ids") == IDENTITY_VERSION and not verify_tokens(root, manifest,
+                                                                                                   only=key):
         return key, existing, False
     fsutil.recover_in(root / TOKENS_DIR) if (root / TOKENS_DIR).is_dir() else None
     splits: dict[str, Any] = {}
@@ -243,7 +274,7 @@ def tokenize_build(shards: str | os.PathLike, tokenizer: Any, *, max_length: int
                 log(f"tokens: {rel}: {counts['rows']} samples, {counts['tokens']} tokens")
             splits[split] = {"shards": files, "rows": sum(f["rows"] for f in files),
                              "tokens": sum(f["tokens"] for f in files)}
-    record = {"tokenizer": tokenizer_name(tokenizer), "identity": identity,
+    record = {"tokenizer": tokenizer_name(tokenizer), "identity": identity, "text_ids": IDENTITY_VERSION,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "splits": splits}
     manifest = load_manifest(file)  # as it is now: another entry may have been added meanwhile
     manifest.setdefault("tokens", {})[key] = record

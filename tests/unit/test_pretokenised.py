@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -74,23 +76,31 @@ def _batches(corpus: T.Corpus, resume: int | None = None, **data) -> list:
 
 
 def _no_tokenizing(monkeypatch) -> None:
-    """Make any tokenizer call of the loader fail: the batches then come from the stored ids alone."""
+    """Make any tokenizer call (and any text identity computed) in the loader fail: the batches then come from the
+    stored ids and identities alone."""
     import alignment.data.collate as collate
 
-    real = collate.tokenize
+    real, real_ids = collate.tokenize, collate.text_ids
 
     def refuse(tokenizer, texts, **kwargs):
         if texts:
             raise AssertionError(f"tokenised {len(texts)} texts although the ids are stored")
         return real(tokenizer, texts, **kwargs)
 
+    def refuse_ids(texts):
+        texts = list(texts)
+        if texts:
+            raise AssertionError(f"hashed {len(texts)} texts although their identities are stored")
+        return real_ids(texts)
+
     monkeypatch.setattr(collate, "tokenize", refuse)
+    monkeypatch.setattr(collate, "text_ids", refuse_ids)
 
 
 def _assert_same(got: list, want: list) -> None:
     assert len(got) == len(want) > 0
     for a, b in zip(got, want):
-        for field in ("input_ids", "attention_mask", "row_ids", "lang_ids"):
+        for field in ("input_ids", "attention_mask", "row_ids", "lang_ids", "text_ids"):
             assert torch.equal(getattr(a, field), getattr(b, field)), field
         assert a.row_keys == b.row_keys
 
@@ -175,6 +185,39 @@ def test_a_second_tokenizer_adds_a_second_entry(corpus, tmp_path):
     with _data_log() as lines:
         _batches(copy, max_length=16, text_prefix="query: ")
     assert any("pre-tokenised ids" in line for line in lines), lines
+
+
+def test_an_entry_without_stored_identities_is_rewritten(corpus, tmp_path, capsys, monkeypatch):
+    """A build tokenised before text identities were stored: its ids still serve (identities hashed in the
+    loader, same batches); `align shards tokenize` again rewrites the entry with them."""
+    from alignment.data import tokens
+
+    build = tmp_path / "shards"
+    shutil.copytree(corpus.shards, build)
+    copy = T.Corpus(build, corpus.tokenizer, corpus.vocab_size)
+    (key, record), = _manifest(build)["tokens"].items()
+    for f in (f for e in record["splits"].values() for f in e["shards"]):  # the sidecars as written before
+        old = [(k, tokens.encode_ids(tokens.decode_ids(p))) for k, p in tokens.iter_sidecar(str(build / f["path"]))]
+        with tarfile.open(build / f["path"], "w", format=tarfile.USTAR_FORMAT) as tar:
+            for k, payload in old:
+                info = tarfile.TarInfo(k + tokens.IDS_EXT)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        data = (build / f["path"]).read_bytes()
+        f["bytes"], f["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    del record["text_ids"]
+    manifest = _manifest(build)
+    manifest["tokens"][key] = record
+    (build / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    assert main(["shards", "verify", str(build)]) == 0
+    want = _batches(_plain(corpus))
+    _assert_same(_batches(copy), want)  # identities hashed in the loader
+    capsys.readouterr()
+    assert _tokenize(copy) == 0
+    assert "already there" not in capsys.readouterr().out
+    assert _manifest(build)["tokens"][key]["text_ids"] == 1
+    _no_tokenizing(monkeypatch)
+    _assert_same(_batches(copy), want)
 
 
 def _corrupt(path: Path) -> None:
@@ -266,3 +309,24 @@ def test_align_fit_says_it_reads_the_pre_tokenised_ids(corpus, tmp_path):
     assert done.returncode == 0, out[-3000:]
     said = [line for line in out.splitlines() if "data: pre-tokenised ids for" in line]
     assert len(said) == 1 and str(corpus.shards / "manifest.json") in said[0], out[-3000:]
+
+
+def test_sidecar_payload_round_trip_and_older_payloads():
+    """A sample's payload holds its ids and, when written by this version, its texts' identities; a payload
+    without them (written before they were stored) or of another identity version gives the ids and None (the
+    loader then computes the identities), and a damaged one is refused."""
+    from alignment.data import tokens
+    from alignment.data.identity import IDENTITY_VERSION, text_id
+
+    ids = {"en": [0, 5, 9, 2], "zh-Hans": [0, 7, 2], "de": []}
+    identities = {code: text_id(text) for code, text in (("en", "Save"), ("zh-Hans", "保存"), ("de", "x"))}
+    identities["de"] = -(2**63)  # the full int64 range survives
+    assert tokens.decode_sample(tokens.encode_ids(ids, identities)) == (ids, identities)
+    assert tokens.decode_sample(tokens.encode_ids(ids)) == (ids, None)
+    assert tokens.decode_ids(tokens.encode_ids(ids, identities)) == ids
+    other = tokens.encode_ids(ids, identities).replace(
+        f'"{tokens.IDENTITY_KEY}": {IDENTITY_VERSION}'.encode(), f'"{tokens.IDENTITY_KEY}": 999'.encode())
+    assert tokens.decode_sample(other) == (ids, None)
+    for damaged in (tokens.encode_ids(ids, identities)[:-3], tokens.encode_ids(ids)[:-2], b"no header"):
+        with pytest.raises(ValueError):
+            tokens.decode_sample(damaged)
