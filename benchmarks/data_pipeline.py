@@ -63,6 +63,10 @@ class Measurement:
     real_tokens: int
     padded_tokens: int
     first_batch_s: float | None = None
+    steady_seconds: float | None = None
+    """From the first batch's arrival to the last's: the rate once the worker runs (start-up excluded)."""
+    steady_tokens: int | None = None
+    """Real tokens of the batches after the first."""
 
     @property
     def rows_per_s(self) -> float:
@@ -79,6 +83,14 @@ class Measurement:
     @property
     def tokens_per_cpu_s(self) -> float:
         return self.real_tokens / self.cpu_seconds
+
+    @property
+    def steady_tokens_per_s(self) -> float:
+        """Tokens/s after the first batch (fork, worker start-up and the shuffle buffer's fill excluded); the
+        whole rate for measurements without start-up (the raw tokenizer)."""
+        if self.steady_seconds is None or self.steady_tokens is None or self.steady_seconds <= 0:
+            return self.tokens_per_s
+        return self.steady_tokens / self.steady_seconds
 
     @property
     def padding(self) -> float:
@@ -238,17 +250,21 @@ def measure_pipeline(shards, tokenizer, config, languages, workers: int, context
     kwargs = {"multiprocessing_context": context} if workers else {}
     loader = DataLoader(stream, batch_size=None, num_workers=workers, **kwargs)
     rows = sentences = real = total = 0
-    first = None
+    first = last = None
+    first_tokens = 0
     with Clock() as clock:
         start = time.perf_counter()
         for batch in loader:
+            last = time.perf_counter() - start
             if first is None:
-                first = time.perf_counter() - start
+                first, first_tokens = last, batch.real_tokens
             rows += batch.num_rows
             sentences += batch.num_sentences
             real += batch.real_tokens
             total += batch.input_ids.numel()
-    return Measurement(name, workers, clock.seconds, clock.cpu_seconds, rows, sentences, real, total - real, first)
+    steady = None if first is None else last - first
+    return Measurement(name, workers, clock.seconds, clock.cpu_seconds, rows, sentences, real, total - real, first,
+                       steady, real - first_tokens)
 
 
 def median_of(runs: list[Measurement]) -> Measurement:
@@ -303,11 +319,14 @@ def run(args: argparse.Namespace) -> dict:
 def table(report: dict) -> str:
     raw, raw_unpadded = report["results"][:2]
     header = ["measurement", "workers", "rows/s", "sentences/s", "real tokens/s", "padding", "vs raw padded",
-              "vs raw unpadded", "tokens per CPU-s", "vs raw padded (CPU)"]
+              "vs raw unpadded", "steady tokens/s (after the 1st batch)", "steady vs raw unpadded", "1st batch (s)",
+              "tokens per CPU-s", "vs raw padded (CPU)"]
     rows = [
         [m.name, "-" if m.workers is None else m.workers, f"{m.rows_per_s:,.0f}", f"{m.sentences_per_s:,.0f}",
          f"{m.tokens_per_s:,.0f}", f"{m.padding:.1%}", f"{m.tokens_per_s / raw.tokens_per_s:.0%}",
-         f"{m.tokens_per_s / raw_unpadded.tokens_per_s:.0%}", f"{m.tokens_per_cpu_s:,.0f}",
+         f"{m.tokens_per_s / raw_unpadded.tokens_per_s:.0%}", f"{m.steady_tokens_per_s:,.0f}",
+         f"{m.steady_tokens_per_s / raw_unpadded.tokens_per_s:.0%}",
+         "-" if m.first_batch_s is None else f"{m.first_batch_s:.3f}", f"{m.tokens_per_cpu_s:,.0f}",
          f"{m.tokens_per_cpu_s / raw.tokens_per_cpu_s:.0%}"]
         for m in report["results"]
     ]
@@ -322,19 +341,21 @@ def verdict(report: dict) -> str:
     wall = one[0].tokens_per_s / raw.tokens_per_s
     strict = one[0].tokens_per_s / raw_unpadded.tokens_per_s
     cpu = one[0].tokens_per_cpu_s / raw.tokens_per_cpu_s
-    met = "met" if strict >= 0.8 else "NOT met"
+    steady = one[0].steady_tokens_per_s / raw_unpadded.tokens_per_s
+    ok = lambda value, target: "met" if value >= target else "NOT met"  # noqa: E731
     line = (
-        f"1 worker reaches {strict:.0%} of the raw unpadded tokenizer call in wall-clock throughput "
-        f"({wall:.0%} of the padded call; {cpu:.0%} of the padded call per CPU-second): "
-        f"target >= 80% of the unpadded call {met}"
+        f"1 worker, whole epoch (worker start-up included): {strict:.0%} of the raw unpadded tokenizer call in "
+        f"wall-clock throughput ({wall:.0%} of the padded call; {cpu:.0%} of the padded call per CPU-second), "
+        f"target >= 80% {ok(strict, 0.8)}; after the first batch: {steady:.0%}, {ok(steady, 0.8)}"
     )
     pre = [m for m in report["results"] if m.workers == 1 and m.name == PRETOKENISED]
     if pre:
         ratio, ratio_cpu = pre[0].tokens_per_s / one[0].tokens_per_s, pre[0].tokens_per_cpu_s / one[0].tokens_per_cpu_s
+        ratio_steady = pre[0].steady_tokens_per_s / one[0].steady_tokens_per_s
         line += (
-            f". Pre-tokenised shards, 1 worker: {ratio:.2f}x the tokenising pipeline ({ratio_cpu:.2f}x per "
-            f"CPU-second; {pre[0].tokens_per_s / raw_unpadded.tokens_per_s:.2f}x the raw unpadded call): "
-            f"target >= 3x {'met' if ratio >= 3 else 'NOT met'}"
+            f". Pre-tokenised shards, 1 worker, whole epoch: {ratio:.2f}x the tokenising pipeline ({ratio_cpu:.2f}x "
+            f"per CPU-second; {pre[0].tokens_per_s / raw_unpadded.tokens_per_s:.2f}x the raw unpadded call), "
+            f"target >= 3x {ok(ratio, 3)}; after the first batch: {ratio_steady:.2f}x, {ok(ratio_steady, 3)}"
         )
     return line
 
