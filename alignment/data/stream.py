@@ -70,6 +70,7 @@ from alignment.batch import Batch
 from alignment.data.collate import SelectedRow, collate, row_sequences, select_languages
 from alignment.data.config import StreamConfig, check_k, flag
 from alignment.data.hard_negatives import hard_negative_rows, read_sidecar
+from alignment.data.identity import prepare_identity
 from alignment.data.plan import (
     EpochPlan,
     ShardRef,
@@ -127,8 +128,6 @@ class MultiWayStream(IterableDataset):
         from alignment import distributed
 
         super().__init__()
-        from alignment.data.identity import prepare_identity
-
         prepare_identity()  # built here, forked workers inherit it (every batch hashes its texts)
         self.config = config
         self.tokenizer = tokenizer

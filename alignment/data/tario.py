@@ -53,14 +53,14 @@ def _pax(data: bytes, path: str) -> dict[str, str]:
     while pos < len(data) and data[pos:pos + 1] not in (b"", b"\0"):
         space = data.find(b" ", pos)
         try:
-            length = int(data[pos:space])
+            length = int(data[pos:space]) if space > pos else 0
         except ValueError:
-            raise tarfile.ReadError(f"{path}: malformed pax header record at byte {pos}") from None
+            length = 0
+        if space < 0 or length <= space - pos or pos + length > len(data):  # also: no progress would loop
+            raise tarfile.ReadError(f"{path}: malformed pax header record at byte {pos}")
         record = data[space + 1:pos + length - 1]  # without the trailing newline
         key, _, value = record.partition(b"=")
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
-        if length < 1:
-            raise tarfile.ReadError(f"{path}: malformed pax header record at byte {pos}")
         pos += length
     return out
 
