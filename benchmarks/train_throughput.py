@@ -103,6 +103,12 @@ from _common import write_results as write_report  # noqa: E402
 PACKAGES = ("lightning", "transformers", "sentence_transformers", "datasets", "accelerate")
 
 ARMS = ("framework", "hand", "sentence-transformers")
+"""The default arms."""
+PACKED = "framework-packed"
+"""The framework with unpadded steps (``--model.step.unpadded on``, ``attn_implementation sdpa_varlen``: PyTorch's
+varlen kernel on CUDA, its exact quadratic reference elsewhere); opt-in with ``--arms``."""
+ALL_ARMS = ARMS + (PACKED,)
+FRAMEWORKS = ("framework", PACKED)
 PIVOT, OTHER = "en", "de"
 LANGUAGES = (OTHER, PIVOT)  # sorted: the Batch vocabulary, language ids 0 = de, 1 = en
 
@@ -150,14 +156,18 @@ MODEL_CONFIGS = {
 """``--model-config`` names: architectures built with random weights (no hub download)."""
 
 
-def build_random_model(name: str, tokenizer_path: str | None, max_length: int, folder: Path, seed: int) -> str:
-    """Save ``name``'s architecture with random weights, plus a tokenizer, to ``folder`` (every arm loads it)."""
+def build_random_model(name: str, tokenizer_path: str | None, max_length: int, folder: Path, seed: int,
+                       attention_dropout: float | None = None) -> str:
+    """Save ``name``'s architecture with random weights, plus a tokenizer, to ``folder`` (every arm loads it);
+    ``attention_dropout`` overrides the config's ``attention_probs_dropout_prob``."""
     from transformers import AutoModel, AutoTokenizer
 
     from alignment.synthetic import tiny_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path else tiny_tokenizer()
     config = MODEL_CONFIGS[name](len(tokenizer), tokenizer.pad_token_id, max_length)
+    if attention_dropout is not None:
+        config.attention_probs_dropout_prob = attention_dropout
     torch.manual_seed(seed)
     AutoModel.from_config(config).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
@@ -284,6 +294,9 @@ def forward_shapes(arm: str, batch) -> list[tuple[int, int]]:
     column as two forwards, each padded to its own longest (its tokenisation
     gives the same token counts: same tokenizer, same truncation).
     """
+    if arm == PACKED:  # one sequence of every real token; attention within each sentence
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        return [(1, int(n)) for n in lengths]
     if arm == "framework":
         from alignment.encode import encode_grouped
         from alignment.module import StepConfig
@@ -369,22 +382,23 @@ def children_cpu() -> float:
 # --------------------------------------------------------------------------- arm: framework
 
 
-def framework_module(ctx: Context):
+def framework_module(ctx: Context, packed: bool = False):
     from alignment.losses import LossConfig
     from alignment.model import ModelConfig
-    from alignment.module import AlignmentModule
+    from alignment.module import AlignmentModule, StepConfig
     from alignment.optim import OptimConfig
 
     a = ctx.args
     return AlignmentModule(
-        ModelConfig(name_or_path=ctx.model_dir),
+        ModelConfig(name_or_path=ctx.model_dir, attn_implementation="sdpa_varlen" if packed else None),
         LossConfig(objective="en_x", bidirectional=False, temperature=1.0 / a.scale),
         OptimConfig(lr=a.lr, weight_decay=0.0, warmup_steps=0, warmup_ratio=0.0, schedule="constant",
                     fused=a.fused_adamw),
+        step=StepConfig(unpadded="on") if packed else StepConfig(),
     )
 
 
-def run_framework(ctx: Context) -> list[tuple[float, float]]:
+def run_framework(ctx: Context, packed: bool = False) -> list[tuple[float, float]]:
     from lightning.pytorch import Callback, Trainer
 
     from alignment.callbacks import ThroughputLogger
@@ -405,7 +419,7 @@ def run_framework(ctx: Context) -> list[tuple[float, float]]:
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[ThroughputLogger(), timer],
         default_root_dir=str(ctx.work / "lightning"),
     )
-    trainer.fit(framework_module(ctx), datamodule=AlignmentDataModule(ctx.data, tokenizer=ctx.tokenizer))
+    trainer.fit(framework_module(ctx, packed), datamodule=AlignmentDataModule(ctx.data, tokenizer=ctx.tokenizer))
     return timer.times
 
 
@@ -517,7 +531,8 @@ def run_st(ctx: Context) -> list[tuple[float, float]]:
     return timer.times
 
 
-RUNNERS = {"framework": run_framework, "hand": run_hand, "sentence-transformers": run_st}
+RUNNERS = {"framework": run_framework, "hand": run_hand, "sentence-transformers": run_st,
+           PACKED: lambda ctx: run_framework(ctx, packed=True)}
 
 
 # --------------------------------------------------------------------------- the loss check
@@ -528,11 +543,11 @@ def loss_check(ctx: Context, arms: list[str]) -> dict:
     batch = ctx.batches[0].to(ctx.device)
     out: dict[str, Any] = {}
     with torch.no_grad():
-        if "framework" in arms:
+        for arm in (a for a in FRAMEWORKS if a in arms):
             from alignment.losses import total_loss
 
-            module = framework_module(ctx).to(ctx.device).eval()
-            out["framework"] = float(total_loss(module._loss_terms(module._encode(batch), batch)))
+            module = framework_module(ctx, packed=arm == PACKED).to(ctx.device).eval()
+            out[arm] = float(total_loss(module._loss_terms(module._encode(batch), batch)))
             del module
         if "hand" in arms:
             model = hand_model(ctx).eval()
@@ -653,11 +668,13 @@ def summarise(measurements: list[Measurement], arms: list[str], peak: float | No
     ratios = {}
     rounds = sorted({m.round for m in measurements})
     by = {(m.arm, m.round): m.rates() for m in measurements}
-    for other in (a for a in ("hand", "sentence-transformers") if a in arms and "framework" in arms):
-        per_round = [by[("framework", r)]["sentences_per_s"] / by[(other, r)]["sentences_per_s"] for r in rounds]
-        extra = [by[("framework", r)]["step_s"] - by[(other, r)]["step_s"] for r in rounds]
-        cpu = [by[(other, r)]["cpu_s_per_step"] / by[("framework", r)]["cpu_s_per_step"] for r in rounds]
-        ratios[f"framework/{other}"] = {"median": statistics.median(per_round), "min": min(per_round),
+    pairs = [(mine, other) for mine in FRAMEWORKS for other in ("hand", "sentence-transformers", "framework")
+             if mine != other and mine in arms and other in arms and not (mine == "framework" and other == PACKED)]
+    for mine, other in pairs:
+        per_round = [by[(mine, r)]["sentences_per_s"] / by[(other, r)]["sentences_per_s"] for r in rounds]
+        extra = [by[(mine, r)]["step_s"] - by[(other, r)]["step_s"] for r in rounds]
+        cpu = [by[(other, r)]["cpu_s_per_step"] / by[(mine, r)]["cpu_s_per_step"] for r in rounds]
+        ratios[f"{mine}/{other}"] = {"median": statistics.median(per_round), "min": min(per_round),
                                         "max": max(per_round), "per_round": per_round,
                                         "step_s_difference_median": statistics.median(extra),
                                         "cpu_time_median": statistics.median(cpu), "cpu_time_min": min(cpu),
@@ -677,6 +694,7 @@ ARM_LABELS = {
     "framework": "framework (`Trainer.fit`, datamodule, AlignmentModule)",
     "hand": "hand-written PyTorch loop (pre-tokenised)",
     "sentence-transformers": "sentence-transformers trainer + MNRL",
+    PACKED: "framework, unpadded steps (`--model.step.unpadded on`, sdpa_varlen)",
 }
 
 
@@ -761,7 +779,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None,
                        help="build this architecture with random weights instead (default: tiny)")
     p.add_argument("--tokenizer", help="tokenizer folder for --model-config (default: the synthetic tiny tokenizer)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of %(default)s")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma-separated arms (default: %(default)s; also {PACKED}: unpadded steps, which need "
+                        "--attention-dropout 0 with --model-config, PyTorch's varlen kernel having no dropout)")
+    p.add_argument("--attention-dropout", type=float, default=None,
+                   help="attention dropout of the --model-config architecture, every arm (default: the config's)")
     p.add_argument("--corpus", choices=("synthetic", "gettext"), default="synthetic",
                    help="en-de rows: synthetic, or the Django + Wagtail gettext catalogs (default: %(default)s)")
     p.add_argument("--min-words", type=int, default=5, help="minimum words of the English text (default: %(default)s)")
@@ -790,8 +812,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
     for name in args.arm_list:
-        if name not in ARMS:
-            p.error(f"--arms: unknown arm {name!r}; choose from {', '.join(ARMS)}")
+        if name not in ALL_ARMS:
+            p.error(f"--arms: unknown arm {name!r}; choose from {', '.join(ALL_ARMS)}")
+    if PACKED in args.arm_list and (args.model or args.attention_dropout != 0):
+        p.error(f"--arms {PACKED}: needs --model-config with --attention-dropout 0 (the varlen kernel has no "
+                "attention dropout; every arm then trains the same model)")
+    if args.attention_dropout is not None and (args.model or not 0 <= args.attention_dropout < 1):
+        p.error("--attention-dropout goes with --model-config and must be in [0, 1)")
     checks = {"--batch-size": (args.batch_size, 2), "--max-length": (args.max_length, 4),
               "--warmup-steps": (args.warmup_steps, 1), "--steps": (args.steps, 1), "--rounds": (args.rounds, 1),
               "--min-words": (args.min_words, 1)}
@@ -843,7 +870,8 @@ def main(argv: list[str] | None = None) -> int:
             model_dir, model_label, tag = args.model, f"{args.model} (pretrained weights)", Path(args.model).name
         else:
             name = args.model_config or "tiny"
-            model_dir = build_random_model(name, args.tokenizer, args.max_length, work / "model", args.seed)
+            model_dir = build_random_model(name, args.tokenizer, args.max_length, work / "model", args.seed,
+                                           args.attention_dropout)
             tok_note = f"tokenizer {args.tokenizer}" if args.tokenizer else "synthetic word-level tokenizer"
             model_label, tag = f"{name} architecture, random weights ({tok_note})", name
         flops = FlopModel.of(model_dir, args.max_length)
@@ -883,7 +911,8 @@ def main(argv: list[str] | None = None) -> int:
                    "corpus": args.corpus, "min_words": args.min_words, "max_words": args.max_words,
                    "warmup_steps": args.warmup_steps, "steps": args.steps, "rounds": args.rounds, "lr": args.lr,
                    "scale": args.scale, "precision": "bf16-mixed" if bf16 else "fp32", "device": str(device),
-                   "num_workers": workers, "pretokenized": args.pretokenized, "fused_adamw": args.fused_adamw, "seed": args.seed},
+                   "num_workers": workers, "attention_dropout": args.attention_dropout,
+                   "pretokenized": args.pretokenized, "fused_adamw": args.fused_adamw, "seed": args.seed},
         "compared": ("one-directional InfoNCE, in-batch negatives: en anchor vs the batch's de sentences, "
                      f"scale {args.scale}; framework: objective en_x, bidirectional false, language_policy "
                      f"pivot_pair; sentence-transformers: MultipleNegativesRankingLoss(scale={args.scale}) on "

@@ -13,6 +13,7 @@
 #              flash_attention_2 where flash-attn is installed) vs the padded forward in bf16, + a packed align fit
 #   mfu        benchmarks/train_throughput.py, XLM-R-base config, seq 128, bf16: framework vs hand loop vs
 #              sentence-transformers' trainer (MFU against the datasheet peak and the measured matmul)
+#   mfu_packed the same step with unpadded steps (framework-packed arm, attention dropout 0 in every arm)
 #   gradcache  benchmarks/gradcache_memory.py if present (global batch beyond memory without GradCache)
 #   translate  benchmarks/translate_speed.py if present (NLLB-600M-sized random model, bf16)
 # Select stages with STAGES=env,matmul,... Everything goes to $OUT (the tool's folder; ./gpu_out
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 WORK=/tmp/gpu_check
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
-STAGES=${STAGES:-env,matmul,gpu_tests,packing,mfu,gradcache,translate}
+STAGES=${STAGES:-env,matmul,gpu_tests,packing,mfu,mfu_packed,gradcache,translate}
 START=$(date +%s)
 mkdir -p "$OUT" "$WORK/results"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -103,6 +104,10 @@ stage packing 120 "$PY" -m pytest -q -ra -s -p no:cacheprovider tests/gpu/test_g
 stage mfu 150 "$PY" benchmarks/train_throughput.py --model-config xlm-roberta-base --max-length 128 \
   --min-words 150 --max-words 160 --batch-size 64 --warmup-steps 3 --steps 10 --rounds 2 --device cuda \
   --out "$WORK/results"
+
+stage mfu_packed 120 "$PY" benchmarks/train_throughput.py --model-config xlm-roberta-base --max-length 128 \
+  --min-words 150 --max-words 160 --batch-size 64 --warmup-steps 3 --steps 10 --rounds 2 --device cuda \
+  --arms framework,framework-packed,hand --attention-dropout 0 --out "$WORK/results/packed"
 
 [ -f benchmarks/gradcache_memory.py ] && stage gradcache 90 "$PY" benchmarks/gradcache_memory.py --device cuda \
   --out "$WORK/results"

@@ -144,6 +144,8 @@ def test_peak_table_and_overrides():
         (["--warmup-steps", "0"], "--warmup-steps must be >= 1"),
         (["--min-words", "9", "--max-words", "4"], "--max-words (4) must be >= --min-words (9)"),
         (["--model", "x", "--tokenizer", "y"], "--tokenizer goes with --model-config"),
+        (["--arms", "framework,framework-packed"], "--arms framework-packed: needs --model-config with --attention-dropout 0"),
+        (["--attention-dropout", "1.5"], "--attention-dropout goes with --model-config and must be in [0, 1)"),
     ],
 )
 def test_bad_flags_are_named(argv, message, capsys):
@@ -157,3 +159,20 @@ def test_too_few_rows_names_the_flags():
     pytest.importorskip("wagtail", reason="the gettext corpus comes from the [demo] extra's Wagtail wheel")
     with pytest.raises(SystemExit, match=r"--min-words 400.*--batch-size x \(--warmup-steps \+ --steps\)"):
         tt.corpus_rows("gettext", 16, min_words=400, max_words=400, seed=0)
+
+
+def test_packed_arm_trains_the_same_model(tmp_path):
+    """The unpadded framework arm (on CPU: the exact reference of the varlen kernel) starts from the same loss
+    and processes no padding; its throughput is compared with the padded framework's and the hand loop's."""
+    rc = tt.main(["--arms", "framework,framework-packed,hand", "--attention-dropout", "0", "--warmup-steps", "1",
+                  "--steps", "1", "--rounds", "1", "--batch-size", "4", "--max-length", "24", "--min-words", "3",
+                  "--max-words", "8", "--device", "cpu", "--num-workers", "0", "--out", str(tmp_path)])
+    assert rc == 0
+    (js,) = tmp_path.glob("train_throughput-*.json")
+    results = json.loads(js.read_text())
+    check = results["loss_check"]
+    assert abs(check["framework-packed"] - check["framework"]) < 1e-5 and abs(check["framework"] - check["hand"]) < 1e-5
+    packed = results["summary"]["framework-packed"]
+    assert packed["padded_tokens_per_s"] == pytest.approx(packed["real_tokens_per_s"])  # no padding processed
+    assert {"framework-packed/hand", "framework-packed/framework", "framework/hand"} <= set(results["ratios"])
+    assert results["config"]["attention_dropout"] == 0
