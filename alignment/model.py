@@ -85,6 +85,11 @@ class ModelConfig:
     """Attention kernel: ``sdpa``, ``eager``, ``flash_attention_2``...; None = SDPA where the model
     supports it, else eager. ``sdpa_varlen`` is SDPA plus a variable-length path for packed steps
     (``--model.step.unpadded``, ``alignment/packing.py``: PyTorch's varlen flash kernel on CUDA)."""
+    attention_dropout: float | None = None
+    """Dropout on the attention probabilities while training (the backbone config's
+    ``attention_probs_dropout_prob``, or ``attention_dropout``); null keeps the model's (0.1 for BERT, XLM-R,
+    multilingual-E5). 0 lets ``--model.step.unpadded auto`` pack training steps through ``sdpa_varlen``
+    (PyTorch's varlen kernel has no dropout). Saved in the export's config."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """Parameter-efficient training with peft: LoRA, language adapters (``alignment/adapters.py``)."""
 
@@ -114,6 +119,8 @@ class ModelConfig:
             raise ValueError(f"--model.encoder.freeze_layers must be >= 0, got {self.freeze_layers}")
         if self.attn_implementation is not None and not self.attn_implementation:
             raise ValueError("--model.encoder.attn_implementation must be a kernel name or null, got ''")
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"--model.encoder.attention_dropout must be in [0, 1) or null, got {self.attention_dropout}")
 
 
 # --------------------------------------------------------------------------- pooling
@@ -239,24 +246,25 @@ class DualEncoder(nn.Module):
         return BertConfig(**kwargs)
 
     @classmethod
-    def from_config(cls, config, *, attn_implementation: str | None = None, **knobs) -> "DualEncoder":
+    def from_config(cls, config, *, attn_implementation: str | None = None, attention_dropout: float | None = None,
+                    **knobs) -> "DualEncoder":
         """Random weights in ``config``'s architecture (a ``transformers.PretrainedConfig``)."""
         from transformers import AutoModel
 
         _register_kernel(attn_implementation)
+        config = with_attention_dropout(config, attention_dropout)
         backbone = AutoModel.from_config(config, attn_implementation=attn_implementation)
         return cls(backbone, **knobs)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, attn_implementation: str | None = None,
-                        **knobs) -> "DualEncoder":
+                        attention_dropout: float | None = None, **knobs) -> "DualEncoder":
         """Load a hub model or local folder; a folder written by :meth:`save_pretrained`
         also restores pooling, normalisation, projection and the pivot tower.
 
         Explicit ``knobs`` override the saved pooling and normalisation; the
         projection width always comes from the folder when it has one.
         """
-        from transformers import AutoModel
 
         path = Path(name_or_path)
         meta = json.loads((path / ENCODER_META).read_text()) if (path / ENCODER_META).is_file() else {}
@@ -268,10 +276,10 @@ class DualEncoder(nn.Module):
         if meta:
             settings["projection_dim"] = meta.get("projection_dim")
         _register_kernel(attn_implementation)
-        backbone = AutoModel.from_pretrained(str(name_or_path), attn_implementation=attn_implementation)
+        backbone = _load_backbone(str(name_or_path), attn_implementation, attention_dropout)
         pivot = None
         if meta and not meta.get("share_encoder", True):
-            pivot = AutoModel.from_pretrained(str(path / PIVOT_SUBDIR), attn_implementation=attn_implementation)
+            pivot = _load_backbone(str(path / PIVOT_SUBDIR), attn_implementation, attention_dropout)
         model = cls(backbone, pivot_backbone=pivot, **settings)
         if model.projection is not None and meta:
             from safetensors.torch import load_file
@@ -294,16 +302,19 @@ class DualEncoder(nn.Module):
         )
         if cfg.name_or_path == TINY:
             tiny = cls.tiny_config(cfg.vocab_size)
-            return cls.from_config(tiny, attn_implementation=cfg.attn_implementation, **knobs)
+            return cls.from_config(tiny, attn_implementation=cfg.attn_implementation,
+                                   attention_dropout=cfg.attention_dropout, **knobs)
         if cfg.random_init:
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(cfg.name_or_path)
             if cfg.vocab_size is not None:
                 config.vocab_size = cfg.vocab_size
-            return cls.from_config(config, attn_implementation=cfg.attn_implementation, **knobs)
+            return cls.from_config(config, attn_implementation=cfg.attn_implementation,
+                                   attention_dropout=cfg.attention_dropout, **knobs)
         meta = _check_saved_settings(cfg)
-        model = cls.from_pretrained(cfg.name_or_path, attn_implementation=cfg.attn_implementation, **knobs)
+        model = cls.from_pretrained(cfg.name_or_path, attn_implementation=cfg.attn_implementation,
+                                    attention_dropout=cfg.attention_dropout, **knobs)
         model.source_name_or_path = cfg.name_or_path
         model.card_extra = {k: v for k, v in meta.items() if k not in EncoderMeta.__dataclass_fields__}
         return model
@@ -448,6 +459,32 @@ def _check_saved_settings(cfg: ModelConfig) -> dict:
                 f"set --model.encoder.{key} {json.dumps(meta[key])}"
             )
     return meta
+
+
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+"""Where backbone configs keep the attention-probability dropout (BERT/XLM-R/E5, DistilBERT and others)."""
+
+
+def with_attention_dropout(config, value: float | None):
+    """``config`` with its attention dropout set to ``value`` (``--model.encoder.attention_dropout``; None:
+    unchanged). Set before the model is built: the attention modules read it when they are constructed."""
+    if value is None:
+        return config
+    for key in ATTENTION_DROPOUT_KEYS:
+        if hasattr(config, key):
+            setattr(config, key, float(value))
+            return config
+    raise ValueError(f"--model.encoder.attention_dropout: a {config.model_type} config has no attention dropout "
+                     f"setting ({' or '.join(ATTENTION_DROPOUT_KEYS)}); leave it null for this model")
+
+
+def _load_backbone(path: str, attn_implementation: str | None, attention_dropout: float | None):
+    from transformers import AutoConfig, AutoModel
+
+    if attention_dropout is None:
+        return AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+    config = with_attention_dropout(AutoConfig.from_pretrained(path), attention_dropout)
+    return AutoModel.from_pretrained(path, config=config, attn_implementation=attn_implementation)
 
 
 def _register_kernel(attn_implementation: str | None) -> None:

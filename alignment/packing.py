@@ -165,7 +165,8 @@ def fast_reason(model, device: torch.device) -> str | None:
     dropout = float(getattr(model.backbone.config, "attention_probs_dropout_prob", 0.0) or 0.0)
     if model.training and dropout > 0:
         return (f"{KERNEL} (torch varlen_attn) has no attention dropout and the backbone's "
-                f"attention_probs_dropout_prob is {dropout}: use flash_attention_2, or a backbone without it")
+                f"attention_probs_dropout_prob is {dropout}: set --model.encoder.attention_dropout 0, or use "
+                "flash_attention_2")
     return None
 
 

@@ -160,10 +160,39 @@ def test_align_fit_unpadded_on(tmp_path, capsys, monkeypatch):
     assert len(lines) == 1 and "--model.step.unpadded on: cannot pack: --model.encoder.attn_implementation " in \
         lines[0] and "has no variable-length path" in lines[0], err
     assert "Traceback" not in err and not (tmp_path / "ckpt").exists()
-    assert _fit(corpus, tmp_path, "--model.step.unpadded", "on", "--model.encoder.attn_implementation", KERNEL) == 0
+    assert _fit(corpus, tmp_path, "--model.step.unpadded", "on", "--model.encoder.attn_implementation", KERNEL,
+                "--model.encoder.attention_dropout", "0") == 0
     err = capsys.readouterr().err
     assert "[unpadded] packed path, sdpa_varlen" in err, err
-    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["encoder"]["attention_dropout"] == 0.0
+
+
+def test_attention_dropout_is_set_before_the_attention_modules_are_built(tmp_path):
+    """``--model.encoder.attention_dropout``: every attention module of the built backbone (tiny from config, a
+    saved folder, its pivot tower) uses it; hidden dropout is untouched; a config without the setting and a value
+    out of range are refused naming the flag."""
+    from transformers import GPT2Config
+
+    from alignment.model import DualEncoder, ModelConfig, with_attention_dropout
+
+    def attention_p(model: DualEncoder) -> set[float]:
+        return {m.dropout.p for tower in (model.backbone, model.pivot_backbone) if tower is not None
+                for name, m in tower.named_modules() if name.endswith("attention.self")}
+
+    tiny = DualEncoder.from_model_config(ModelConfig(vocab_size=50, attention_dropout=0.0))
+    assert attention_p(tiny) == {0.0} and tiny.backbone.config.hidden_dropout_prob == 0.1
+    assert attention_p(DualEncoder.from_model_config(ModelConfig(vocab_size=50))) == {0.1}
+    folder = tmp_path / "enc"
+    DualEncoder.from_config(DualEncoder.tiny_config(50), share_encoder=False).save_pretrained(folder)
+    loaded = DualEncoder.from_model_config(ModelConfig(name_or_path=str(folder), share_encoder=False,
+                                                       attention_dropout=0.05))
+    assert loaded.pivot_backbone is not None and attention_p(loaded) == {0.05}
+    assert loaded.backbone.config.attention_probs_dropout_prob == 0.05
+    with pytest.raises(ValueError, match=r"--model.encoder.attention_dropout: a gpt2 config has no attention dropout"):
+        with_attention_dropout(GPT2Config(), 0.0)
+    with pytest.raises(ValueError, match=r"--model.encoder.attention_dropout must be in \[0, 1\) or null, got 1.5"):
+        ModelConfig(vocab_size=50, attention_dropout=1.5)
 
 
 def test_unpadded_flag_is_checked():
