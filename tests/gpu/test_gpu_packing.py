@@ -132,6 +132,7 @@ model:
   encoder:
     random_init: true
     attn_implementation: sdpa_varlen
+    attention_dropout: 0.0
   step:
     unpadded: auto
   optim: {lr: 2.0e-5, warmup_steps: 1}
@@ -140,10 +141,11 @@ data: {batch_size: 32, max_length: 128, num_workers: 1}
 
 
 def test_align_fit_packs_its_steps_on_the_gpu(tmp_path, tokenizer):
-    """The user's path: ``align fit`` packs (no attention dropout in this config: torch's varlen kernel has
-    none), says so once, logs zero padding, and trains to finite losses."""
+    """The user's path: ``align fit`` on an XLM-R-base-shaped model with XLM-R's attention dropout 0.1, switched
+    off by ``--model.encoder.attention_dropout 0`` (torch's varlen kernel has none), packs, says so once, logs
+    zero padding, and trains to finite losses."""
     folder = tmp_path / "xlmr-base-shaped"
-    xlmr_base_shaped(len(tokenizer), tokenizer.pad_token_id, attention_probs_dropout_prob=0.0).save_pretrained(folder)
+    xlmr_base_shaped(len(tokenizer), tokenizer.pad_token_id, attention_probs_dropout_prob=0.1).save_pretrained(folder)
     corpus = T.make_corpus(tmp_path / "data", rows=256, rows_per_shard=64)
     (tmp_path / "run.yaml").write_text(RUN_YAML)
     cmd = [sys.executable, "-m", "alignment.cli", "fit", "--config", str(T.DEBUG_YAML),
