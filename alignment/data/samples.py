@@ -8,7 +8,6 @@ every batch it builds (``Batch.skip_counts``).
 from __future__ import annotations
 
 import json
-import re
 import tarfile
 import warnings
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 
 from alignment.batch import SKIP_REASONS
 from alignment.data.plan import ShardRef
-from alignment.data.tario import compressed, iter_tar
+from alignment.data.tario import iter_json_samples
 from alignment.languages import LanguageCodeError, normalize_language
 
 
@@ -52,22 +51,6 @@ class SkipTally:
         return dict(self.counts)
 
 
-_META = re.compile(r"__[^/]*__($|/)")
-"""Member names WebDataset skips as metadata (its ``tar_file_iterator``'s ``skip_meta``)."""
-
-
-def _members(stream, url: str) -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` of the regular members: :func:`~alignment.data.tario.iter_tar` for a plain tar, tarfile's
-    stream reader (through WebDataset) for a gzip/bzip2/xz-compressed one."""
-    if not compressed(stream.peek(8)[:8]):
-        yield from iter_tar(stream, url)
-        return
-    from webdataset.tariterators import tar_file_iterator
-
-    for member in tar_file_iterator(stream, skip_meta=None):
-        yield member["fname"], member["data"]
-
-
 def iter_shard_payloads(shard: ShardRef, tally: SkipTally) -> Iterator[tuple[str, bytes]]:
     """Yield ``(key, json bytes)`` for each ``<key>.json`` member of one shard, streaming.
 
@@ -87,11 +70,9 @@ def iter_shard_payloads(shard: ShardRef, tally: SkipTally) -> Iterator[tuple[str
     count, last_key = 0, None
     try:
         with stream:
-            for name, data in _members(stream, shard.url):
-                if name.endswith(".json") and not _META.match(name):
-                    last_key = name[: -len(".json")]
-                    count += 1
-                    yield last_key, data
+            for last_key, data in iter_json_samples(stream, shard.url):
+                count += 1
+                yield last_key, data
     except (tarfile.TarError, EOFError, OSError) as exc:
         after = f"after sample {last_key!r}" if last_key else "before the first sample"
         tally.skip("corrupt_tar", shard=shard.url, key=last_key, detail=f"{after}: {exc}")

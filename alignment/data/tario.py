@@ -15,18 +15,20 @@ skipped. Damage raises ``tarfile.ReadError`` naming the archive and what is wron
 (a truncated header or member, a bad checksum, a malformed number), where the
 stream reader of ``tarfile`` ends silently at a damaged header; members before the
 damage have been yielded. Compressed archives are not read here
-(:func:`compressed`): callers hand those to ``tarfile``.
+(:func:`compressed`): :func:`iter_json_samples`, what every reader of shard samples
+calls, hands those to ``tarfile``.
 """
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file
-_META = (b"L", b"x", b"g", b"K")  # headers that describe the next member or the archive
+_HEADER_ONLY = (b"L", b"x", b"g", b"K")  # headers that describe the next member or the archive
 _MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 
 
@@ -92,7 +94,7 @@ def iter_tar(fh: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
             raise tarfile.ReadError(f"{path}: bad tar header checksum (not a tar, or damaged)")
         size = _number(header[124:136], "size", path)
         kind = header[156:157]
-        if "size" in pax and kind not in _META:
+        if "size" in pax and kind not in _HEADER_ONLY:
             if not pax["size"].isdigit():
                 raise tarfile.ReadError(f"{path}: malformed pax size {pax['size'][:16]!r}")
             size = int(pax["size"])
@@ -122,3 +124,24 @@ def iter_tar(fh: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
                     name = f"{prefix}/{name}"
             yield name, data
         long_name, pax = None, {}
+
+
+_WDS_META = re.compile(r"__[^/]*__($|/)")
+"""Member names WebDataset skips as metadata (its ``tar_file_iterator``'s ``skip_meta``)."""
+
+
+def iter_json_samples(fh: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
+    """``(sample key, JSON payload)`` of every ``<key>.json`` member of a shard, by WebDataset's rules (metadata
+    names skipped): :func:`iter_tar` for a plain tar, tarfile's stream reader (through WebDataset) for a
+    gzip/bzip2/xz-compressed one. ``fh`` must be buffered (``peek``). The training stream, ``align shards
+    tokenize``, ``mine-negatives``, ``embed-teacher`` and ``shards verify`` all read samples through it, so they
+    agree on which samples a shard holds and in which order."""
+    if compressed(fh.peek(8)[:8]):
+        from webdataset.tariterators import tar_file_iterator
+
+        members = ((m["fname"], m["data"]) for m in tar_file_iterator(fh, skip_meta=None))
+    else:
+        members = iter_tar(fh, path)
+    for name, data in members:
+        if name.endswith(".json") and not _WDS_META.match(name):
+            yield name[: -len(".json")], data

@@ -37,7 +37,7 @@ import numpy as np
 
 from alignment.data.identity import IDENTITY_VERSION, text_id
 from alignment.data.manifest import load_manifest, manifest_file, plain_relative_path
-from alignment.data.tario import iter_tar
+from alignment.data.tario import iter_json_samples, iter_tar
 from alignment.staging import inside_folder
 
 TOKENS_DIR = "tokens"
@@ -203,10 +203,9 @@ def _sample_ids(tokenizer: Any, samples: list[tuple[str, bytes]], *, max_length:
 
 
 def _text_samples(path: Path) -> Iterator[tuple[str, bytes]]:
-    with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".json"):
-                yield member.name[: -len(".json")], tar.extractfile(member).read()  # type: ignore[union-attr]
+    """``(sample key, JSON payload)`` of a text shard, read as the training stream reads it."""
+    with open(path, "rb", buffering=1 << 20) as fh:
+        yield from iter_json_samples(fh, str(path))
 
 
 def write_sidecar(text: Path, out: Path, tokenizer: Any, *, max_length: int, text_prefix: str,
